@@ -1,0 +1,41 @@
+"""harmodt_fast: HarmoDT (Harmony Multi-Task Decision Transformer) made fast.
+
+Importing is light: torch and the pure-Python modules only; the C++ extension and the Triton kernels are loaded
+by the first op that needs them.
+"""
+import importlib
+import os
+
+# In a source checkout the Triton kernels sit in the top-level kernels/ folder (setup.py installs them as
+# harmodt_fast.kernels); let the package find them there too.
+_here = os.path.dirname(os.path.abspath(__file__))
+if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(
+    os.path.join(os.path.dirname(_here), "kernels", "__init__.py")
+):
+    __path__.append(os.path.dirname(_here))  # noqa: F821  (package __path__)
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_EXPORTS = {
+    "HarmoDTConfig": "harmodt_fast.config",
+    "PRESETS": "harmodt_fast.config",
+    "HarmoDT": "harmodt_fast.model",
+    "MaskedLinear": "harmodt_fast.model",
+    "TaskMasks": "harmodt_fast.masks",
+    "TASK_SETS": "harmodt_fast.tasks",
+    "Batch": "harmodt_fast.batch",
+    "Prompt": "harmodt_fast.batch",
+}
+
+__all__ = sorted(_EXPORTS) + ["ops"]
+
+
+def __getattr__(name):
+    if name == "ops":
+        return importlib.import_module("harmodt_fast.ops")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'harmodt_fast' has no attribute {name!r}")

@@ -1,0 +1,95 @@
+"""Loads the C++ extension `harmodt_fast._C`.
+
+Order: the module built by setup.py; otherwise the same sources compiled once with ninja through
+`torch.utils.cpp_extension.load` into a cache folder keyed on the sources and the torch version. Nothing is
+compiled at `import harmodt_fast`; the first op that asks for the "cpp" backend triggers it. When no compiler is
+available the reason is kept, the package keeps working on the torch backend, and asking for "cpp" explicitly
+raises a RuntimeError with that reason.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import threading
+import warnings
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+_loaded_from: str | None = None
+
+
+def _source_dir() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+        if glob.glob(os.path.join(cand, "*.cpp")):
+            return cand
+    return None
+
+
+def cache_dir() -> str:
+    base = os.environ.get("HARMODT_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "harmodt_fast"
+    )
+    return base
+
+
+def _jit_build():
+    import torch
+    from torch.utils.cpp_extension import load
+
+    src = _source_dir()
+    if src is None:
+        raise RuntimeError("the C++ sources (csrc/*.cpp) are not shipped with this installation")
+    sources = sorted(glob.glob(os.path.join(src, "*.cpp")))
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(glob.glob(os.path.join(src, "*"))):
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + f.read())
+    build_dir = os.path.join(cache_dir(), "ext", digest.hexdigest()[:16])
+    os.makedirs(build_dir, exist_ok=True)
+    return load(
+        name="harmodt_fast_C",
+        sources=sources,
+        extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[src],
+        build_directory=build_dir,
+        verbose=os.environ.get("HARMODT_FAST_VERBOSE_BUILD") == "1",
+    )
+
+
+def load_extension():
+    """Returns the extension module, or None when it cannot be built here (see `extension_error()`)."""
+    global _module, _error, _loaded_from
+    if _module is not None or _error is not None:
+        return _module
+    with _lock:
+        if _module is not None or _error is not None:
+            return _module
+        if os.environ.get("HARMODT_FAST_DISABLE_CPP") == "1":
+            _error = "disabled by HARMODT_FAST_DISABLE_CPP=1"
+            return None
+        try:
+            from harmodt_fast import _C  # built by setup.py
+
+            _module, _loaded_from = _C, "prebuilt"
+        except ImportError:
+            try:
+                _module, _loaded_from = _jit_build(), "jit"
+            except Exception as exc:  # no compiler, no ninja, a build error: keep the reason, use torch
+                _error = f"the C++ extension could not be built: {type(exc).__name__}: {str(exc).strip()[-2000:]}"
+                warnings.warn(f"harmodt_fast: {_error}; falling back to the torch backend", RuntimeWarning)
+    return _module
+
+
+def extension_error() -> str | None:
+    load_extension()
+    return _error
+
+
+def extension_origin() -> str | None:
+    """'prebuilt' (setup.py), 'jit' (compiled on first use) or None."""
+    load_extension()
+    return _loaded_from

@@ -1,0 +1,93 @@
+"""The training/evaluation batch the model consumes: rows grouped into contiguous task segments.
+
+Shapes (B rows = sequences, K = context, Kp = prompt length, S = state dim, A = action dim):
+    states [B, K, S] float, actions [B, K, A] float (model inputs and regression targets),
+    returns_to_go [B, K, 1] float (already divided by rtg_scale), timesteps [B, K] int64,
+    attention_mask [B, K] bool (True = real step; padding is on the left),
+    task_offsets [T+1] int64 on the CPU: rows task_offsets[t]:task_offsets[t+1] belong to task t.
+A Prompt holds the same fields for each row's task prompt (shapes [B, Kp, ...]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Prompt:
+    states: torch.Tensor
+    actions: torch.Tensor
+    returns_to_go: torch.Tensor
+    timesteps: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "Prompt":
+        return Prompt(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+
+@dataclass
+class Batch:
+    states: torch.Tensor
+    actions: torch.Tensor
+    returns_to_go: torch.Tensor
+    timesteps: torch.Tensor
+    attention_mask: torch.Tensor
+    task_offsets: torch.Tensor
+    prompt: Prompt | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def task_ids(self) -> torch.Tensor:
+        """Task id of every row, [B] int64 on the rows' device."""
+        counts = self.task_offsets.diff()
+        ids = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        return ids.to(self.states.device)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if f.name not in ("task_offsets", "prompt")
+        }
+        prompt = self.prompt.to(device, non_blocking) if self.prompt is not None else None
+        return Batch(**moved, task_offsets=self.task_offsets, prompt=prompt)
+
+
+def offsets_from_counts(counts) -> torch.Tensor:
+    """Rows per task -> task_offsets [T+1] (CPU int64)."""
+    counts = torch.as_tensor(counts, dtype=torch.int64)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+
+
+def synthetic_batch(config, rows_per_task, generator: torch.Generator | None = None, device="cpu") -> Batch:
+    """Random data of the right shapes and ranges (for tests, benchmarks and smoke runs, not for learning).
+
+    rows_per_task: an int or one count per task (zeros give empty task segments). Each row gets a random
+    amount of left padding; actions follow a fixed random linear map of the states, so a model can fit them.
+    """
+    if isinstance(rows_per_task, int):
+        rows_per_task = [rows_per_task] * config.num_tasks
+    offsets = offsets_from_counts(rows_per_task)
+    B, K, Kp, S, A = int(offsets[-1]), config.context, config.prompt_len, config.state_dim, config.act_dim
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    task_map = torch.randn(config.num_tasks, S, A, generator=torch.Generator().manual_seed(1234)) / S**0.5
+    task_ids = torch.repeat_interleave(torch.arange(len(rows_per_task)), torch.as_tensor(rows_per_task))
+
+    def segment(length):
+        states = torch.randn(B, length, S, generator=g)
+        actions = torch.tanh(torch.einsum("bks,bsa->bka", states, task_map[task_ids]))
+        rtg = torch.rand(B, length, 1, generator=g) * 4.5
+        start = torch.randint(0, config.max_ep_len - length, (B, 1), generator=g)
+        timesteps = start + torch.arange(length)
+        pad = torch.randint(0, max(1, length // 2), (B, 1), generator=g)
+        mask = torch.arange(length) >= pad
+        states, actions, rtg = states * mask[..., None], actions * mask[..., None], rtg * mask[..., None]
+        return states, actions, rtg, timesteps * mask, mask
+
+    prompt = Prompt(*segment(Kp)) if Kp > 0 else None
+    batch = Batch(*segment(K), task_offsets=offsets, prompt=prompt)
+    return batch.to(device)

@@ -1,0 +1,79 @@
+"""harmodt-fast command line (also `python -m harmodt_fast`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args) -> int:
+    import torch
+
+    import harmodt_fast as hf
+    from harmodt_fast._ext import extension_error, extension_origin
+
+    overrides = {"num_tasks": args.tasks} if args.tasks else {}
+    cfg = hf.HarmoDTConfig.from_preset(args.preset, **overrides)
+    with torch.device("meta"):
+        model = hf.HarmoDT(cfg.__class__(**{**cfg.to_dict(), "method": "prompt-dt"}))
+    from harmodt_fast.masks import masked_weight_shapes
+    from harmodt_fast.ops.packing import words_for
+
+    shapes = masked_weight_shapes(model)
+    masked = sum(a * b for a, b in shapes.values())
+    mask_bytes = sum(words_for(a * b) * 4 for a, b in shapes.values()) * cfg.num_tasks
+    info = {
+        "preset": args.preset,
+        "num_tasks": cfg.num_tasks,
+        "parameters": model.num_parameters(),
+        "masked_weights": masked,
+        "mask_bytes_packed": mask_bytes,
+        "mask_bytes_float32_published": masked * 4 * cfg.num_tasks,
+        "tokens_per_sequence": cfg.tokens_per_sequence,
+        "backends": hf.ops.available_backends(),
+        "cpp_extension": extension_origin() or extension_error(),
+        "torch": torch.__version__,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:32s} {value}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from harmodt_fast.smoke import synthetic_smoke_run
+
+    synthetic_smoke_run(steps=args.steps, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harmodt-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="model size, mask memory and the backends available here")
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--tasks", type=int, default=50, help="number of tasks (default 50 = MT50)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="train the tiny model on synthetic mixed-task batches")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"harmodt-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

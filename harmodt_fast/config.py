@@ -1,0 +1,128 @@
+"""HarmoDTConfig: the model, mask and training settings of one run, with named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+METHODS = ("harmodt", "prompt-dt", "mtdt")
+SCORES = ("fisher", "magnitude", "harmony")
+SCHEDULES = ("mixed", "round-robin")
+
+
+@dataclass
+class HarmoDTConfig:
+    # tasks: names of Meta-World tasks (num_tasks follows them when given)
+    tasks: tuple[str, ...] | None = None
+    num_tasks: int = 5
+    # model (Prompt-DT backbone)
+    state_dim: int = 39
+    act_dim: int = 4
+    hidden: int = 256
+    layers: int = 6
+    heads: int = 8
+    mlp_hidden: int = 1024
+    activation: str = "relu"
+    dropout: float = 0.1
+    context: int = 20
+    prompt_len: int = 5
+    max_ep_len: int = 1000
+    # method and masks
+    method: str = "harmodt"
+    score: str = "fisher"
+    density: float = 0.8
+    gamma: float = 10.0
+    mask_interval: int = 500
+    eta_min: int = 0
+    eta_max: int = 100
+    merge_threshold: int = 1
+    # optimisation
+    schedule: str = "mixed"
+    steps: int = 1_000_000
+    batch_per_task: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10_000
+    grad_clip: float = 0.25
+    task_grad_clip: float = 0.25
+    # returns-to-go and evaluation
+    rtg_scale: float = 1000.0
+    target_return: float = 4500.0
+    seed: int = 0
+    extra: dict = field(default_factory=dict, repr=False)  # free-form notes carried into checkpoints
+
+    def __post_init__(self):
+        if self.tasks is not None:
+            self.tasks = tuple(self.tasks)
+            self.num_tasks = len(self.tasks)
+        checks = [
+            (self.num_tasks >= 1, f"num_tasks must be >= 1, got {self.num_tasks}"),
+            (self.hidden > 0 and self.heads > 0 and self.hidden % self.heads == 0,
+             f"hidden ({self.hidden}) must be a positive multiple of heads ({self.heads})"),
+            (self.layers >= 1 and self.mlp_hidden >= 1, "layers and mlp_hidden must be >= 1"),
+            (self.activation in ("relu", "gelu"), f"activation must be 'relu' or 'gelu', got {self.activation!r}"),
+            (self.context >= 1 and self.prompt_len >= 0, "context must be >= 1 and prompt_len >= 0"),
+            (self.method in METHODS, f"unknown method {self.method!r}; expected one of {METHODS}"),
+            (self.score in SCORES, f"unknown score {self.score!r}; expected one of {SCORES}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}"),
+            (0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density}"),
+            (self.steps > 0, f"steps must be > 0, got {self.steps}"),
+            (self.batch_per_task >= 1, f"batch_per_task must be >= 1, got {self.batch_per_task}"),
+            (self.mask_interval >= 1, f"mask_interval must be >= 1, got {self.mask_interval}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"HarmoDTConfig: {msg}")
+
+    @property
+    def use_masks(self) -> bool:
+        return self.method == "harmodt"
+
+    @property
+    def use_prompt(self) -> bool:
+        return self.method != "mtdt" and self.prompt_len > 0
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        return 3 * (self.context + (self.prompt_len if self.use_prompt else 0))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "HarmoDTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        unknown = sorted(set(overrides) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields: {cls.field_names()}")
+        values = dict(PRESETS[name])
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks) if self.tasks is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HarmoDTConfig":
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    # tests: seconds on a CPU
+    "tiny": dict(hidden=64, layers=2, heads=2, mlp_hidden=256, context=5, prompt_len=2, max_ep_len=500,
+                 steps=200, batch_per_task=4, warmup_steps=20, mask_interval=50, lr=1e-3, eta_max=20),
+    # trains usefully on 2 CPU cores in minutes
+    "demo": dict(hidden=128, layers=3, heads=4, mlp_hidden=512, context=10, prompt_len=5, max_ep_len=500,
+                 steps=2000, batch_per_task=16, warmup_steps=200, mask_interval=100, lr=5e-4, eta_max=50),
+    # the published HarmoDT defaults (DESIGN.md section 2)
+    "paper": dict(),
+    # for scale runs
+    "large": dict(hidden=1024, layers=12, heads=16, mlp_hidden=4096),
+}

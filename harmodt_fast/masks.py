@@ -1,0 +1,227 @@
+"""TaskMasks: one binary mask per task over named weights, stored bit-packed (1 bit per weight per task).
+
+A TaskMasks is a value: {name: int32 [T, ceil(numel/32)]} plus each name's shape. The model keeps its own copy
+in the `masks_packed` buffers of its MaskedLinear layers (so it moves with .to() and lands in the state dict);
+`HarmoDT.task_masks()` / `HarmoDT.set_masks()` convert between the two.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from harmodt_fast.ops.packing import pack_masks, unpack_masks, words_for
+
+# bits set in each byte value, for popcounts over packed words
+_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def _popcount_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Set bits per row of an int32 [T, W] tensor -> int64 [T]."""
+    as_bytes = packed.contiguous().view(torch.uint8).long()
+    return _POPCOUNT8.to(packed.device)[as_bytes].sum(dim=1)
+
+
+def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict[str, float]:
+    """Erdős–Rényi-Kernel density per layer: density_l ∝ (Σ dims)/(Π dims), scaled so that the overall density
+    is `density`; 1-D parameters, and layers whose density would exceed 1, stay dense."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    total = sum(numel.values())
+    dense = {n for n, s in shapes.items() if len(s) < 2 or density == 1.0}
+    while True:
+        budget = density * total - sum(numel[n] for n in dense)
+        raw = {n: sum(s) / math.prod(s) for n, s in shapes.items() if n not in dense}
+        if not raw:
+            break
+        eps = budget / sum(raw[n] * numel[n] for n in raw)
+        worst = max(raw.values())
+        if eps * worst <= 1.0:
+            break
+        dense |= {n for n, r in raw.items() if r == worst}
+    return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+
+
+class TaskMasks:
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], packed: Mapping[str, torch.Tensor]):
+        if set(shapes) != set(packed):
+            raise ValueError(f"TaskMasks: names of shapes {sorted(shapes)} and packed {sorted(packed)} differ")
+        num_tasks = {p.shape[0] for p in packed.values()}
+        if len(num_tasks) != 1:
+            raise ValueError(f"TaskMasks: layers disagree on the number of tasks: {num_tasks}")
+        for name, shape in shapes.items():
+            p = packed[name]
+            if p.dtype != torch.int32 or p.dim() != 2 or p.shape[1] != words_for(math.prod(shape)):
+                raise ValueError(
+                    f"TaskMasks: {name}: packed mask {tuple(p.shape)} {p.dtype} does not fit shape {tuple(shape)}"
+                )
+        self.shapes = {n: tuple(int(d) for d in s) for n, s in shapes.items()}
+        self._packed = dict(packed)
+        self.num_tasks = num_tasks.pop()
+
+    # construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def erk(cls, model_or_shapes, num_tasks: int, density: float = 0.8, seed: int = 0, device=None) -> "TaskMasks":
+        """Independent random masks per task with ERK layer densities; every task gets exactly
+        round(density_l * numel_l) active weights in layer l."""
+        shapes = masked_weight_shapes(model_or_shapes)
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        densities = erk_densities(shapes, density)
+        gen = torch.Generator().manual_seed(int(seed))
+        packed = {}
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            active = int(round(densities[name] * n))
+            dense = torch.zeros(num_tasks, n, dtype=torch.bool)
+            for t in range(num_tasks):
+                dense[t, torch.randperm(n, generator=gen)[:active]] = True
+            packed[name] = pack_masks(dense).to(device) if device is not None else pack_masks(dense)
+        return cls(shapes, packed)
+
+    @classmethod
+    def from_dense(cls, dense: Mapping[str, torch.Tensor]) -> "TaskMasks":
+        """{name: bool [T, *shape]} -> TaskMasks."""
+        shapes, packed = {}, {}
+        for name, m in dense.items():
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.dim() < 2:
+                raise ValueError(f"TaskMasks.from_dense: {name} must be a bool tensor [T, *shape], got "
+                                 f"{getattr(m, 'shape', m)} {getattr(m, 'dtype', '')}")
+            shapes[name] = tuple(m.shape[1:])
+            packed[name] = pack_masks(m.reshape(m.shape[0], -1))
+        return cls(shapes, packed)
+
+    # access ---------------------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def packed(self, name: str) -> torch.Tensor:
+        """int32 [T, ceil(numel/32)]: what the ops take."""
+        if name not in self._packed:
+            raise KeyError(f"no mask named {name!r}; names: {self.names}")
+        return self._packed[name]
+
+    def to_dense(self, name: str, task: int | None = None) -> torch.Tensor:
+        """bool [*shape] for one task, or [T, *shape] for all."""
+        packed = self.packed(name)
+        shape = self.shapes[name]
+        if task is None:
+            return unpack_masks(packed, math.prod(shape)).view(self.num_tasks, *shape)
+        self._check_task(task)
+        return unpack_masks(packed[task : task + 1], math.prod(shape)).view(*shape)
+
+    def _check_task(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} out of range for {self.num_tasks} tasks")
+
+    def active_counts(self, name: str | None = None) -> torch.Tensor:
+        """Active weights per task, int64 [T] (over all names, or one)."""
+        names = [name] if name is not None else self.names
+        return sum(_popcount_rows(self.packed(n)).cpu() for n in names)
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    def density(self, task: int | None = None) -> float:
+        counts = self.active_counts()
+        if task is None:
+            return counts.sum().item() / (self.numel * self.num_tasks)
+        self._check_task(task)
+        return counts[task].item() / self.numel
+
+    def layer_density(self, task: int | None = None) -> dict[str, float]:
+        out = {}
+        for n, s in self.shapes.items():
+            c = self.active_counts(n)
+            out[n] = (c.sum().item() / self.num_tasks if task is None else c[task].item()) / math.prod(s)
+        return out
+
+    def overlap(self) -> torch.Tensor:
+        """T x T Jaccard similarity |M_i ∧ M_j| / |M_i ∨ M_j| over all masked weights (float64)."""
+        inter = torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64)
+        for name in self.names:
+            d = self.to_dense(name).reshape(self.num_tasks, -1).float().cpu()
+            inter += (d @ d.t()).double()  # exact: per-layer counts stay below 2**24
+        sizes = inter.diagonal().clone()
+        union = sizes[:, None] + sizes[None, :] - inter
+        return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._packed.values())
+
+    # flat view for the harmony update ------------------------------------------------------------------------
+    def flat_packed(self) -> torch.Tensor:
+        """All names concatenated in order into one packed [T, ceil(numel/32)] tensor."""
+        if all(math.prod(s) % 32 == 0 for s in self.shapes.values()):
+            return torch.cat([self._packed[n] for n in self.names], dim=1)
+        dense = torch.cat([self.to_dense(n).reshape(self.num_tasks, -1) for n in self.names], dim=1)
+        return pack_masks(dense)
+
+    def with_flat_packed(self, flat: torch.Tensor) -> "TaskMasks":
+        """The inverse of flat_packed: a new TaskMasks from one concatenated packed tensor."""
+        if flat.shape != (self.num_tasks, words_for(self.numel)) or flat.dtype != torch.int32:
+            raise ValueError(f"flat masks must be int32 [{self.num_tasks}, {words_for(self.numel)}], got "
+                             f"{tuple(flat.shape)} {flat.dtype}")
+        sizes = [math.prod(self.shapes[n]) for n in self.names]
+        if all(s % 32 == 0 for s in sizes):
+            parts = torch.split(flat, [s // 32 for s in sizes], dim=1)
+            return TaskMasks(self.shapes, {n: p.contiguous() for n, p in zip(self.names, parts)})
+        dense = unpack_masks(flat, self.numel)
+        parts = torch.split(dense, sizes, dim=1)
+        return TaskMasks(self.shapes, {n: pack_masks(p.contiguous()) for n, p in zip(self.names, parts)})
+
+    def consensus(self, threshold: int) -> "TaskMasks":
+        """One mask (T=1) keeping a weight when at least `threshold` tasks keep it (for unseen tasks)."""
+        if not 1 <= threshold <= self.num_tasks:
+            raise ValueError(f"merge threshold must be in 1..{self.num_tasks}, got {threshold}")
+        return TaskMasks.from_dense({n: (self.to_dense(n).sum(0) >= threshold)[None] for n in self.names})
+
+    def to(self, device) -> "TaskMasks":
+        return TaskMasks(self.shapes, {n: p.to(device) for n, p in self._packed.items()})
+
+    # persistence -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"shapes": dict(self.shapes), "packed": {n: p.cpu() for n, p in self._packed.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TaskMasks":
+        return cls(state["shapes"], state["packed"])
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, TaskMasks)
+            and self.shapes == other.shapes
+            and all(torch.equal(self._packed[n].cpu(), other._packed[n].cpu()) for n in self.names)
+        )
+
+    def __repr__(self) -> str:
+        return (f"TaskMasks({len(self.shapes)} weights, {self.numel} entries, {self.num_tasks} tasks, "
+                f"density {self.density():.4f}, {self.nbytes / 1e6:.2f} MB)")
+
+
+def masked_weight_shapes(model_or_shapes) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of what gets masked: a model's MaskedLinear weights, or a given mapping."""
+    if isinstance(model_or_shapes, torch.nn.Module):
+        from harmodt_fast.model import MaskedLinear
+
+        shapes = {
+            f"{name}.weight" if name else "weight": tuple(m.weight.shape)
+            for name, m in model_or_shapes.named_modules()
+            if isinstance(m, MaskedLinear)
+        }
+        if not shapes:
+            raise ValueError("the model has no MaskedLinear layers to mask")
+        return shapes
+    return {str(n): tuple(int(d) for d in s) for n, s in dict(model_or_shapes).items()}
+
+
+def flip_count(step: int, total_steps: int, eta_min: int = 0, eta_max: int = 100) -> int:
+    """Flips per mask update: a raised-cosine bump, eta_min at the start and end, eta_max at mid-training."""
+    phase = 2.0 * math.pi * step / max(1, total_steps)
+    value = eta_max + 0.5 * (eta_min - eta_max) * (1.0 + math.cos(phase))
+    return int(math.floor(value + 0.5))

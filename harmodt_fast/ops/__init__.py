@@ -1,0 +1,15 @@
+"""The fast ops, each with backends "triton" | "cpp" | "torch" behind one function (see _dispatch.py)."""
+from harmodt_fast.ops._dispatch import available_backends, implemented_backends, last_backend
+from harmodt_fast.ops.harmony import harmony_update
+from harmodt_fast.ops.masked_linear import masked_linear
+from harmodt_fast.ops.packing import pack_masks, unpack_masks
+
+__all__ = [
+    "available_backends",
+    "implemented_backends",
+    "last_backend",
+    "harmony_update",
+    "masked_linear",
+    "pack_masks",
+    "unpack_masks",
+]

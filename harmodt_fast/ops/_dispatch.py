@@ -1,0 +1,97 @@
+"""Backend selection shared by every op in `harmodt_fast.ops`.
+
+Each op has up to three implementations: "triton" (kernels in harmodt_fast.kernels; CUDA tensors, or CPU tensors
+under TRITON_INTERPRET=1), "cpp" (harmodt_fast._C, CPU tensors) and "torch" (the plain-PyTorch reference that
+defines the semantics). Implementations are registered as "module:function" strings so that importing
+harmodt_fast never imports triton or compiles anything. `last_backend(op)` tells which one ran last, so tests can
+catch a silent fallback.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("triton", "cpp", "torch")
+# the order "auto" tries, per device type
+_AUTO_ORDER = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+
+_registry: dict[str, dict[str, str]] = {}
+_last: dict[str, str] = {}
+
+
+def register(op: str, backend: str, target: str) -> None:
+    """Declare that `op` has a `backend` implementation at `target` ("package.module:function")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _registry.setdefault(op, {})[backend] = target
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
+    """None when `backend` can run on `device` here, else the reason in words."""
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        if device is not None and device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device.type} tensors"
+        from harmodt_fast._ext import extension_error, load_extension
+
+        return None if load_extension() is not None else extension_error()
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device is not None and device.type == "cpu" and not triton_interpret():
+            return "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU tensors"
+        if device is None and not (torch.cuda.is_available() or triton_interpret()):
+            return "the triton backend needs a CUDA device, or TRITON_INTERPRET=1 (set before import) on CPU"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine (for some op and some device)."""
+    return [b for b in BACKENDS if backend_unavailable_reason(b) is None]
+
+
+def _resolve(target: str) -> Callable:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def select(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+    """Pick the implementation of `op` for tensors on `device`; records the choice for `last_backend`."""
+    impls = _registry.get(op, {})
+    if backend == "auto":
+        for cand in _AUTO_ORDER.get(device.type, ("torch",)):
+            if cand in impls and backend_unavailable_reason(cand, device) is None:
+                backend = cand
+                break
+        else:
+            raise RuntimeError(f"{op}: no implementation runs on {device.type} tensors here")
+    else:
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        if backend not in impls:
+            have = ", ".join(sorted(impls)) or "none"
+            raise RuntimeError(f"{op}: there is no {backend} implementation (implemented: {have})")
+        reason = backend_unavailable_reason(backend, device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: the {backend} backend cannot run here: {reason}")
+    _last[op] = backend
+    return backend, _resolve(impls[backend])
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that ran the most recent call of `op` (None before the first call)."""
+    return _last.get(op)
+
+
+def implemented_backends(op: str) -> list[str]:
+    return [b for b in BACKENDS if b in _registry.get(op, {})]

@@ -1,0 +1,44 @@
+"""Meta-World task sets (v3 environment names)."""
+
+# The order of the HarmoDT paper's task list: MT5, MT30 and MT50 are its first 5, 30 and 50 names.
+_PAPER_ORDER = (
+    "basketball-v3 bin-picking-v3 button-press-topdown-v3 button-press-v3 button-press-wall-v3 coffee-button-v3 "
+    "coffee-pull-v3 coffee-push-v3 dial-turn-v3 disassemble-v3 door-close-v3 door-lock-v3 door-open-v3 "
+    "door-unlock-v3 hand-insert-v3 drawer-close-v3 drawer-open-v3 faucet-open-v3 faucet-close-v3 "
+    "handle-press-side-v3 handle-press-v3 handle-pull-side-v3 handle-pull-v3 lever-pull-v3 peg-insert-side-v3 "
+    "pick-place-wall-v3 pick-out-of-hole-v3 reach-v3 push-back-v3 push-v3 pick-place-v3 plate-slide-v3 "
+    "plate-slide-side-v3 plate-slide-back-v3 plate-slide-back-side-v3 soccer-v3 push-wall-v3 shelf-place-v3 "
+    "sweep-into-v3 sweep-v3 window-open-v3 window-close-v3 assembly-v3 button-press-topdown-wall-v3 hammer-v3 "
+    "peg-unplug-side-v3 reach-wall-v3 stick-push-v3 stick-pull-v3 box-close-v3"
+).split()
+
+# Meta-World's own MT10 benchmark list.
+_MT10 = (
+    "reach-v3 push-v3 pick-place-v3 door-open-v3 drawer-open-v3 drawer-close-v3 button-press-topdown-v3 "
+    "peg-insert-side-v3 window-open-v3 window-close-v3"
+).split()
+
+TASK_SETS: dict[str, list[str]] = {
+    "MT5": list(_PAPER_ORDER[:5]),
+    "MT10": list(_MT10),
+    "MT30": list(_PAPER_ORDER[:30]),
+    "MT50": list(_PAPER_ORDER[:50]),
+}
+
+
+def resolve_tasks(tasks) -> list[str]:
+    """A task-set name ("MT5"), a comma-separated string or a list of names -> list of v3 names (validated)."""
+    if isinstance(tasks, str):
+        if tasks in TASK_SETS:
+            return list(TASK_SETS[tasks])
+        tasks = [t for t in tasks.split(",") if t]
+    names = list(tasks)
+    known = set(_PAPER_ORDER)
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise ValueError(f"unknown Meta-World task name(s) {unknown}; known: the MT50 list in hf.TASK_SETS['MT50']")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate task names in {names}")
+    if not names:
+        raise ValueError("no tasks given")
+    return names

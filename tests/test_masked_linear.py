@@ -1,0 +1,123 @@
+"""The plain-PyTorch reference of masked_linear against a naive per-task loop written here from scratch."""
+import pytest
+import torch
+
+import harmodt_fast as hf
+
+
+def random_case(rng, counts, n_in, n_out, T=None, dtype=torch.float64, extra_dims=()):
+    T = T or len(counts)
+    x = torch.randn(sum(counts), *extra_dims, n_in, generator=rng, dtype=dtype)
+    w = torch.randn(n_out, n_in, generator=rng, dtype=dtype)
+    b = torch.randn(n_out, generator=rng, dtype=dtype)
+    dense = torch.rand(T, n_out, n_in, generator=rng) < 0.7
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)))
+    return x, w, b, dense, offsets
+
+
+def naive(x, w, b, dense, offsets):
+    """Independent semantics: each row i of task t computes x_i · (W ⊙ M_t)ᵀ + b."""
+    outs = []
+    for t in range(len(offsets) - 1):
+        for i in range(int(offsets[t]), int(offsets[t + 1])):
+            outs.append(x[i] @ (w * dense[t].to(w.dtype)).t() + b)
+    return torch.stack(outs) if outs else x.new_zeros(0, *x.shape[1:-1], w.shape[0])
+
+
+CASES = [
+    ([5, 0, 3], 17, 13),  # empty middle segment, odd sizes
+    ([9], 33, 7),  # one task
+    ([3, 1, 0, 4, 2, 5, 1], 20, 31),  # 7 tasks
+    ([0, 0, 4], 16, 16),  # leading empty segments
+]
+
+
+@pytest.mark.parametrize("counts,n_in,n_out", CASES)
+def test_forward_backward_against_naive(counts, n_in, n_out, rng):
+    x, w, b, dense, offsets = random_case(rng, counts, n_in, n_out, extra_dims=(3,))
+    packed = hf.ops.pack_masks(dense.flatten(1))
+    xs = [t.clone().requires_grad_() for t in (x, w, b)]
+    xr = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = hf.ops.masked_linear(xs[0], xs[1], xs[2], packed, offsets, backend="torch")
+    assert hf.ops.last_backend("masked_linear") == "torch"
+    y_ref = naive(xr[0], xr[1], xr[2], dense, offsets)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(y.shape, generator=rng, dtype=y.dtype)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for got, want in zip(xs, xr):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_weight_grad_is_masked_sum_and_task_grads(rng):
+    counts, n_in, n_out = [4, 0, 6], 11, 9
+    x, w, b, dense, offsets = random_case(rng, counts, n_in, n_out, dtype=torch.float32)
+    packed = hf.ops.pack_masks(dense.flatten(1))
+    w.requires_grad_()
+    task_grads = torch.zeros(3, n_out, n_in)
+    y = hf.ops.masked_linear(x, w, b, packed, offsets, backend="torch", task_grads=task_grads)
+    dy = torch.randn(y.shape, generator=rng)
+    y.backward(dy)
+    want_dw = torch.zeros_like(w)
+    for t in range(3):
+        lo, hi = int(offsets[t]), int(offsets[t + 1])
+        g_t = dy[lo:hi].t() @ x[lo:hi]
+        torch.testing.assert_close(task_grads[t], g_t, rtol=1e-5, atol=1e-5)
+        want_dw += dense[t] * g_t
+    torch.testing.assert_close(w.grad, want_dw, rtol=1e-5, atol=1e-5)
+    assert torch.all(task_grads[1] == 0)  # the empty segment has no gradient
+    # entries no task uses get no gradient at all
+    unused = ~dense.any(0)
+    assert torch.all(w.grad[unused] == 0)
+
+
+def test_gradcheck_float64(rng):
+    x, w, b, dense, offsets = random_case(rng, [2, 0, 3], 5, 4)
+    packed = hf.ops.pack_masks(dense.flatten(1))
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda a, ww, bb: hf.ops.masked_linear(a, ww, bb, packed, offsets, backend="torch"), args
+    )
+
+
+def test_fewer_segments_than_masks_and_no_bias(rng):
+    x, w, _, dense, offsets = random_case(rng, [3, 2], 8, 6, T=5)
+    packed = hf.ops.pack_masks(dense.flatten(1))
+    y = hf.ops.masked_linear(x, w, None, packed, offsets)
+    torch.testing.assert_close(y, naive(x, w, torch.zeros(6, dtype=w.dtype), dense, offsets))
+
+
+def test_bad_input(rng):
+    x, w, b, dense, offsets = random_case(rng, [3, 2], 8, 6, dtype=torch.float32)
+    packed = hf.ops.pack_masks(dense.flatten(1))
+    ml = hf.ops.masked_linear
+    with pytest.raises(ValueError, match=r"x \(5, 7\)"):
+        ml(torch.randn(5, 7), w, b, packed, offsets)
+    with pytest.raises(ValueError, match="share one floating dtype"):
+        ml(x.double(), w, b, packed, offsets)
+    with pytest.raises(ValueError, match="bias must be"):
+        ml(x, w, torch.zeros(5), packed, offsets)
+    with pytest.raises(ValueError, match="masks_packed must be int32"):
+        ml(x, w, b, packed[:, :-1], offsets)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ml(x, w, b, packed, torch.tensor([0, 6, 5]))
+    with pytest.raises(ValueError, match="end at the batch size 5"):
+        ml(x, w, b, packed, torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match="masks hold only 2"):
+        ml(x, w, b, packed, torch.tensor([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        ml(x, w, b, packed, torch.tensor([0.0, 5.0]))
+    with pytest.raises(ValueError, match="task_grads must be"):
+        ml(x, w, b, packed, offsets, task_grads=torch.zeros(2, 6, 7))
+    with pytest.raises(RuntimeError, match="cpp implementation"):
+        ml(x, w, b, packed, offsets, backend="cpp")
+
+
+def test_autocast_bf16_close_to_fp32(rng):
+    x, w, b, dense, offsets = random_case(rng, [7, 5], 64, 48, dtype=torch.float32)
+    packed = hf.ops.pack_masks(dense.flatten(1))
+    want = hf.ops.masked_linear(x, w, b, packed, offsets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hf.ops.masked_linear(x, w, b, packed, offsets)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=5e-2)
