@@ -20,3 +20,9 @@ def rng():
     """A fresh random generator per test, seeded from the test's name (reproducible, different per test)."""
     seed = abs(hash(os.environ.get("PYTEST_CURRENT_TEST", ""))) % (2**31)
     return torch.Generator().manual_seed(seed)
+
+
+# Triton kernels run on the CPU through the interpreter when there is no GPU. The variable must be set before
+# triton is first imported (harmodt_fast itself never imports triton at import time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -28,6 +28,10 @@ def test_bit_layout_and_backends_agree(rng, cpp_ext):
 
 
 def test_auto_uses_cpp_on_cpu(cpp_ext):
+    from harmodt_fast._ext import extension_origin
+
+    assert extension_origin() in ("prebuilt", "jit")
+    print(f"C++ extension: {extension_origin()}")
     hf.ops.pack_masks(torch.ones(2, 40, dtype=torch.bool))
     assert hf.ops.last_backend("pack_masks") == "cpp"
     assert "cpp" in hf.ops.available_backends()

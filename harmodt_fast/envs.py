@@ -1,0 +1,63 @@
+"""Meta-World v3 environments and their scripted expert policies (metaworld 3.1.x, gymnasium API).
+
+Goal variants: Meta-World's MT1 benchmark for a task lists 50 goal variants ("train tasks"); variant i is
+`goal_variants(task)[i]`. Episodes last at most `MAX_EPISODE_STEPS` (the env truncates at 500).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+MAX_EPISODE_STEPS = 500
+
+# policy class names that do not follow 'Sawyer' + CamelCase(task) + 'V3Policy'
+_POLICY_NAME_EXCEPTIONS = {"peg-insert-side-v3": "SawyerPegInsertionSideV3Policy"}
+
+
+def _require_metaworld():
+    try:
+        import metaworld  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ImportError(
+            "Meta-World is needed for environments: pip install 'harmodt_fast[metaworld]' (metaworld 3.1.x)"
+        ) from exc
+    return metaworld
+
+
+@functools.lru_cache(maxsize=None)
+def _benchmark(task: str, seed: int):
+    metaworld = _require_metaworld()
+    if task not in metaworld.ALL_V3_ENVIRONMENTS:
+        raise ValueError(f"unknown Meta-World v3 task {task!r}")
+    return metaworld.MT1(task, seed=seed)
+
+
+def goal_variants(task: str, seed: int = 0) -> list:
+    """The task's goal variants (Meta-World MT1 'train tasks'), in Meta-World's order."""
+    return list(_benchmark(task, seed).train_tasks)
+
+
+def make_env(task: str, goal_index: int = 0, seed: int = 0):
+    """A v3 environment of `task` set to goal variant `goal_index` (call env.reset(seed=...) before stepping)."""
+    bench = _benchmark(task, seed)
+    variants = bench.train_tasks
+    if not 0 <= goal_index < len(variants):
+        raise ValueError(f"{task}: goal_index {goal_index} out of range (0..{len(variants) - 1})")
+    env = bench.train_classes[task]()
+    env.set_task(variants[goal_index])
+    return env
+
+
+def scripted_policy(task: str):
+    """Meta-World's scripted expert for `task`; `.get_action(obs) -> action [4]`."""
+    _require_metaworld()
+    import metaworld.policies as policies
+
+    name = _POLICY_NAME_EXCEPTIONS.get(task) or "Sawyer" + "".join(
+        w.capitalize() for w in task.removesuffix("-v3").split("-")
+    ) + "V3Policy"
+    cls = getattr(policies, name, None)
+    if cls is None:
+        raise ValueError(f"no scripted policy {name} for task {task!r} in metaworld.policies")
+    warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high", category=UserWarning)
+    return cls()
