@@ -91,3 +91,30 @@ def synthetic_batch(config, rows_per_task, generator: torch.Generator | None = N
     prompt = Prompt(*segment(Kp)) if Kp > 0 else None
     batch = Batch(*segment(K), task_offsets=offsets, prompt=prompt)
     return batch.to(device)
+
+
+class SyntheticSampler:
+    """The sampler interface of harmodt_fast.data.MultiTaskSampler over `synthetic_batch`: for benchmarks and
+    smoke runs that must not depend on Meta-World data. Normalisation is the identity."""
+
+    def __init__(self, config, device="cpu", seed: int = 0):
+        self.config, self.device = config, torch.device(device)
+        self.tasks = list(config.tasks) if config.tasks else [f"task-{t}" for t in range(config.num_tasks)]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.state_mean = torch.zeros(config.num_tasks, config.state_dim)
+        self.state_std = torch.ones(config.num_tasks, config.state_dim)
+
+    def sample(self, task: int | None = None) -> Batch:
+        counts = [self.config.batch_per_task] * self.config.num_tasks
+        if task is not None:
+            counts = [self.config.batch_per_task if t == task else 0 for t in range(self.config.num_tasks)]
+        return synthetic_batch(self.config, counts, self.generator, self.device)
+
+    def eval_prompt(self) -> Prompt | None:
+        return synthetic_batch(self.config, 1, torch.Generator().manual_seed(0)).prompt
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 METHODS = ("harmodt", "prompt-dt", "mtdt")
 SCORES = ("fisher", "magnitude", "harmony")
 SCHEDULES = ("mixed", "round-robin")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class HarmoDTConfig:
     eta_min: int = 0
     eta_max: int = 100
     merge_threshold: int = 1
+    flip_fraction: float = 0.0  # > 0: flips per update = this share of each task's active weights (not the schedule)
     # optimisation
     schedule: str = "mixed"
     steps: int = 1_000_000
@@ -44,6 +46,12 @@ class HarmoDTConfig:
     warmup_steps: int = 10_000
     grad_clip: float = 0.25
     task_grad_clip: float = 0.25
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with native bf16; "fp32"; "bf16"
+    # logging, checkpoints, periodic evaluation (0 = off)
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    eval_every: int = 0
+    eval_episodes: int = 10
     # returns-to-go and evaluation
     rtg_scale: float = 1000.0
     target_return: float = 4500.0
@@ -69,6 +77,10 @@ class HarmoDTConfig:
             (self.batch_per_task >= 1, f"batch_per_task must be >= 1, got {self.batch_per_task}"),
             (self.mask_interval >= 1, f"mask_interval must be >= 1, got {self.mask_interval}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (0.0 <= self.flip_fraction < 1.0, f"flip_fraction must be in [0, 1), got {self.flip_fraction}"),
+            (min(self.log_every, self.checkpoint_every) >= 1 and self.eval_every >= 0,
+             "log_every and checkpoint_every must be >= 1, eval_every >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

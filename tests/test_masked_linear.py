@@ -32,14 +32,21 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["torch", "cpp"])
+def backend(request):
+    if request.param == "cpp":
+        request.getfixturevalue("cpp_ext")  # built once per session; a build failure fails the test
+    return request.param
+
+
 @pytest.mark.parametrize("counts,n_in,n_out", CASES)
-def test_forward_backward_against_naive(counts, n_in, n_out, rng):
+def test_forward_backward_against_naive(counts, n_in, n_out, rng, backend):
     x, w, b, dense, offsets = random_case(rng, counts, n_in, n_out, extra_dims=(3,))
     packed = hf.ops.pack_masks(dense.flatten(1))
     xs = [t.clone().requires_grad_() for t in (x, w, b)]
     xr = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = hf.ops.masked_linear(xs[0], xs[1], xs[2], packed, offsets, backend="torch")
-    assert hf.ops.last_backend("masked_linear") == "torch"
+    y = hf.ops.masked_linear(xs[0], xs[1], xs[2], packed, offsets, backend=backend)
+    assert hf.ops.last_backend("masked_linear") == backend
     y_ref = naive(xr[0], xr[1], xr[2], dense, offsets)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     dy = torch.randn(y.shape, generator=rng, dtype=y.dtype)
@@ -49,13 +56,14 @@ def test_forward_backward_against_naive(counts, n_in, n_out, rng):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_weight_grad_is_masked_sum_and_task_grads(rng):
+def test_weight_grad_is_masked_sum_and_task_grads(rng, backend):
     counts, n_in, n_out = [4, 0, 6], 11, 9
     x, w, b, dense, offsets = random_case(rng, counts, n_in, n_out, dtype=torch.float32)
     packed = hf.ops.pack_masks(dense.flatten(1))
     w.requires_grad_()
     task_grads = torch.zeros(3, n_out, n_in)
-    y = hf.ops.masked_linear(x, w, b, packed, offsets, backend="torch", task_grads=task_grads)
+    y = hf.ops.masked_linear(x, w, b, packed, offsets, backend=backend, task_grads=task_grads)
+    assert hf.ops.last_backend("masked_linear") == backend
     dy = torch.randn(y.shape, generator=rng)
     y.backward(dy)
     want_dw = torch.zeros_like(w)
@@ -71,19 +79,20 @@ def test_weight_grad_is_masked_sum_and_task_grads(rng):
     assert torch.all(w.grad[unused] == 0)
 
 
-def test_gradcheck_float64(rng):
+def test_gradcheck_float64(rng, backend):
     x, w, b, dense, offsets = random_case(rng, [2, 0, 3], 5, 4)
     packed = hf.ops.pack_masks(dense.flatten(1))
     args = [t.clone().requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(
-        lambda a, ww, bb: hf.ops.masked_linear(a, ww, bb, packed, offsets, backend="torch"), args
+        lambda a, ww, bb: hf.ops.masked_linear(a, ww, bb, packed, offsets, backend=backend), args
     )
+    assert hf.ops.last_backend("masked_linear") == backend
 
 
-def test_fewer_segments_than_masks_and_no_bias(rng):
+def test_fewer_segments_than_masks_and_no_bias(rng, backend):
     x, w, _, dense, offsets = random_case(rng, [3, 2], 8, 6, T=5)
     packed = hf.ops.pack_masks(dense.flatten(1))
-    y = hf.ops.masked_linear(x, w, None, packed, offsets)
+    y = hf.ops.masked_linear(x, w, None, packed, offsets, backend=backend)
     torch.testing.assert_close(y, naive(x, w, torch.zeros(6, dtype=w.dtype), dense, offsets))
 
 
@@ -109,15 +118,25 @@ def test_bad_input(rng):
         ml(x, w, b, packed, torch.tensor([0.0, 5.0]))
     with pytest.raises(ValueError, match="task_grads must be"):
         ml(x, w, b, packed, offsets, task_grads=torch.zeros(2, 6, 7))
-    with pytest.raises(RuntimeError, match="cpp implementation"):
-        ml(x, w, b, packed, offsets, backend="cpp")
+    with pytest.raises(RuntimeError, match="there is no triton implementation"):
+        hf.ops.harmony_update(torch.zeros(4), torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int32), 1,
+                              backend="triton")
+    from harmodt_fast.ops._dispatch import backend_unavailable_reason
+
+    assert "CPU tensors" in backend_unavailable_reason("cpp", torch.device("cuda"))
 
 
-def test_autocast_bf16_close_to_fp32(rng):
+def test_autocast_bf16_close_to_fp32(rng, backend):
     x, w, b, dense, offsets = random_case(rng, [7, 5], 64, 48, dtype=torch.float32)
     packed = hf.ops.pack_masks(dense.flatten(1))
-    want = hf.ops.masked_linear(x, w, b, packed, offsets)
+    want = hf.ops.masked_linear(x, w, b, packed, offsets, backend="torch")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = hf.ops.masked_linear(x, w, b, packed, offsets)
+        got = hf.ops.masked_linear(x, w, b, packed, offsets, backend=backend)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=5e-2)
+
+
+def test_auto_picks_cpp_on_cpu(rng, cpp_ext):
+    x, w, b, dense, offsets = random_case(rng, [3, 2], 8, 6, dtype=torch.float32)
+    hf.ops.masked_linear(x, w, b, hf.ops.pack_masks(dense.flatten(1)), offsets)
+    assert hf.ops.last_backend("masked_linear") == "cpp"

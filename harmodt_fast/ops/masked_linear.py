@@ -135,6 +135,8 @@ def masked_linear_torch(x2d, weight, bias, masks_packed, row_offsets, task_grads
 
 
 register("masked_linear", "torch", "harmodt_fast.ops.masked_linear:masked_linear_torch")
+register("masked_linear", "cpp", "harmodt_fast.ops.masked_linear_cpu:masked_linear_cpp")
+register("masked_linear", "triton", "harmodt_fast.kernels.masked_linear:masked_linear_triton")
 
 
 def masked_linear(

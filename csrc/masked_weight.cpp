@@ -1,0 +1,76 @@
+// CPU helpers of the "cpp" masked_linear backend: expand one task's packed mask into W ⊙ M_t, and accumulate
+// M_t ⊙ G into dW, each in one pass over the weight (the bits are expanded in registers; no dense mask exists).
+// Registered with TORCH_LIBRARY_FRAGMENT, so they are torch.ops.harmodt_fast.* once the extension is loaded.
+#include <torch/extension.h>
+
+namespace {
+
+// The loops live in templates: OpenMP pragmas cannot sit inside the AT_DISPATCH macro's argument.
+template <typename scalar_t>
+void expand(const scalar_t* src, scalar_t* dst, const uint32_t* mask, int64_t n, int64_t words) {
+#pragma omp parallel for schedule(static) if (words > 2048)
+  for (int64_t i = 0; i < words; ++i) {
+    const uint32_t m = mask[i];
+    const int64_t base = i * 32, len = std::min<int64_t>(32, n - base);
+    for (int64_t j = 0; j < len; ++j) dst[base + j] = ((m >> j) & 1u) ? src[base + j] : scalar_t(0);
+  }
+}
+
+template <typename scalar_t>
+void accumulate(const scalar_t* src, scalar_t* dst, const uint32_t* mask, int64_t n, int64_t words) {
+#pragma omp parallel for schedule(static) if (words > 2048)
+  for (int64_t i = 0; i < words; ++i) {
+    const uint32_t m = mask[i];
+    const int64_t base = i * 32, len = std::min<int64_t>(32, n - base);
+    for (int64_t j = 0; j < len; ++j)
+      if ((m >> j) & 1u) dst[base + j] += src[base + j];
+  }
+}
+
+void check_args(const torch::Tensor& w, const torch::Tensor& bits, const char* op) {
+  TORCH_CHECK(w.device().is_cpu() && bits.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(bits.scalar_type() == torch::kInt32 && bits.dim() == 1, op, ": packed mask must be int32 [W], got ",
+              bits.sizes(), " ", bits.scalar_type());
+  TORCH_CHECK(bits.size(0) == (w.numel() + 31) / 32, op, ": packed mask has ", bits.size(0), " words, weight ",
+              w.sizes(), " needs ", (w.numel() + 31) / 32);
+}
+
+torch::Tensor masked_weight(const torch::Tensor& weight, const torch::Tensor& bits) {
+  check_args(weight, bits, "masked_weight");
+  auto w = weight.contiguous();
+  auto b = bits.contiguous();
+  auto out = torch::empty_like(w);
+  const int64_t n = w.numel(), words = b.size(0);
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(b.data_ptr<int32_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight", [&] {
+    expand<scalar_t>(w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), mask, n, words);
+  });
+  return out;
+}
+
+void masked_accumulate_(torch::Tensor& dw, const torch::Tensor& grad, const torch::Tensor& bits) {
+  check_args(dw, bits, "masked_accumulate_");
+  TORCH_CHECK(dw.is_contiguous(), "masked_accumulate_: dW must be contiguous");
+  TORCH_CHECK(grad.sizes() == dw.sizes(), "masked_accumulate_: grad ", grad.sizes(), " vs dW ", dw.sizes());
+  auto g = grad.to(dw.scalar_type()).contiguous();
+  auto b = bits.contiguous();
+  const int64_t n = dw.numel(), words = b.size(0);
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(b.data_ptr<int32_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dw.scalar_type(), "masked_accumulate_", [&] {
+    accumulate<scalar_t>(g.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), mask, n, words);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(harmodt_fast, m) {
+  m.def("masked_weight(Tensor weight, Tensor bits) -> Tensor");
+  m.def("masked_accumulate_(Tensor(a!) dw, Tensor grad, Tensor bits) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(harmodt_fast, CPU, m) {
+  m.impl("masked_weight", &masked_weight);
+  m.impl("masked_accumulate_", [](torch::Tensor dw, const torch::Tensor& grad, const torch::Tensor& bits) {
+    masked_accumulate_(dw, grad, bits);
+  });
+}

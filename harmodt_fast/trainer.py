@@ -1,0 +1,386 @@
+"""The bi-level HarmoDT trainer, top to bottom.
+
+Inner level, every step: one mixed batch with `batch_per_task` sequences of every task (rows grouped by task);
+the loss is the mean of the per-task action MSEs, so the gradient of weight W is (1/T) Σ_t M_t ⊙ G_t and each task
+moves only the entries of its own mask. AdamW with linear warm-up, global gradient-norm clip; weights that no task
+uses are left exactly as they are (no decay, no momentum drift). `schedule="round-robin"` instead trains one task
+per step, in turn, as the published code does.
+
+Outer level, every `mask_interval` steps (method "harmodt"): every task's gradient from ONE backward pass over a
+mixed batch (the masked layers add each task's dY_tᵀX_t into a [T, P] buffer), per-task norm clip, then
+`hf.ops.harmony_update` with k flips from the raised-cosine schedule (or a share of each task's active weights).
+
+Everything a resumed run needs is in the checkpoint, written atomically; a run killed between checkpoints resumes
+from the last one and, on the CPU, reproduces the uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from harmodt_fast import ops
+from harmodt_fast.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    prompt_to_dict,
+    save_atomic,
+)
+from harmodt_fast.config import HarmoDTConfig
+from harmodt_fast.masks import TaskMasks, flip_count
+from harmodt_fast.model import HarmoDT
+from harmodt_fast.tasks import resolve_tasks
+
+# config fields that only change logging, not the training trajectory: a resumed run may change them
+_NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "extra"}
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str
+    history: list[dict]
+    masks: TaskMasks | None
+    config: HarmoDTConfig
+    out: str
+    step: int
+    metrics: str = field(default="")
+
+
+def train(data, out, preset: str = "demo", steps: int | None = None, device: str = "auto", *,
+          stop_at: int | None = None, progress: bool = True, **overrides) -> TrainResult:
+    """Trains HarmoDT (or the prompt-dt / mtdt baselines) on an offline dataset and returns a TrainResult.
+
+    data: a dataset folder (hf.collect output or the MTDiff layout) or a loaded dataset; out: the run folder
+    (resumed when it holds a checkpoint); overrides: HarmoDTConfig fields by name; stop_at: stop (with a checkpoint)
+    once this many steps are done, to be resumed later.
+    """
+    if "tasks" in overrides and overrides["tasks"] is not None:
+        overrides["tasks"] = tuple(resolve_tasks(overrides["tasks"]))
+    if steps is not None:
+        if int(steps) <= 0:
+            raise ValueError(f"steps must be > 0, got {steps}")
+        overrides["steps"] = int(steps)
+    config = HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset / field / value -> ValueError
+    if stop_at is not None and not 0 < stop_at <= config.steps:
+        raise ValueError(f"stop_at must be in 1..{config.steps}, got {stop_at}")
+    out = _prepare_out(out)
+    dataset = _load(data)
+    config = _bind_tasks(config, dataset)
+    from harmodt_fast.data import MultiTaskSampler
+
+    device = _pick_device(device)
+    sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed)
+    trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint))
+    return trainer.run(stop_at=stop_at, progress=progress)
+
+
+def _prepare_out(out) -> str:
+    out = os.path.abspath(os.fspath(out))
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"cannot write to the output folder {out}: {exc}") from exc
+    return out
+
+
+def _load(data):
+    if hasattr(data, "episodes") and hasattr(data, "tasks"):
+        return data
+    from harmodt_fast.data import load_dataset
+
+    return load_dataset(data)
+
+
+def _bind_tasks(config: HarmoDTConfig, dataset) -> HarmoDTConfig:
+    """Fills config.tasks from the dataset when not given; checks names and dimensions before any work."""
+    tasks = config.tasks or tuple(dataset.tasks)
+    missing = [t for t in tasks if t not in dataset.tasks]
+    if missing:
+        raise ValueError(f"task(s) {missing} are not in the dataset (it has {list(dataset.tasks)})")
+    first = dataset.episodes(tasks[0])[0]
+    state_dim, act_dim = first["observations"].shape[1], first["actions"].shape[1]
+    if (state_dim, act_dim) != (config.state_dim, config.act_dim):
+        raise ValueError(f"dataset dims (state {state_dim}, action {act_dim}) do not match the model "
+                         f"(state_dim {config.state_dim}, act_dim {config.act_dim})")
+    return HarmoDTConfig.from_dict({**config.to_dict(), "tasks": list(tasks)})
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    return dev
+
+
+def autocast_dtype(config: HarmoDTConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16) unless fp32 is asked for."""
+    if config.precision == "fp32":
+        return None
+    if config.precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if native else None
+
+
+class Trainer:
+    """One training run. `sampler` gives mixed batches (`.sample()`, `.sample(task=t)`) and the per-task
+    normalisation and prompts the checkpoint keeps (the MultiTaskSampler of harmodt_fast.data)."""
+
+    def __init__(self, config: HarmoDTConfig, sampler, out: str, device: torch.device, fingerprint: str):
+        self.config, self.out, self.device = config, _prepare_out(out), device
+        self.ckpt_path = os.path.join(self.out, CHECKPOINT_NAME)
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        torch.manual_seed(config.seed)
+        self.model = HarmoDT(config).to(device)
+        self.sampler = sampler
+        self.fingerprint = fingerprint
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.amp_dtype = autocast_dtype(config, device)
+        self.step = 0
+        self.history: list[dict] = []
+        self.task_agreement: torch.Tensor | None = None
+        self._unused: dict[str, torch.Tensor] = {}
+        if os.path.exists(self.ckpt_path):
+            self._resume(load_checkpoint(self.ckpt_path))
+        self._refresh_unused()
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def run(self, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+        cfg = self.config
+        end = stop_at or cfg.steps
+        stop = {"signal": None}
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        in_main_thread = True
+        try:
+            for s in previous:
+                signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+        except ValueError:  # not the main thread: no signal handling, checkpoints still land periodically
+            in_main_thread = False
+        bar = _progress(self.step, end, progress)
+        t_last, rows_since = time.perf_counter(), 0
+        try:
+            while self.step < end and stop["signal"] is None:
+                loss, per_task, rows = self._train_step()
+                self.step += 1
+                rows_since += rows
+                if self.config.use_masks and self.step % cfg.mask_interval == 0 and self.step < cfg.steps:
+                    self._log({"step": self.step, "mask_update": self._mask_update()})
+                if self.step == 1 or self.step % cfg.log_every == 0 or self.step == end:
+                    now = time.perf_counter()
+                    entry = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                             "sequences_per_s": rows_since / max(now - t_last, 1e-9),
+                             "task_loss": dict(zip(self.sampler.tasks, per_task))}
+                    t_last, rows_since = now, 0
+                    self.history.append({"step": self.step, "loss": loss})
+                    self._log(entry)
+                    bar.set_postfix(loss=f"{loss:.4f}", seq_s=f"{entry['sequences_per_s']:.0f}")
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self._evaluate()
+        finally:
+            bar.close()
+            if in_main_thread:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        self.save()
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {self.step}; "
+                                    f"the checkpoint in {self.out} resumes it")
+        if cfg.eval_every and self.step == cfg.steps:
+            self._evaluate()
+        return TrainResult(self.ckpt_path, list(self.history), self.model.task_masks(), cfg, self.out, self.step,
+                           self.metrics_path)
+
+    def _train_step(self) -> tuple[float, list[float], int]:
+        cfg = self.config
+        lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if cfg.schedule == "round-robin":
+            batch = self.sampler.sample(task=self.step % cfg.num_tasks)
+        else:
+            batch = self.sampler.sample()
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            losses = self.model.task_losses(batch)
+        loss = losses.sum() if cfg.schedule == "round-robin" else losses.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        layers = self._layers
+        kept = {n: layers[n].weight.detach()[unused] for n, unused in self._unused.items()}
+        self.optimizer.step()
+        with torch.no_grad():  # weights no task uses stay exactly as they were (no decay, no momentum drift)
+            for name, unused in self._unused.items():
+                layers[name].weight[unused] = kept[name]
+        per_task = losses.detach().float().cpu().tolist()
+        return float(loss.detach()), per_task, batch.num_rows
+
+    # ---- the outer level: harmony mask update ----------------------------------------------------------------
+    def _mask_update(self) -> dict:
+        cfg, model = self.config, self.model
+        layers = self._layers
+        sizes = [layer.weight.numel() for layer in layers.values()]
+        grads = torch.zeros(cfg.num_tasks, sum(sizes), device=self.device)
+        start = 0
+        for layer, n in zip(layers.values(), sizes):  # each layer writes into its slice of one [T, P] buffer
+            layer.task_grads = grads[:, start : start + n].view(cfg.num_tasks, *layer.weight.shape)
+            start += n
+        try:
+            batch = self.sampler.sample()
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                losses = model.task_losses(batch)
+            losses.sum().backward()  # one backward: every task's gradient of its own loss
+        finally:
+            for layer in layers.values():
+                layer.task_grads = None
+            model.zero_grad(set_to_none=True)
+        norms = grads.norm(dim=1, keepdim=True)
+        grads.mul_(torch.clamp(cfg.task_grad_clip / (norms + 1e-6), max=1.0))
+        masks = model.task_masks()
+        if cfg.flip_fraction > 0:
+            k = [int(round(cfg.flip_fraction * c)) for c in masks.active_counts().tolist()]
+        else:
+            k = flip_count(self.step, cfg.steps, cfg.eta_min, cfg.eta_max)
+        weight_flat = torch.cat([layer.weight.detach().flatten() for layer in layers.values()]).float()
+        old_flat = masks.flat_packed()
+        new_flat, stats = ops.harmony_update(weight_flat, grads, old_flat, k, cfg.gamma, cfg.score)
+        new_masks = masks.with_flat_packed(new_flat)
+        model.set_masks(new_masks)
+        self._refresh_unused()
+        unit = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.task_agreement = (unit @ unit.t()).double().cpu()
+        overlap = new_masks.overlap()
+        off_diag = overlap[~torch.eye(cfg.num_tasks, dtype=torch.bool)]
+        return {
+            "k": k if isinstance(k, int) else sum(k),
+            "flips": int(stats["pruned"].sum()),
+            "mean_agreement": float(stats["mean_agreement"].mean()),
+            "conflict_fraction": float(stats["conflict_fraction"].mean()),
+            "mean_overlap": float(off_diag.mean()) if off_diag.numel() else 1.0,
+            "density": new_masks.density(),
+            "backend": ops.last_backend("harmony_update"),
+        }
+
+    @property
+    def _layers(self):
+        return self.model.masked_layers()
+
+    def _refresh_unused(self) -> None:
+        """Per masked layer, the entries no task uses (only layers that have any)."""
+        self._unused = {}
+        masks = self.model.task_masks()
+        if masks is None:
+            return
+        for name in masks.names:
+            unused = ~masks.to_dense(name).any(0).to(self.device)
+            if unused.any():
+                self._unused[name] = unused
+
+    # ---- evaluation, logs, checkpoints -------------------------------------------------------------------------
+    def _evaluate(self) -> None:
+        from harmodt_fast.evaluation import evaluate
+
+        self.save()
+        report = evaluate(self.ckpt_path, episodes=self.config.eval_episodes, seed=self.config.seed,
+                          device=str(self.device))
+        self._log({"step": self.step, "eval": report})
+
+    def _log(self, entry: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(entry, default=_json_default) + "\n")
+
+    def save(self) -> str:
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "tasks": list(self.sampler.tasks),
+            "state_mean": self.sampler.state_mean.float().cpu(),
+            "state_std": self.sampler.state_std.float().cpu(),
+            "eval_prompts": prompt_to_dict(self.sampler.eval_prompt()) if self.config.use_prompt else None,
+            "dataset_fingerprint": self.fingerprint,
+            "sampler": self.sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
+            "history": self.history,
+            "task_agreement": self.task_agreement,
+        }
+        return save_atomic(state, self.ckpt_path)
+
+    def _resume(self, ckpt: dict) -> None:
+        mine, theirs = self.config.to_dict(), dict(ckpt["config"])
+        diff = sorted(k for k in mine if k not in _NON_TRAJECTORY_FIELDS and mine[k] != theirs.get(k))
+        if diff:
+            details = ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} now" for k in diff[:6])
+            raise CheckpointError(f"{self.ckpt_path} belongs to a run with another config ({details}); "
+                                  f"use another output folder (it was not overwritten)")
+        if ckpt.get("dataset_fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{self.ckpt_path} was trained on other data (fingerprint "
+                                  f"{ckpt.get('dataset_fingerprint')} vs {self.fingerprint}); use another output "
+                                  f"folder (it was not overwritten)")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt.get("history", []))
+        self.task_agreement = ckpt.get("task_agreement")
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drops log lines written after the checkpoint we resume from (the steps are about to be redone)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.metrics_path)
+
+
+def _progress(start: int, end: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n): ...
+            def set_postfix(self, **kw): ...
+            def close(self): ...
+        return _Null()
+    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
