@@ -26,6 +26,13 @@ _EXPORTS = {
     "TASK_SETS": "harmodt_fast.tasks",
     "Batch": "harmodt_fast.batch",
     "Prompt": "harmodt_fast.batch",
+    "train": "harmodt_fast.trainer",
+    "TrainResult": "harmodt_fast.trainer",
+    "evaluate": "harmodt_fast.evaluation",
+    "collect": "harmodt_fast.data",
+    "load_dataset": "harmodt_fast.data",
+    "DatasetError": "harmodt_fast.data",
+    "MultiTaskSampler": "harmodt_fast.data",
 }
 
 __all__ = sorted(_EXPORTS) + ["ops"]

@@ -42,6 +42,14 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_collect(args) -> int:
+    from harmodt_fast.data import collect
+
+    collect(args.tasks, args.out, args.episodes, quality=args.quality, seed=args.seed, workers=args.workers,
+            episode_steps=args.episode_steps, progress=not args.no_progress)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from harmodt_fast.smoke import synthetic_smoke_run
 
@@ -58,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=50, help="number of tasks (default 50 = MT50)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("collect", help="collect an offline dataset from Meta-World's scripted experts")
+    p.add_argument("--tasks", default="MT5", help="task set (MT5, MT10, MT30, MT50) or comma-separated v3 names")
+    p.add_argument("--out", required=True, help="dataset folder (an unfinished collection there is resumed)")
+    p.add_argument("--episodes", type=int, default=100, help="episodes per task (the paper's buffers: 2000)")
+    p.add_argument("--quality", default="near-optimal", choices=["near-optimal", "sub-optimal", "expert"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPUs available)")
+    p.add_argument("--episode-steps", type=int, default=500, help="steps per episode (at most 500)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("demo", help="train the tiny model on synthetic mixed-task batches")
     p.add_argument("--steps", type=int, default=150)

@@ -42,3 +42,23 @@ def resolve_tasks(tasks) -> list[str]:
     if not names:
         raise ValueError("no tasks given")
     return names
+
+
+def to_v3(name: str) -> str:
+    """A Meta-World task name as it appears in older data ("reach-v2", "reach-v1", "reach") -> its v3 name.
+
+    Every v2 environment kept its name in v3 (only the suffix changed), so the mapping is by suffix; a name that
+    is not one of the MT50 tasks after mapping raises ValueError.
+    """
+    base = name.strip()
+    for suffix in ("-v1", "-v2", "-v3"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    v3 = base + "-v3"
+    if v3 not in _PAPER_ORDER:
+        raise ValueError(f"{name!r} is not a Meta-World MT50 task name (v1/v2/v3 names are accepted)")
+    return v3
+
+
+V2_TO_V3: dict[str, str] = {t.removesuffix("-v3") + "-v2": t for t in _PAPER_ORDER}
