@@ -6,19 +6,25 @@
 namespace {
 
 // The loops live in templates: OpenMP pragmas cannot sit inside the AT_DISPATCH macro's argument.
+// Expansion selects on the raw bits (an integer AND with 0 or ~0), which vectorises for every float width.
 template <typename scalar_t>
 void expand(const scalar_t* src, scalar_t* dst, const uint32_t* mask, int64_t n, int64_t words) {
-#pragma omp parallel for schedule(static) if (words > 2048)
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 2, uint16_t,
+                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
+  static_assert(sizeof(bits_t) == sizeof(scalar_t), "unexpected scalar size");
+  const bits_t* in = reinterpret_cast<const bits_t*>(src);
+  bits_t* out = reinterpret_cast<bits_t*>(dst);
+#pragma omp parallel for schedule(static) if (words > 4096)
   for (int64_t i = 0; i < words; ++i) {
     const uint32_t m = mask[i];
     const int64_t base = i * 32, len = std::min<int64_t>(32, n - base);
-    for (int64_t j = 0; j < len; ++j) dst[base + j] = ((m >> j) & 1u) ? src[base + j] : scalar_t(0);
+    for (int64_t j = 0; j < len; ++j) out[base + j] = in[base + j] & (bits_t(0) - bits_t((m >> j) & 1u));
   }
 }
 
 template <typename scalar_t>
 void accumulate(const scalar_t* src, scalar_t* dst, const uint32_t* mask, int64_t n, int64_t words) {
-#pragma omp parallel for schedule(static) if (words > 2048)
+#pragma omp parallel for schedule(static) if (words > 4096)
   for (int64_t i = 0; i < words; ++i) {
     const uint32_t m = mask[i];
     const int64_t base = i * 32, len = std::min<int64_t>(32, n - base);
