@@ -1,7 +1,9 @@
 """The fast ops, each with backends "triton" | "cpp" | "torch" behind one function (see _dispatch.py)."""
 from harmodt_fast.ops._dispatch import available_backends, implemented_backends, last_backend
 from harmodt_fast.ops.harmony import harmony_update
+from harmodt_fast.ops.masked_attention import masked_attention
 from harmodt_fast.ops.masked_linear import masked_linear
+from harmodt_fast.ops.masked_mlp import masked_mlp
 from harmodt_fast.ops.packing import pack_masks, unpack_masks
 
 __all__ = [
@@ -9,7 +11,9 @@ __all__ = [
     "implemented_backends",
     "last_backend",
     "harmony_update",
+    "masked_attention",
     "masked_linear",
+    "masked_mlp",
     "pack_masks",
     "unpack_masks",
 ]

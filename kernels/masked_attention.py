@@ -1,0 +1,456 @@
+"""Task-masked attention block: the masked QKV projection feeding (causal) attention, forward and backward.
+
+    qkv = x·(W ⊙ M_t)ᵀ + b  for the sequences of each task t   (W: [3H, H], like GPT-2's c_attn)
+    out = softmax(q·kᵀ/√D, masked) · v  per (sequence, head), heads back in [B, L, H] layout
+
+Sized for Decision Transformer sequences (tens to a few hundred tokens, head dim 32-128): one program holds a
+whole (sequence, head) — at L <= BLOCK the key loop runs once.
+- Inference (no gradient needed, no dropout, L <= FUSED_MAX_L): ONE kernel per (sequence, head) computes that
+  head's q, k, v straight from x and the masked weight rows (never writing qkv) and then the attention.
+- Training: `masked_mm` writes qkv [B*L, 3H] once; the attention kernels read q, k, v from it in place and write
+  the output (and d(qkv) in the backward) in their final layouts: no split, transpose or contiguous copies.
+  The attention mask is read as a bool [B, L, L] view (broadcast strides allowed), never expanded in memory.
+  The backward runs one program per (sequence, head): first dK, dV per key block, then dQ per query block,
+  recomputing the probabilities from the saved log-sum-exp (no atomics). The projection's backward is the
+  masked_linear backward (dX kernel, and dW/db/per-task gradients in one pass).
+Rows with no allowed key output 0 (scaled_dot_product_attention gives NaN there).
+Dropout on the attention probabilities uses a counter-based generator (tl.rand) keyed on (seed, sequence, head,
+query, key), so the backward regenerates the same keep-mask; `dropout_keep_mask` exposes it for tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from harmodt_fast.kernels._common import (
+    allow_tf32,
+    device_offsets,
+    dot_acc,
+    dot_exact,
+    interpret,
+    masked_weight_tile,
+    new_output,
+    next_pow2,
+)
+from harmodt_fast.kernels.masked_linear import EPI_NONE, masked_dw_op, masked_mm_op
+
+LOG2E = 1.4426950408889634
+FUSED_MAX_L = 128
+
+
+@triton.jit
+def _keep(seed, bh, i, j, L, p_drop):
+    offs = (bh * L + i[:, None]) * L + j[None, :]
+    return tl.rand(seed, offs) >= p_drop
+
+
+@triton.jit
+def _allowed(b, i, j, L, mask_ptr, smb, smi, smj, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    ok = (i < L)[:, None] & (j < L)[None, :]
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b.to(tl.int64) * smb + i[:, None] * smi + j[None, :] * smj, mask=ok, other=0)
+        ok = ok & (m != 0)
+    if CAUSAL:
+        ok = ok & (j[None, :] <= i[:, None])
+    return ok
+
+
+def _fwd_configs():
+    if interpret():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (32, 64, 4, 2)]]
+
+
+def _prune_attn(configs, named_args, **kwargs):
+    cap = max(16, next_pow2(named_args["L"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune_attn})
+@triton.jit
+def _attn_fwd_kernel(
+    qkv_ptr, mask_ptr, out_ptr, lse_ptr, L, H, HEADS, D, qk_scale, smb, smi, smj, seed, p_drop,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HEADS
+    h = bh % HEADS
+    i = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    i_ok = i < L
+    d_ok = d < D
+    row = (b * L).to(tl.int64)
+    stride = 3 * H
+    q = tl.load(qkv_ptr + (row + i)[:, None] * stride + h * D + d[None, :], mask=i_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (qb + 1) * BLOCK_M)
+    for j0 in range(0, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        kv_ok = (j < L)[:, None] & d_ok[None, :]
+        kv_offs = (row + j)[:, None] * stride + h * D + d[None, :]
+        k = tl.load(qkv_ptr + kv_offs + H, mask=kv_ok, other=0.0)
+        v = tl.load(qkv_ptr + kv_offs + 2 * H, mask=kv_ok, other=0.0)
+        s = dot_exact(q, tl.trans(k)) * qk_scale
+        ok = _allowed(b, i, j, L, mask_ptr, smb, smi, smj, HAS_MASK, CAUSAL)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            p = tl.where(_keep(seed, bh, i, j, L, p_drop), p / (1.0 - p_drop), 0.0)
+        acc = acc * alpha[:, None] + dot_exact(p.to(v.dtype), v)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (row + i)[:, None] * H + h * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=i_ok[:, None] & d_ok[None, :])
+    lse = tl.where(has, tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(tl.where(has, l_i, 1.0)), 0.0)
+    tl.store(lse_ptr + bh.to(tl.int64) * L + i, lse, mask=i_ok)
+
+
+def _bwd_configs():
+    if interpret():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 1)]]
+
+
+@triton.jit
+def _probs(q, k, lse, b, bh, i, j, L, mask_ptr, smb, smi, smj, qk_scale, HAS_MASK: tl.constexpr,
+           CAUSAL: tl.constexpr):
+    s = dot_exact(q, tl.trans(k)) * qk_scale
+    ok = _allowed(b, i, j, L, mask_ptr, smb, smi, smj, HAS_MASK, CAUSAL)
+    return tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.autotune(configs=_bwd_configs(), key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune_attn})
+@triton.jit
+def _attn_bwd_kernel(
+    do_ptr, qkv_ptr, out_ptr, lse_ptr, mask_ptr, dqkv_ptr, L, H, HEADS, D, sm_scale, qk_scale, smb, smi, smj,
+    seed, p_drop,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // HEADS
+    h = bh % HEADS
+    row = (b * L).to(tl.int64)
+    stride = 3 * H
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    lse_base = lse_ptr + bh.to(tl.int64) * L
+    # dK, dV: one key block at a time, over the query blocks that can see it
+    for j0 in range(0, L, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        kv_ok = (j < L)[:, None] & d_ok[None, :]
+        kv_offs = (row + j)[:, None] * stride + h * D + d[None, :]
+        k = tl.load(qkv_ptr + kv_offs + H, mask=kv_ok, other=0.0)
+        v = tl.load(qkv_ptr + kv_offs + 2 * H, mask=kv_ok, other=0.0)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        start = 0
+        if CAUSAL:
+            start = (j0 // BLOCK_M) * BLOCK_M
+        for i0 in range(start, L, BLOCK_M):
+            i = i0 + tl.arange(0, BLOCK_M)
+            q_ok = (i < L)[:, None] & d_ok[None, :]
+            q = tl.load(qkv_ptr + (row + i)[:, None] * stride + h * D + d[None, :], mask=q_ok, other=0.0)
+            do = tl.load(do_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
+            o = tl.load(out_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            lse = tl.load(lse_base + i, mask=i < L, other=0.0)
+            p = _probs(q, k, lse, b, bh, i, j, L, mask_ptr, smb, smi, smj, qk_scale, HAS_MASK, CAUSAL)
+            dp = dot_exact(do, tl.trans(v))
+            if DROPOUT:
+                keep = _keep(seed, bh, i, j, L, p_drop)
+                pd = tl.where(keep, p / (1.0 - p_drop), 0.0)
+                dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+            else:
+                pd = p
+            dv += dot_exact(tl.trans(pd.to(do.dtype)), do)
+            ds = p * (dp - delta[:, None])
+            dk += dot_exact(tl.trans(ds.to(q.dtype)), q)
+        dst = dqkv_ptr + (row + j)[:, None] * stride + h * D + d[None, :]
+        tl.store(dst + H, (dk * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=kv_ok)
+        tl.store(dst + 2 * H, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_ok)
+    # dQ: one query block at a time, over the keys it sees
+    for i0 in range(0, L, BLOCK_M):
+        i = i0 + tl.arange(0, BLOCK_M)
+        q_ok = (i < L)[:, None] & d_ok[None, :]
+        q = tl.load(qkv_ptr + (row + i)[:, None] * stride + h * D + d[None, :], mask=q_ok, other=0.0)
+        do = tl.load(do_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
+        o = tl.load(out_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        lse = tl.load(lse_base + i, mask=i < L, other=0.0)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        hi = L
+        if CAUSAL:
+            hi = tl.minimum(L, i0 + BLOCK_M)
+        for j0 in range(0, hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            kv_ok = (j < L)[:, None] & d_ok[None, :]
+            kv_offs = (row + j)[:, None] * stride + h * D + d[None, :]
+            k = tl.load(qkv_ptr + kv_offs + H, mask=kv_ok, other=0.0)
+            v = tl.load(qkv_ptr + kv_offs + 2 * H, mask=kv_ok, other=0.0)
+            p = _probs(q, k, lse, b, bh, i, j, L, mask_ptr, smb, smi, smj, qk_scale, HAS_MASK, CAUSAL)
+            dp = dot_exact(do, tl.trans(v))
+            if DROPOUT:
+                dp = tl.where(_keep(seed, bh, i, j, L, p_drop), dp / (1.0 - p_drop), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += dot_exact(ds.to(k.dtype), k)
+        tl.store(dqkv_ptr + (row + i)[:, None] * stride + h * D + d[None, :],
+                 (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=q_ok)
+
+
+def _fused_configs():
+    if interpret():
+        return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_K": k}, num_warps=w, num_stages=s)
+            for k, w, s in [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)]]
+
+
+@triton.autotune(configs=_fused_configs(), key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL"])
+@triton.jit
+def _qkv_attn_kernel(
+    x_ptr, w_ptr, m_ptr, b_ptr, soffs_ptr, mask_ptr, out_ptr, L, H, HEADS, D, W_WORDS, T, qk_scale, smb, smi, smj,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, ALIGNED: tl.constexpr,
+    TF32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // HEADS
+    h = bh % HEADS
+    ti = tl.arange(0, BLOCK_T)
+    ends = tl.load(soffs_ptr + ti + 1, mask=ti < T, other=2147483647)
+    t = tl.sum((ends <= b).to(tl.int32), axis=0)  # the task whose segment holds sequence b
+    mw = m_ptr + t * W_WORDS
+    i = tl.arange(0, BLOCK_L)
+    d = tl.arange(0, BLOCK_D)
+    i_ok = i < L
+    d_ok = d < D
+    rows = (b * L).to(tl.int64) + i
+    q = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+    k = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+    v = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+    C = 3 * H
+    for k0 in range(0, H, BLOCK_K):
+        kc = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * H + kc[None, :], mask=i_ok[:, None] & (kc < H)[None, :], other=0.0)
+        q = dot_acc(x, masked_weight_tile(w_ptr, mw, k0, h * D, H, C, H, True, ALIGNED, BLOCK_K, BLOCK_D), q, TF32)
+        k = dot_acc(x, masked_weight_tile(w_ptr, mw, k0, H + h * D, H, C, H, True, ALIGNED, BLOCK_K, BLOCK_D), k,
+                    TF32)
+        v = dot_acc(x, masked_weight_tile(w_ptr, mw, k0, 2 * H + h * D, H, C, H, True, ALIGNED, BLOCK_K, BLOCK_D),
+                    v, TF32)
+    if HAS_BIAS:
+        q += tl.load(b_ptr + h * D + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        k += tl.load(b_ptr + H + h * D + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        v += tl.load(b_ptr + 2 * H + h * D + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    # a power-of-two block wider than the head picked up the next head's rows: drop them; round like the
+    # unfused path, which stores qkv in the input dtype
+    dt = x_ptr.dtype.element_ty
+    q = tl.where(d_ok[None, :], q, 0.0).to(dt)
+    k = tl.where(d_ok[None, :], k, 0.0).to(dt)
+    v = tl.where(d_ok[None, :], v, 0.0).to(dt)
+    s = dot_exact(q, tl.trans(k)) * qk_scale
+    ok = _allowed(b, i, i, L, mask_ptr, smb, smi, smj, HAS_MASK, CAUSAL)
+    s = tl.where(ok, s, float("-inf"))
+    m = tl.max(s, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    o = dot_exact(p.to(dt), v) / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * H + h * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=i_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, seed, L, p_drop, BLOCK: tl.constexpr):
+    bh = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    for j0 in range(0, L, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        keep = _keep(seed, bh, i, j, L, p_drop)
+        ok = (i < L)[:, None] & (j < L)[None, :]
+        tl.store(out_ptr + (bh.to(tl.int64) * L + i[:, None]) * L + j[None, :], keep.to(tl.int8), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _mask_args(mask3):
+    if mask3 is None:
+        return None, (0, 0, 0)
+    return mask3.view(torch.uint8), tuple(mask3.stride())
+
+
+def _check_heads(H: int, heads: int) -> int:
+    if heads < 1 or H % heads:
+        raise ValueError(f"masked_attention: hidden {H} is not a multiple of heads {heads}")
+    return H // heads
+
+
+def launch_attention_fwd(qkv, mask3, B, L, heads, causal, dropout_p, seed):
+    H = qkv.shape[1] // 3
+    D = _check_heads(H, heads)
+    out = new_output((B * L, H), qkv.dtype, qkv.device)
+    lse = new_output((B * heads, L), torch.float32, qkv.device)
+    if B * L == 0:
+        return out, lse
+    mptr, (smb, smi, smj) = _mask_args(mask3)
+
+    def grid(meta):
+        return (triton.cdiv(L, meta["BLOCK_M"]), B * heads)
+
+    _attn_fwd_kernel[grid](
+        qkv, mptr if mptr is not None else qkv, out, lse, L, H, heads, D, LOG2E / math.sqrt(D), smb, smi, smj,
+        seed, float(dropout_p), HAS_MASK=mask3 is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        BLOCK_D=max(16, next_pow2(D)),
+    )
+    return out, lse
+
+
+def launch_attention_bwd(dout, qkv, out, lse, mask3, B, L, heads, causal, dropout_p, seed):
+    H = qkv.shape[1] // 3
+    D = _check_heads(H, heads)
+    dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
+    if B * L == 0:
+        return dqkv
+    mptr, (smb, smi, smj) = _mask_args(mask3)
+    _attn_bwd_kernel[(B * heads,)](
+        dout, qkv, out, lse, mptr if mptr is not None else qkv, dqkv, L, H, heads, D, 1.0 / math.sqrt(D),
+        LOG2E / math.sqrt(D), smb, smi, smj, seed, float(dropout_p), HAS_MASK=mask3 is not None, CAUSAL=causal,
+        DROPOUT=dropout_p > 0, BLOCK_D=max(16, next_pow2(D)),
+    )
+    return dqkv
+
+
+def launch_qkv_attention(x2d, weight, bias, masks, seq_offs, mask3, B, L, heads, causal):
+    H = x2d.shape[1]
+    D = _check_heads(H, heads)
+    out = new_output((B * L, H), x2d.dtype, x2d.device)
+    if B * L == 0:
+        return out
+    T = seq_offs.numel() - 1
+    mptr, (smb, smi, smj) = _mask_args(mask3)
+    _qkv_attn_kernel[(B * heads,)](
+        x2d, weight, masks, bias if bias is not None else x2d, seq_offs, mptr if mptr is not None else x2d, out,
+        L, H, heads, D, masks.shape[1], T, LOG2E / math.sqrt(D), smb, smi, smj,
+        HAS_BIAS=bias is not None, HAS_MASK=mask3 is not None, CAUSAL=causal, ALIGNED=H % 32 == 0,
+        TF32=allow_tf32(x2d.dtype), BLOCK_T=next_pow2(max(T, 1)), BLOCK_L=max(16, next_pow2(L)),
+        BLOCK_D=max(16, next_pow2(D)),
+    )
+    return out
+
+
+def dropout_keep_mask(seed: int, batch: int, heads: int, L: int, p: float, device="cpu") -> torch.Tensor:
+    """The keep-mask [B, heads, L, L] (bool) the attention kernels draw for `seed` and dropout probability p."""
+    out = new_output((batch * heads, L, L), torch.int8, device)
+    if out.numel():
+        _keep_mask_kernel[(batch * heads, triton.cdiv(L, 16))](out, int(seed), L, float(p), BLOCK=16)
+    return out.view(batch, heads, L, L).bool()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("harmodt_fast::attention_fwd", mutates_args=())
+def attention_fwd_op(qkv: torch.Tensor, mask3: Optional[torch.Tensor], B: int, L: int, heads: int, causal: bool,
+                     dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_attention_fwd(qkv.contiguous(), mask3, B, L, heads, causal, dropout_p, seed)
+
+
+@attention_fwd_op.register_fake
+def _(qkv, mask3, B, L, heads, causal, dropout_p, seed):
+    H = qkv.shape[1] // 3
+    return qkv.new_empty(B * L, H), qkv.new_empty(B * heads, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("harmodt_fast::attention_bwd", mutates_args=())
+def attention_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     mask3: Optional[torch.Tensor], B: int, L: int, heads: int, causal: bool, dropout_p: float,
+                     seed: int) -> torch.Tensor:
+    return launch_attention_bwd(dout.contiguous(), qkv.contiguous(), out.contiguous(), lse.contiguous(), mask3, B,
+                                L, heads, causal, dropout_p, seed)
+
+
+@attention_bwd_op.register_fake
+def _(dout, qkv, out, lse, mask3, B, L, heads, causal, dropout_p, seed):
+    return torch.empty_like(qkv)
+
+
+@torch.library.custom_op("harmodt_fast::masked_qkv_attention", mutates_args=())
+def masked_qkv_attention_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            masks: torch.Tensor, seq_offsets: Sequence[int], mask3: Optional[torch.Tensor], B: int,
+                            L: int, heads: int, causal: bool) -> torch.Tensor:
+    return launch_qkv_attention(x2d.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
+                                masks.contiguous(), device_offsets(seq_offsets, x2d.device), mask3, B, L, heads,
+                                causal)
+
+
+@masked_qkv_attention_op.register_fake
+def _(x2d, weight, bias, masks, seq_offsets, mask3, B, L, heads, causal):
+    return torch.empty_like(x2d)
+
+
+class MaskedAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x3d, weight, bias, masks, seq_offsets, heads, mask3, causal, dropout_p, seed, task_grads):
+        B, L, H = x3d.shape
+        x2d = x3d.reshape(B * L, H)
+        row_offs = [o * L for o in seq_offsets]
+        qkv, _ = masked_mm_op(x2d, weight, masks, row_offs, bias, None, True, EPI_NONE, 0, False)
+        out, lse = attention_fwd_op(qkv, mask3, B, L, heads, causal, dropout_p, seed)
+        ctx.save_for_backward(x2d, weight, masks, qkv, out, lse, mask3, task_grads)
+        ctx.meta = (B, L, heads, causal, dropout_p, seed, row_offs, bias is not None)
+        return out.view(B, L, H)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2d, weight, masks, qkv, out, lse, mask3, task_grads = ctx.saved_tensors
+        B, L, heads, causal, dropout_p, seed, row_offs, has_bias = ctx.meta
+        need = ctx.needs_input_grad
+        dqkv = attention_bwd_op(dout.reshape(B * L, -1), qkv, out, lse, mask3, B, L, heads, causal, dropout_p, seed)
+        dx = dw = db = None
+        if need[0]:
+            dx, _ = masked_mm_op(dqkv, weight, masks, row_offs, None, None, False, EPI_NONE, 0, False)
+            dx = dx.view(B, L, -1)
+        if need[1] or (has_bias and need[2]) or task_grads is not None:
+            dw, db = masked_dw_op(dqkv, x2d, masks, row_offs, task_grads, need[1], has_bias and need[2], weight.dtype)
+            dw = dw if need[1] else None
+            db = db if has_bias and need[2] else None
+        return dx, dw, db, None, None, None, None, None, None, None, None
+
+
+def masked_attention_triton(x3d, weight, bias, masks_packed, seq_offsets, heads, mask3=None, causal=False,
+                            dropout_p=0.0, task_grads=None, seed=None):
+    """The "triton" backend of hf.ops.masked_attention (arguments already checked): x3d [B, L, H], seq_offsets
+    host ints over B, mask3 None or a bool [B, L, L] view. Returns [B, L, H]."""
+    B, L, H = x3d.shape
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device synchronisation
+    seed = 0 if seed is None else int(seed)
+    tensors = (x3d, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return MaskedAttentionFn.apply(x3d, weight, bias, masks_packed, tuple(seq_offsets), heads, mask3, causal,
+                                       float(dropout_p), seed, task_grads)
+    x2d = x3d.reshape(B * L, H)
+    if dropout_p == 0 and L <= FUSED_MAX_L:
+        out = masked_qkv_attention_op(x2d, weight, bias, masks_packed, list(seq_offsets), mask3, B, L, heads, causal)
+    else:
+        qkv, _ = masked_mm_op(x2d, weight, masks_packed, [o * L for o in seq_offsets], bias, None, True, EPI_NONE,
+                              0, False)
+        out, _ = attention_fwd_op(qkv, mask3, B, L, heads, causal, float(dropout_p), seed)
+    return out.view(B, L, H)
