@@ -50,6 +50,40 @@ def _cmd_collect(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    import os
+
+    import harmodt_fast as hf
+    from harmodt_fast.checkpoint import CheckpointError
+    from harmodt_fast.evaluation import format_table, save_report
+
+    try:
+        report = hf.evaluate(args.checkpoint, tasks=args.tasks, episodes=args.episodes, seed=args.seed,
+                             target_return=args.target_return, max_episode_steps=args.max_steps,
+                             unseen=args.unseen, merge_threshold=args.merge_threshold, device=args.device,
+                             precision=args.precision, workers=args.workers, max_envs=args.max_envs,
+                             progress=not args.no_progress)
+    except CheckpointError as exc:
+        print(f"harmodt-fast evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    path = os.fspath(args.checkpoint)
+    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    out = args.out or os.path.join(run_dir, f"evaluation_step{report['step']}.json")
+    print(f"report: {save_report(report, out)}")
+    if not args.no_plots:
+        try:
+            from harmodt_fast.plots import plot_all
+
+            figures = plot_all(report, args.checkpoint, args.plots or os.path.join(run_dir, "plots"))
+        except ImportError as exc:
+            print(f"plots skipped: {exc}", file=sys.stderr)
+        else:
+            for name, where in figures.items():
+                print(f"{name:14s} {where}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from harmodt_fast.smoke import synthetic_smoke_run
 
@@ -77,6 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episode-steps", type=int, default=500, help="steps per episode (at most 500)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_collect)
+
+    p = sub.add_parser("evaluate", help="roll a trained model out in Meta-World: per-task success, JSON report, plots")
+    p.add_argument("checkpoint", help="a checkpoint file or a run folder holding checkpoint.pt")
+    p.add_argument("--tasks", default=None, help="default: the checkpoint's tasks; a task set or comma-separated names")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per task, goal variants 0..episodes-1")
+    p.add_argument("--seed", type=int, default=0, help="Meta-World MT1 seed of the goal-variant list")
+    p.add_argument("--target-return", type=float, default=None, help="return-to-go target (default: the config's)")
+    p.add_argument("--max-steps", type=int, default=500, help="steps per episode (at most 500)")
+    p.add_argument("--unseen", action="store_true", help="evaluate tasks outside the checkpoint with the consensus mask")
+    p.add_argument("--merge-threshold", type=int, default=None, help="consensus: keep a weight kept by >= this many tasks")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"], help="default: the config's")
+    p.add_argument("--workers", type=int, default=None, help="environment worker processes (0: in this process)")
+    p.add_argument("--max-envs", type=int, default=None, help="at most this many environments open at once (~20 MB each)")
+    p.add_argument("--out", default=None, help="JSON report path (default: RUN/evaluation_step<step>.json)")
+    p.add_argument("--plots", default=None, help="folder for the figures (default: RUN/plots)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="train the tiny model on synthetic mixed-task batches")
     p.add_argument("--steps", type=int, default=150)

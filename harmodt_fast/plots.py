@@ -1,0 +1,155 @@
+"""Figures for an evaluation report and a training run (matplotlib, Agg backend; imported only when plotting).
+
+- success_bars: per-task success rate of one report, with the mean over tasks;
+- success_curve: mean success against training step, from the evaluation lines of a run's metrics.jsonl;
+- mask_overlap_heatmap: the T x T Jaccard overlap of the tasks' masks (TaskMasks.overlap());
+- agreement_heatmap: the T x T task gradient agreement (cosine) the trainer stores in the checkpoint as
+  "task_agreement" at its last mask update.
+plot_all() draws every figure the inputs allow and says which it skipped and why.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plots need matplotlib: pip install 'harmodt_fast[plot]'") from exc
+    matplotlib.use("Agg")  # files only: no display needed, and no GUI backend picked up from the environment
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(task: str) -> str:
+    return task.removesuffix("-v3")
+
+
+def success_bars(report: dict, path: str) -> str:
+    plt = _pyplot()
+    tasks = list(report["per_task"])
+    rates = [report["per_task"][t]["success_rate"] for t in tasks]
+    colors = ["tab:blue" if report["per_task"][t].get("seen", True) else "tab:orange" for t in tasks]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(tasks) + 2.0), 4.0))
+    ax.bar(range(len(tasks)), rates, color=colors)
+    ax.axhline(report["mean_success"], color="black", lw=1, ls="--", label=f"mean {report['mean_success']:.2f}")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([_short(t) for t in tasks], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate")
+    title = f"{report.get('episodes', '?')} episodes per task"
+    if report.get("step") is not None:
+        title += f", step {report['step']}"
+    if any(c == "tab:orange" for c in colors):
+        title += " (orange: unseen tasks, consensus mask)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, path)
+
+
+def read_eval_log(metrics_path: str) -> list[tuple[int, float]]:
+    """(step, mean success) of every evaluation line of a metrics.jsonl, in file order."""
+    points = []
+    with open(metrics_path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{metrics_path}:{n}: not a JSON line ({exc})") from exc
+            if isinstance(entry, dict) and isinstance(entry.get("eval"), dict) and "step" in entry:
+                points.append((int(entry["step"]), float(entry["eval"]["mean_success"])))
+    return points
+
+
+def success_curve(metrics_path: str, path: str) -> str | None:
+    """None when the log has no evaluation lines."""
+    points = read_eval_log(metrics_path)
+    if not points:
+        return None
+    plt = _pyplot()
+    steps, rates = zip(*sorted(points))
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    ax.plot(steps, rates, marker="o")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean success rate")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))) or "run", fontsize=9)
+    return _save(fig, path)
+
+
+def heatmap(matrix, labels, path: str, title: str, vmin: float, vmax: float, cmap: str, label: str) -> str:
+    plt = _pyplot()
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(labels):
+        raise ValueError(f"heatmap {title!r}: matrix of shape {m.shape} does not fit {len(labels)} labels")
+    size = max(4.0, 0.18 * len(labels) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap)
+    ticks = range(len(labels))
+    fontsize = 7 if len(labels) <= 30 else 5
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xticklabels([_short(t) for t in labels], rotation=90, fontsize=fontsize)
+    ax.set_yticklabels([_short(t) for t in labels], fontsize=fontsize)
+    fig.colorbar(im, ax=ax, label=label, shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def mask_overlap_heatmap(masks, tasks, path: str) -> str:
+    """masks: the model's hf.TaskMasks."""
+    return heatmap(masks.overlap().numpy(), tasks, path, "task mask overlap (Jaccard)", 0.0, 1.0, "viridis",
+                   "|M_i ∧ M_j| / |M_i ∨ M_j|")
+
+
+def agreement_heatmap(agreement, tasks, path: str) -> str:
+    return heatmap(agreement, tasks, path, "task gradient agreement (cosine, last mask update)", -1.0, 1.0,
+                   "RdBu", "cos(g_i, g_j)")
+
+
+def plot_all(report: dict, checkpoint, out_dir: str, metrics_path: str | None = None) -> dict:
+    """Draws every figure the inputs allow into out_dir. checkpoint: a path, a run folder or a loaded checkpoint
+    dict (for the masks and the stored task agreement). Returns {figure name: path, or the reason it was skipped}."""
+    from harmodt_fast.checkpoint import load_checkpoint, model_from_checkpoint
+
+    os.makedirs(out_dir, exist_ok=True)
+    out = {"success_bars": success_bars(report, os.path.join(out_dir, "success_per_task.png"))}
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(os.fspath(checkpoint))
+    if metrics_path is None and not isinstance(checkpoint, dict):
+        path = os.fspath(checkpoint)
+        metrics_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
+                                    "metrics.jsonl")
+    if metrics_path and os.path.isfile(metrics_path):
+        curve = success_curve(metrics_path, os.path.join(out_dir, "success_vs_step.png"))
+        out["success_curve"] = curve or f"skipped: no evaluation lines in {metrics_path}"
+    else:
+        out["success_curve"] = "skipped: no metrics.jsonl next to the checkpoint"
+    tasks = list(ckpt["tasks"])
+    model, _ = model_from_checkpoint(ckpt)
+    masks = model.task_masks()
+    out["mask_overlap"] = (mask_overlap_heatmap(masks, tasks, os.path.join(out_dir, "mask_overlap.png"))
+                           if masks is not None else "skipped: the model has no task masks")
+    agreement = ckpt.get("task_agreement")
+    out["task_agreement"] = (agreement_heatmap(agreement, tasks, os.path.join(out_dir, "task_agreement.png"))
+                             if agreement is not None else "skipped: the checkpoint has no task_agreement "
+                             "(written by the trainer at a mask update)")
+    return out
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
