@@ -18,6 +18,7 @@ from harmodt_fast import ops
 from harmodt_fast.batch import Batch
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.masks import TaskMasks
+from harmodt_fast.ops.masked_attention import uses_triton
 
 
 class MaskedLinear(nn.Linear):
@@ -52,8 +53,17 @@ class Attention(nn.Module):
         self.c_proj = MaskedLinear(cfg.hidden, cfg.hidden)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # GPT-2 blocks are causal (HarmoDT builds its masks inside the causal triangle); the fused Triton path
+        # also skips the key blocks after each query block
+        self.causal = True
 
     def forward(self, x, task_offsets, attn_mask):
+        if self.c_attn.masks_packed is not None and uses_triton(self.c_attn.backend, x.device):
+            y = ops.masked_attention(x, self.c_attn.weight, self.c_attn.bias, self.c_attn.masks_packed, task_offsets,
+                                     self.heads, attn_mask=attn_mask, causal=self.causal,
+                                     dropout_p=self.dropout if self.training else 0.0, backend=self.c_attn.backend,
+                                     task_grads=self.c_attn.task_grads)
+            return self.resid_dropout(self.c_proj(y, task_offsets))
         B, L, H = x.shape
         q, k, v = self.c_attn(x, task_offsets).split(H, dim=2)
         q, k, v = (t.view(B, L, self.heads, H // self.heads).transpose(1, 2) for t in (q, k, v))
@@ -68,10 +78,17 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = MaskedLinear(cfg.hidden, cfg.mlp_hidden)
         self.c_proj = MaskedLinear(cfg.mlp_hidden, cfg.hidden)
+        self.activation = cfg.activation
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, task_offsets):
+        fc, proj = self.c_fc, self.c_proj
+        if fc.masks_packed is not None and proj.masks_packed is not None and uses_triton(fc.backend, x.device):
+            y = ops.masked_mlp(x, fc.weight, fc.bias, fc.masks_packed, proj.weight, proj.bias, proj.masks_packed,
+                               task_offsets, activation=self.activation, backend=fc.backend,
+                               task_grads1=fc.task_grads, task_grads2=proj.task_grads)
+            return self.dropout(y)
         return self.dropout(self.c_proj(self.act(self.c_fc(x, task_offsets)), task_offsets))
 
 

@@ -245,8 +245,11 @@ def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=Fal
         tps = triton.cdiv(T, min(want, T))
         splits, rps = triton.cdiv(T, tps), M
     else:
-        splits = min(want, max(1, M // 256))
-        rps = triton.cdiv(triton.cdiv(M, splits), 128) * 128
+        # a split of fewer rows than this costs more in partial sums than it gains in parallelism (the
+        # interpreter uses tiny splits so that small test shapes still cross split and segment boundaries)
+        min_rows = 16 if interpret() else 256
+        splits = min(want, max(1, M // min_rows))
+        rps = triton.cdiv(triton.cdiv(M, splits), min_rows // 2) * (min_rows // 2)
         splits, tps = triton.cdiv(M, rps), T
     direct = splits == 1
     dw = db = None
