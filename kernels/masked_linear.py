@@ -164,7 +164,7 @@ def _masked_dw_kernel(
                 bits = mask_bits(m_ptr + t * W_WORDS, n0, k0, N, K, K, False, ALIGNED, BLOCK_N, BLOCK_K)
                 acc += tl.where(bits != 0, g, 0.0)
             if HAS_TG:
-                tg_offs = (N * K).to(tl.int64) * t + ns[:, None] * K + ks[None, :]
+                tg_offs = tl.cast(t, tl.int64) * N * K + ns[:, None] * K + ks[None, :]
                 ok = n_ok[:, None] & k_ok[None, :]
                 prev = tl.load(tg_ptr + tg_offs, mask=ok, other=0.0)
                 tl.store(tg_ptr + tg_offs, prev + g, mask=ok)
