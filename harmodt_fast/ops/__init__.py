@@ -1,6 +1,6 @@
 """The fast ops, each with backends "triton" | "cpp" | "torch" behind one function (see _dispatch.py)."""
 from harmodt_fast.ops._dispatch import available_backends, implemented_backends, last_backend
-from harmodt_fast.ops.harmony import harmony_update
+from harmodt_fast.ops.harmony import HarmonyStream, harmony_update, task_agreement
 from harmodt_fast.ops.masked_attention import masked_attention
 from harmodt_fast.ops.masked_linear import masked_linear
 from harmodt_fast.ops.masked_mlp import masked_mlp
@@ -12,6 +12,8 @@ __all__ = [
     "last_backend",
     "harmony_update",
     "masked_attention",
+    "HarmonyStream",
+    "task_agreement",
     "masked_linear",
     "masked_mlp",
     "pack_masks",

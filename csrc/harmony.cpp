@@ -1,0 +1,420 @@
+// The harmony mask update in one pass over the per-task gradients, and the T x T task-gradient cosine similarity.
+//
+// Semantics: harmodt_fast/ops/harmony.py (the reference harmony_update_torch); the masks must match it bit for bit.
+// That fixes the arithmetic: float64 throughout, ḡ summed over tasks in order t = 0..T-1 and then divided by T,
+// a_t = ḡ·g_t, prune score (γ·a_t) + s_t rounded as two operations, ties to the lower index (with -0.0 == +0.0,
+// as the reference's stable sort compares values with < and >).
+//
+// Layout of the work: entries are processed in sub-chunks of SUB entries, OpenMP-parallel over sub-chunks. Per
+// sub-chunk, ḡ is built in a thread-local buffer (the T gradient rows of the sub-chunk stay in cache for the
+// second sweep), then every task sweeps its row once: agreement, statistics, and a bounded heap of its best k
+// prune and regrow candidates. Each thread keeps its own heaps for the current feed; they are merged into the
+// state's heaps at the end of the feed (in parallel over tasks). So the extra memory is O(threads x T x k) plus
+// O(threads x SUB), never T x P, and the same state accepts the gradients in consecutive chunks (the streaming
+// form) with exactly the masks of one whole-vector call: every candidate order is total, (value, index).
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <vector>
+
+#include "harmodt.h"
+
+namespace harmodt {
+namespace {
+
+constexpr int64_t SUB = 1024;  // entries per sub-chunk: T rows x SUB x 4 bytes stay in L2 for MT50 (200 KB)
+
+// The reference rounds γ·a before adding s. Where the compiler may emit fused multiply-adds (GCC contracts by
+// default once the target has FMA: -march=native, -mfma, aarch64), pin the product in a register so the sum
+// cannot be fused; on a plain x86-64 target there is no FMA and this is a no-op.
+inline double rounded_product(double x) {
+#if defined(__FP_FAST_FMA) || defined(__FMA__) || defined(__aarch64__)
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(x));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(x));
+#else
+  volatile double v = x;
+  x = v;
+#endif
+#endif
+  return x;
+}
+
+// One candidate entry: its key and its global index. The orders are total (finite keys, distinct indices).
+struct Cand {
+  double v;
+  int64_t i;
+};
+// prune keeps the LOWEST scores, regrow the HIGHEST agreements; both prefer the lower index on equal keys.
+struct PruneBetter {
+  bool operator()(const Cand& a, const Cand& b) const { return a.v < b.v || (a.v == b.v && a.i < b.i); }
+};
+struct GrowBetter {
+  bool operator()(const Cand& a, const Cand& b) const { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+};
+
+// The `cap` best candidates offered so far: a heap whose front is the worst one kept.
+template <class Better>
+struct Bounded {
+  std::vector<Cand> h;
+  int64_t cap = 0;
+  bool full() const { return static_cast<int64_t>(h.size()) >= cap; }
+  void offer(Cand c) {
+    Better better;
+    if (static_cast<int64_t>(h.size()) < cap) {
+      h.push_back(c);
+      std::push_heap(h.begin(), h.end(), better);
+    } else if (cap > 0 && better(c, h.front())) {
+      std::pop_heap(h.begin(), h.end(), better);
+      h.back() = c;
+      std::push_heap(h.begin(), h.end(), better);
+    }
+  }
+};
+
+enum Score : int64_t { FISHER = 0, MAGNITUDE = 1, HARMONY = 2 };
+
+// Per-thread scratch for one feed.
+struct Local {
+  std::vector<Bounded<PruneBetter>> prune;
+  std::vector<Bounded<GrowBetter>> grow;
+  std::vector<double> sum_a;
+  std::vector<int64_t> neg;
+  std::vector<double> gbar, mag;
+  bool bad_grad = false, bad_weight = false;
+};
+
+// |θ| for entries [start, start + n) of the weight chunk, in float64; false when one is not finite.
+bool load_magnitude(const torch::Tensor& w, int64_t start, int64_t n, double* out) {
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "harmony_magnitude", [&] {
+    const scalar_t* src = w.data_ptr<scalar_t>() + start;
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = std::abs(static_cast<double>(src[j]));
+      ok &= std::isfinite(out[j]);
+    }
+  });
+  return ok;
+}
+
+// One task's row over one sub-chunk: statistics and the candidates of its two heaps. This thread filled the heaps
+// from lower indices only (earlier in this feed), so an entry whose key merely equals the worst kept key can never
+// displace it: the strict comparisons of the filter are exact, and the rare hits take the full comparison.
+template <int64_t S, typename scalar_t>
+inline void sweep_task(const scalar_t* g_row, const double* gb, const double* mag, int64_t m, int64_t base,
+                       const uint32_t* words, double gamma, Bounded<PruneBetter>& ph, Bounded<GrowBetter>& gh,
+                       double& sum_out, int64_t& neg_out) {
+  const double inf = std::numeric_limits<double>::infinity();
+  bool pfull = ph.full(), gfull = gh.full();
+  // a heap of capacity 0 is full with a threshold that no key passes
+  double pthr = ph.cap == 0 ? -inf : (pfull ? ph.h.front().v : 0.0);
+  double gthr = gh.cap == 0 ? inf : (gfull ? gh.h.front().v : 0.0);
+  // four partial sums: one running sum would chain every entry on the latency of an add
+  double sum[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t neg = 0;
+  auto entry = [&](int64_t j, double& acc) __attribute__((always_inline)) {
+    const double g = static_cast<double>(g_row[j]);
+    const double a = gb[j] * g;
+    acc += a;
+    neg += (a < 0.0);
+    const int64_t i = base + j;
+    const bool act = (words[i >> 5] >> (i & 31)) & 1u;
+    double sc;
+    if constexpr (S == FISHER) {
+      sc = rounded_product(gamma * a) + g * g;
+    } else if constexpr (S == MAGNITUDE) {
+      sc = rounded_product(gamma * a) + mag[j];
+    } else {
+      sc = rounded_product(gamma * a) + 0.0;
+    }
+    const bool hp = act & (!pfull | (sc < pthr));
+    const bool hg = !act & (!gfull | (a > gthr));
+    if (__builtin_expect(hp | hg, 0)) {
+      if (hp) {
+        ph.offer({sc, i});
+        pfull = ph.full();
+        if (pfull) pthr = ph.h.front().v;
+      } else {
+        gh.offer({a, i});
+        gfull = gh.full();
+        if (gfull) gthr = gh.h.front().v;
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    entry(j, sum[0]);
+    entry(j + 1, sum[1]);
+    entry(j + 2, sum[2]);
+    entry(j + 3, sum[3]);
+  }
+  for (; j < m; ++j) entry(j, sum[0]);
+  sum_out += (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  neg_out += neg;
+}
+
+// Entries [j0, j0 + m) of the chunk (global index base + j): ḡ, then one sweep per task.
+template <typename scalar_t>
+void sweep_subchunk(const scalar_t* G, int64_t row_stride, int64_t T, int64_t j0, int64_t m, int64_t base,
+                    const torch::Tensor& weight, const uint32_t* words, int64_t W, double gamma, int64_t score,
+                    Local& L) {
+  double* gb = L.gbar.data();
+  {  // ḡ in the reference's order: t = 0, 1, ..., T-1, then / T
+    const scalar_t* g0 = G + j0;
+    for (int64_t j = 0; j < m; ++j) gb[j] = static_cast<double>(g0[j]);
+  }
+  for (int64_t t = 1; t < T; ++t) {
+    const scalar_t* gt = G + t * row_stride + j0;
+    for (int64_t j = 0; j < m; ++j) gb[j] += static_cast<double>(gt[j]);
+  }
+  // The float64 sum of fp32/bf16/fp16 values cannot overflow, so it is finite exactly when every task's entry is:
+  // one check per entry covers all T rows. (x - x is NaN for inf and NaN, 0 otherwise.)
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < m; ++j) nonfinite += !(gb[j] - gb[j] == 0.0);
+  if (nonfinite) {
+    L.bad_grad = true;
+    return;
+  }
+  const double Td = static_cast<double>(T);
+  for (int64_t j = 0; j < m; ++j) gb[j] = gb[j] / Td;
+  const double* mag = nullptr;
+  if (score == MAGNITUDE) {
+    if (!load_magnitude(weight, j0, m, L.mag.data())) {
+      L.bad_weight = true;
+      return;
+    }
+    mag = L.mag.data();
+  }
+  const int64_t gbase = base + j0;
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* gt = G + t * row_stride + j0;
+    const uint32_t* wt = words + t * W;
+    if (score == FISHER) {
+      sweep_task<FISHER>(gt, gb, mag, m, gbase, wt, gamma, L.prune[t], L.grow[t], L.sum_a[t], L.neg[t]);
+    } else if (score == MAGNITUDE) {
+      sweep_task<MAGNITUDE>(gt, gb, mag, m, gbase, wt, gamma, L.prune[t], L.grow[t], L.sum_a[t], L.neg[t]);
+    } else {
+      sweep_task<HARMONY>(gt, gb, mag, m, gbase, wt, gamma, L.prune[t], L.grow[t], L.sum_a[t], L.neg[t]);
+    }
+  }
+}
+
+// All sub-chunks of a feed, in parallel. Dynamic, so that a thread that loses its core (shared machines) does not
+// hold the others up; monotonic, so that each thread takes its sub-chunks in increasing order, which sweep_task
+// relies on.
+template <typename scalar_t>
+void sweep_parallel(const scalar_t* G, int64_t row_stride, int64_t T, int64_t n, int64_t base,
+                    const torch::Tensor& weight, const uint32_t* words, int64_t W, double gamma, int64_t score,
+                    std::vector<Local>& locals) {
+  const int64_t nsub = (n + SUB - 1) / SUB;
+#pragma omp parallel num_threads(static_cast<int>(locals.size()))
+  {
+    Local& L = locals[omp_get_thread_num()];
+#pragma omp for schedule(monotonic : dynamic, 4)
+    for (int64_t c = 0; c < nsub; ++c) {
+      if (L.bad_grad || L.bad_weight) continue;
+      const int64_t j0 = c * SUB;
+      sweep_subchunk<scalar_t>(G, row_stride, T, j0, std::min(SUB, n - j0), base, weight, words, W, gamma, score, L);
+    }
+  }
+}
+
+// Set bits among the first P bits of a packed row.
+int64_t popcount_row(const uint32_t* row, int64_t P) {
+  int64_t n = 0;
+  const int64_t full = P / 32;
+  for (int64_t w = 0; w < full; ++w) n += __builtin_popcount(row[w]);
+  if (P % 32) n += __builtin_popcount(row[full] & ((1u << (P % 32)) - 1u));
+  return n;
+}
+
+std::string task_list(const std::vector<int64_t>& tasks) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < tasks.size() && i < 10; ++i) s << (i ? ", " : "") << tasks[i];
+  s << "]";
+  return s.str();
+}
+
+}  // namespace
+
+struct HarmonyCandidates {
+  std::vector<Bounded<PruneBetter>> prune;
+  std::vector<Bounded<GrowBetter>> grow;
+};
+
+HarmonyState::HarmonyState(int64_t P, torch::Tensor masks_packed, std::vector<int64_t> ks, double gamma,
+                           int64_t score)
+    : P_(P), gamma_(gamma), score_(score), cands_(nullptr) {
+  TORCH_CHECK_VALUE(P >= 0, "harmony_update: P must be >= 0, got ", P);
+  TORCH_CHECK_VALUE(masks_packed.dim() == 2 && masks_packed.scalar_type() == torch::kInt32,
+                    "harmony_update: masks_packed must be an int32 tensor [T, W], got ", masks_packed.sizes(), " ",
+                    masks_packed.scalar_type());
+  TORCH_CHECK_VALUE(masks_packed.device().is_cpu(), "harmony_update (cpp): masks_packed must be a CPU tensor");
+  T_ = masks_packed.size(0);
+  W_ = (P + 31) / 32;
+  TORCH_CHECK_VALUE(masks_packed.size(1) == W_, "harmony_update: masks_packed must be int32 [", T_, ", ", W_,
+                    "] for P=", P, ", got ", masks_packed.sizes());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(ks.size()) == T_, "harmony_update: k must give ", T_, " values, got ",
+                    ks.size());
+  TORCH_CHECK_VALUE(score >= 0 && score <= 2, "harmony_update: score must be 0 (fisher), 1 (magnitude) or 2 "
+                    "(harmony), got ", score);
+  TORCH_CHECK_VALUE(std::isfinite(gamma), "harmony_update: gamma must be finite, got ", gamma);
+  masks_ = masks_packed.contiguous();
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(masks_.data_ptr<int32_t>());
+  k_.resize(T_);
+  cands_ = new HarmonyCandidates();
+  cands_->prune.resize(T_);
+  cands_->grow.resize(T_);
+  for (int64_t t = 0; t < T_; ++t) {
+    TORCH_CHECK_VALUE(ks[t] >= 0, "harmony_update: k must be non-negative, got ", ks[t], " for task ", t);
+    const int64_t active = popcount_row(words + t * W_, P);
+    k_[t] = std::min({ks[t], active, P - active});  // the documented clamp: density is kept
+    cands_->prune[t].cap = cands_->grow[t].cap = k_[t];
+  }
+  sum_a_.assign(T_, 0.0);
+  neg_.assign(T_, 0);
+}
+
+HarmonyState::~HarmonyState() { delete cands_; }
+
+void HarmonyState::feed(const torch::Tensor& weight, const torch::Tensor& grads_in) {
+  TORCH_CHECK(!finished_, "HarmonyStream: feed() after finish()");
+  TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed() failed; start a new stream");
+  TORCH_CHECK_VALUE(grads_in.dim() == 2 && grads_in.size(0) == T_ && grads_in.is_floating_point(),
+                    "harmony_update: grads must be a floating tensor [", T_, ", p], got ", grads_in.sizes(), " ",
+                    grads_in.scalar_type());
+  const int64_t n = grads_in.size(1);
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == n && weight.is_floating_point(),
+                    "harmony_update: weight must be a floating tensor [", n, "] to match grads ", grads_in.sizes(),
+                    ", got ", weight.sizes(), " ", weight.scalar_type());
+  TORCH_CHECK_VALUE(grads_in.device().is_cpu() && weight.device().is_cpu(),
+                    "harmony_update (cpp): weight and grads must be CPU tensors");
+  TORCH_CHECK_VALUE(off_ + n <= P_, "HarmonyStream: feeding entries ", off_, "..", off_ + n, " past P=", P_);
+  if (n == 0) return;
+  // rows may be strided (a slice of a [T, P] buffer); only the entries of a row must be contiguous
+  const torch::Tensor grads = (grads_in.stride(1) == 1 || T_ == 0) ? grads_in : grads_in.contiguous();
+  const torch::Tensor w = score_ == MAGNITUDE ? weight.contiguous() : weight;
+  const int64_t row_stride = grads.stride(0);
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(masks_.data_ptr<int32_t>());
+  const int64_t nsub = (n + SUB - 1) / SUB;
+  // a parallel region costs a wake-up and a barrier (milliseconds when the cores are oversubscribed): small
+  // chunks run on fewer threads, at least 8 sub-chunks each
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), nsub / 8)));
+  std::vector<Local> locals(nthreads);
+  for (auto& L : locals) {
+    L.prune.resize(T_);
+    L.grow.resize(T_);
+    for (int64_t t = 0; t < T_; ++t) L.prune[t].cap = L.grow[t].cap = k_[t];
+    L.sum_a.assign(T_, 0.0);
+    L.neg.assign(T_, 0);
+    L.gbar.resize(SUB);
+    if (score_ == MAGNITUDE) L.mag.resize(SUB);
+  }
+  const int64_t base = off_;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "harmony_update", [&] {
+    sweep_parallel<scalar_t>(grads.data_ptr<scalar_t>(), row_stride, T_, n, base, w, words, W_, gamma_, score_,
+                             locals);
+  });
+  bool bad_grad = false, bad_weight = false;
+  for (auto& L : locals) bad_grad |= L.bad_grad, bad_weight |= L.bad_weight;
+  if (bad_grad || bad_weight) {
+    failed_ = true;
+    if (bad_grad) {
+      std::vector<int64_t> bad;
+      for (int64_t t = 0; t < T_; ++t) {
+        if (!torch::isfinite(grads[t]).all().item<bool>()) bad.push_back(t);
+      }
+      TORCH_CHECK_VALUE(!bad.empty(), "harmony_update: the sum of the task gradients overflows (entries ", off_,
+                        "..", off_ + n, ")");
+      TORCH_CHECK_VALUE(false, "harmony_update: grads contain NaN or inf for task(s) ", task_list(bad),
+                        " (entries ", off_, "..", off_ + n, ")");
+    }
+    TORCH_CHECK_VALUE(false, "harmony_update: weight_flat contains NaN or inf (entries ", off_, "..", off_ + n, ")");
+  }
+  // merge the threads' candidates and statistics, threads in order (the statistics do not depend on timing);
+  // serial: O(threads x T x k log k), no second parallel region per feed
+  for (int64_t t = 0; t < T_; ++t) {
+    for (auto& L : locals) {
+      for (const Cand& c : L.prune[t].h) cands_->prune[t].offer(c);
+      for (const Cand& c : L.grow[t].h) cands_->grow[t].offer(c);
+      sum_a_[t] += L.sum_a[t];
+      neg_[t] += L.neg[t];
+    }
+  }
+  off_ += n;
+}
+
+std::vector<torch::Tensor> HarmonyState::finish() {
+  TORCH_CHECK(!finished_, "HarmonyStream: finish() called twice");
+  TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed() failed; start a new stream");
+  TORCH_CHECK_VALUE(off_ == P_, "HarmonyStream: finish() after ", off_, " of ", P_, " entries were fed");
+  finished_ = true;
+  auto out = masks_.clone();
+  uint32_t* words = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  auto stats = torch::zeros({4, T_}, torch::dtype(torch::kFloat64));
+  double* st = stats.data_ptr<double>();
+  for (int64_t t = 0; t < T_; ++t) {
+    uint32_t* row = words + t * W_;
+    if (P_ % 32) row[W_ - 1] &= (1u << (P_ % 32)) - 1u;  // bits past P are not entries: the output has them 0
+    const auto& ph = cands_->prune[t].h;
+    const auto& gh = cands_->grow[t].h;
+    TORCH_CHECK(static_cast<int64_t>(ph.size()) == k_[t] && static_cast<int64_t>(gh.size()) == k_[t],
+                "harmony_update: internal error, task ", t, " kept ", ph.size(), "/", gh.size(), " candidates for k=",
+                k_[t]);
+    for (const Cand& c : ph) row[c.i >> 5] &= ~(1u << (c.i & 31));
+    for (const Cand& c : gh) row[c.i >> 5] |= 1u << (c.i & 31);
+    st[0 * T_ + t] = st[1 * T_ + t] = static_cast<double>(k_[t]);
+    st[2 * T_ + t] = P_ ? sum_a_[t] / static_cast<double>(P_) : 0.0;
+    st[3 * T_ + t] = P_ ? static_cast<double>(neg_[t]) / static_cast<double>(P_) : 0.0;
+  }
+  delete cands_;  // the candidates are spent; free O(T x k) now rather than with the Python object
+  cands_ = nullptr;
+  return {out, stats};
+}
+
+torch::Tensor task_agreement(const torch::Tensor& grads) {
+  TORCH_CHECK_VALUE(grads.dim() == 2 && grads.is_floating_point(),
+                    "task_agreement: grads must be a floating tensor [T, P], got ", grads.sizes(), " ",
+                    grads.scalar_type());
+  TORCH_CHECK_VALUE(grads.device().is_cpu(), "task_agreement (cpp): grads must be a CPU tensor");
+  const int64_t T = grads.size(0), P = grads.size(1);
+  auto gram = torch::zeros({T, T}, torch::dtype(torch::kFloat64));
+  if (T == 0) return gram;
+  // P in chunks through one float64 buffer of ~16 MB (no [T, P] float64 copy), the products by BLAS
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(P, (int64_t{1} << 21) / T));
+  auto buf = torch::empty({T, chunk}, torch::dtype(torch::kFloat64));
+  for (int64_t c0 = 0; c0 < P; c0 += chunk) {
+    const int64_t n = std::min(chunk, P - c0);
+    auto b = buf.narrow(1, 0, n);
+    b.copy_(grads.narrow(1, c0, n));
+    gram.addmm_(b, b.t());
+  }
+  gram = (gram + gram.t()) * 0.5;  // BLAS leaves the two triangles a rounding apart; the result is symmetric
+  auto diag = gram.diagonal();
+  auto finite = torch::isfinite(diag);
+  if (!finite.all().item<bool>()) {
+    std::vector<int64_t> bad;
+    auto f = finite.accessor<bool, 1>();
+    for (int64_t t = 0; t < T; ++t) {
+      if (!f[t]) bad.push_back(t);
+    }
+    TORCH_CHECK_VALUE(false, "task_agreement: grads contain NaN or inf (or overflow float64) for task(s) ",
+                      task_list(bad));
+  }
+  // cos = G_ij / (|g_i| |g_j|); a task with a zero gradient has no direction: 0 with every task, itself included
+  auto norms = diag.sqrt();
+  auto denom = torch::outer(norms, norms);
+  auto cos = torch::where(denom > 0, gram / denom, torch::zeros_like(gram)).clamp_(-1.0, 1.0);
+  cos.diagonal().copy_((norms > 0).to(torch::kFloat64));
+  return cos;
+}
+
+}  // namespace harmodt
