@@ -39,7 +39,7 @@ def mtdiff(tmp_path):
 def test_mtdiff_layout(mtdiff):
     root, eps = mtdiff
     ds = hf.load_dataset(root)
-    assert ds.kind == "mtdiff" and sorted(ds.tasks) == ["push-v3", "reach-v3"]
+    assert ds.kind == "mtdiff" and ds.tasks == ["reach-v3", "push-v3"]  # MT50 order, not folder-name order
     got = ds.episodes("reach-v3")
     assert [len(e["rewards"]) for e in got] == [5, 1, 9, 3]
     for e, i in zip(got, [0, 1, 2, 10]):

@@ -278,7 +278,8 @@ def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", s
 
     tasks: a task-set name ("MT5"), a comma-separated string or a list of v3 names.
     episode_steps: steps per episode (the env's limit is 500; fewer gives short episodes, e.g. for tests).
-    workers: processes (spawn context); None = the CPUs available; 1 runs in this process.
+    workers: processes (spawn context); None = the CPUs available; 1 runs in this process. As with any spawned
+        pool, a script that calls collect with workers > 1 needs the `if __name__ == "__main__":` guard.
     chunk_episodes: episodes per work item (and per resumable chunk file); None picks a size from the work.
     Resumable: finished chunks are kept in `out/.partial/` and a second call with the same arguments collects only
     what is missing; a finished folder is returned as it is. Different arguments for an existing folder are a

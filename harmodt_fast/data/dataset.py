@@ -338,4 +338,8 @@ def load_dataset(path: str, verify: bool = True, max_episodes: int | None = None
         sources[task] = sorted(npz, key=_numeric_key)
     if not sources:
         raise DatasetError(f"{path}: neither a {MANIFEST} nor task folders with {{i}}.npz episode files")
-    return Dataset(path, "mtdiff", list(sources), None, verify, max_episodes, sources)
+    from harmodt_fast.tasks import TASK_SETS
+
+    order = {t: i for i, t in enumerate(TASK_SETS["MT50"])}  # the paper's order, as hf.TASK_SETS lists tasks
+    tasks = sorted(sources, key=order.__getitem__)
+    return Dataset(path, "mtdiff", tasks, None, verify, max_episodes, sources)
