@@ -35,12 +35,15 @@ _EXPORTS = {
     "MultiTaskSampler": "harmodt_fast.data",
 }
 
+_SUBMODULES = {"ops", "demo", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
+               "model", "config", "tasks"}
+
 __all__ = sorted(_EXPORTS) + ["ops"]
 
 
 def __getattr__(name):
-    if name == "ops":
-        return importlib.import_module("harmodt_fast.ops")
+    if name in _SUBMODULES:
+        return importlib.import_module(f"harmodt_fast.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

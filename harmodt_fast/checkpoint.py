@@ -26,7 +26,7 @@ CHECKPOINT_FORMAT = "harmodt_fast/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the run asking for it."""
 
 

@@ -84,10 +84,49 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from harmodt_fast.smoke import synthetic_smoke_run
+def _parse_overrides(pairs) -> dict:
+    """--set name=value pairs -> config overrides, each value parsed as the field's type."""
+    from harmodt_fast.config import HarmoDTConfig
 
-    synthetic_smoke_run(steps=args.steps, seed=args.seed)
+    defaults = HarmoDTConfig()
+    overrides = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects name=value, got {pair!r}")
+        if name not in HarmoDTConfig.field_names():
+            raise ValueError(f"unknown config field {name!r}; known fields: {HarmoDTConfig.field_names()}")
+        current = getattr(defaults, name)
+        if name == "tasks":
+            overrides[name] = value
+        elif isinstance(current, bool):
+            overrides[name] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, int):
+            overrides[name] = int(value)
+        elif isinstance(current, float):
+            overrides[name] = float(value)
+        else:
+            overrides[name] = value
+    return overrides
+
+
+def _cmd_train(args) -> int:
+    import harmodt_fast as hf
+
+    result = hf.train(args.data, args.out, preset=args.preset, steps=args.steps, device=args.device,
+                      stop_at=args.stop_at, progress=not args.no_progress, **_parse_overrides(args.set))
+    last = result.history[-1] if result.history else {}
+    print(f"step {result.step}  loss {last.get('loss', float('nan')):.4f}  checkpoint {result.checkpoint}")
+    if result.masks is not None:
+        print(f"masks: {result.masks}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from harmodt_fast.demo import run_demo
+
+    run_demo(root=args.root, episodes_per_task=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes,
+             seed=args.seed, workers=args.workers, device=args.device, tasks=args.tasks)
     return 0
 
 
@@ -131,9 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("demo", help="train the tiny model on synthetic mixed-task batches")
-    p.add_argument("--steps", type=int, default=150)
+    p = sub.add_parser("train", help="train HarmoDT (or a baseline) on an offline dataset; resumes a run folder")
+    p.add_argument("data", help="dataset folder (harmodt-fast collect output, or the MTDiff layout)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl (resumed if present)")
+    p.add_argument("--preset", default="demo", help="tiny, demo, paper or large")
+    p.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this many steps")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="config override, e.g. --set method=prompt-dt --set lr=3e-4 --set tasks=MT5 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="collect a small MT5 dataset, train the demo preset, evaluate, plot")
+    p.add_argument("--root", default="harmodt_demo", help="folder for the data and the run (reused when present)")
+    p.add_argument("--tasks", default="MT5")
+    p.add_argument("--episodes", type=int, default=40, help="episodes per task to collect")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
+    p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
     return parser
 

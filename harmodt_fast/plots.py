@@ -2,6 +2,7 @@
 
 - success_bars: per-task success rate of one report, with the mean over tasks;
 - success_curve: mean success against training step, from the evaluation lines of a run's metrics.jsonl;
+- loss_curve: training loss against step, from the training lines of the same log;
 - mask_overlap_heatmap: the T x T Jaccard overlap of the tasks' masks (TaskMasks.overlap());
 - agreement_heatmap: the T x T task gradient agreement (cosine) the trainer stores in the checkpoint as
   "task_agreement" at its last mask update.
@@ -50,9 +51,9 @@ def success_bars(report: dict, path: str) -> str:
     return _save(fig, path)
 
 
-def read_eval_log(metrics_path: str) -> list[tuple[int, float]]:
-    """(step, mean success) of every evaluation line of a metrics.jsonl, in file order."""
-    points = []
+def read_log(metrics_path: str) -> list[dict]:
+    """The JSON objects of a metrics.jsonl, in file order; a damaged line is a ValueError naming it."""
+    entries = []
     with open(metrics_path) as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
@@ -62,9 +63,32 @@ def read_eval_log(metrics_path: str) -> list[tuple[int, float]]:
                 entry = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{metrics_path}:{n}: not a JSON line ({exc})") from exc
-            if isinstance(entry, dict) and isinstance(entry.get("eval"), dict) and "step" in entry:
-                points.append((int(entry["step"]), float(entry["eval"]["mean_success"])))
-    return points
+            if isinstance(entry, dict) and "step" in entry:
+                entries.append(entry)
+    return entries
+
+
+def read_eval_log(metrics_path: str) -> list[tuple[int, float]]:
+    """(step, mean success) of every evaluation line of a metrics.jsonl, in file order."""
+    return [(int(e["step"]), float(e["eval"]["mean_success"])) for e in read_log(metrics_path)
+            if isinstance(e.get("eval"), dict)]
+
+
+def loss_curve(metrics_path: str, path: str) -> str | None:
+    """Training loss (mean over tasks) against step, from the training lines of a metrics.jsonl; None if none."""
+    points = sorted((int(e["step"]), float(e["loss"])) for e in read_log(metrics_path) if "loss" in e)
+    if not points:
+        return None
+    plt = _pyplot()
+    steps, losses = zip(*points)
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    ax.plot(steps, losses)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("action MSE (mean over tasks)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))) or "run", fontsize=9)
+    return _save(fig, path)
 
 
 def success_curve(metrics_path: str, path: str) -> str | None:

@@ -103,7 +103,7 @@ def test_config_errors():
     assert (large.hidden, large.layers, large.heads) == (1024, 12, 16)
 
 
-def test_cli_info_and_smoke(capsys):
+def test_cli_info(capsys):
     from harmodt_fast.cli import main
 
     assert main(["info", "--preset", "paper", "--tasks", "50", "--json"]) == 0

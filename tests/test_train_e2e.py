@@ -1,0 +1,63 @@
+"""hf.train, the train CLI and the demo on real (short) Meta-World data."""
+import json
+import os
+
+import pytest
+import torch
+
+import harmodt_fast as hf
+from harmodt_fast.checkpoint import load_checkpoint
+from harmodt_fast.cli import main
+
+TASKS = ["reach-v3", "button-press-v3"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "two-tasks"
+    return hf.collect(TASKS, out, episodes_per_task=4, quality="near-optimal", seed=0, workers=1,
+                      episode_steps=60, progress=False, verbose=False)
+
+
+def test_train_writes_checkpoint_history_and_resumes(dataset, tmp_path):
+    res = hf.train(dataset, tmp_path, preset="tiny", steps=6, mask_interval=3, log_every=2, progress=False,
+                   stop_at=4)
+    assert res.step == 4 and isinstance(res.masks, hf.TaskMasks)
+    assert [h["step"] for h in res.history] == [1, 2, 4] and all("loss" in h for h in res.history)
+    ckpt = load_checkpoint(res.checkpoint)
+    assert ckpt["tasks"] == TASKS and ckpt["state_mean"].shape == (2, 39)
+    assert ckpt["eval_prompts"]["states"].shape[:2] == (2, 2)
+    assert ckpt["dataset_fingerprint"] == hf.load_dataset(dataset).fingerprint
+    res = hf.train(dataset, tmp_path, preset="tiny", steps=6, mask_interval=3, log_every=2, progress=False)
+    assert res.step == 6 and [h["step"] for h in res.history] == [1, 2, 4, 6]
+    lines = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    assert any("mask_update" in l for l in lines)
+
+
+def test_train_checks_dataset_before_work(dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"not in the dataset"):
+        hf.train(dataset, tmp_path, preset="tiny", steps=2, tasks=["reach-v3", "push-v3"])
+    with pytest.raises(ValueError, match=r"dataset dims \(state 39, action 4\) do not match"):
+        hf.train(dataset, tmp_path, preset="tiny", steps=2, state_dim=20)
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoint.pt"))
+
+
+def test_cli_train_with_overrides(dataset, tmp_path, capsys):
+    code = main(["train", str(dataset), "--out", str(tmp_path), "--preset", "tiny", "--steps", "3",
+                 "--set", "method=prompt-dt", "--set", "lr=3e-4", "--no-progress"])
+    assert code == 0
+    assert "step 3" in capsys.readouterr().out
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["config"]["method"] == "prompt-dt" and ckpt["config"]["lr"] == 3e-4
+    assert main(["train", str(dataset), "--out", str(tmp_path / "x"), "--set", "learning_rate=1"]) == 2
+    assert "unknown config field 'learning_rate'" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_short(tmp_path, capsys):
+    report = hf.demo.run_demo(root=str(tmp_path), tasks="reach-v3,button-press-v3", episodes_per_task=2,
+                              steps=4, eval_episodes=1, workers=1, episode_steps=40)
+    out = capsys.readouterr().out
+    assert set(report["per_task"]) == set(TASKS)
+    assert "reach-v3" in out and os.path.isfile(tmp_path / "run" / "eval_report.json")
+    assert os.path.isfile(tmp_path / "run" / "loss.png")
+    assert os.path.isfile(tmp_path / "run" / "success_per_task.png")
