@@ -109,17 +109,25 @@ def mask_bits(mw_ptr, r0, c0, R, C, LD, CONTIG_R: tl.constexpr, ALIGNED: tl.cons
     if ALIGNED:
         sh = tl.arange(0, 32)
         if CONTIG_R:
-            rw = r0 // 32 + tl.arange(0, BR // 32)
-            ok = ((rw * 32) < R)[:, None] & (c < C)[None, :]
-            words = tl.load(mw_ptr + c[None, :] * (LD // 32) + rw[:, None], mask=ok, other=0)
-            bits = (words[:, None, :] >> sh[None, :, None]) & 1
-            bits = tl.reshape(bits, (BR, BC))
+            if BR == 32:  # one word per column: no size-1 axis
+                words = tl.load(mw_ptr + c * (LD // 32) + r0 // 32, mask=c < C, other=0)  # r0 < R: callers' loops
+                bits = (words[None, :] >> sh[:, None]) & 1
+            else:
+                rw = r0 // 32 + tl.arange(0, BR // 32)
+                ok = ((rw * 32) < R)[:, None] & (c < C)[None, :]
+                words = tl.load(mw_ptr + c[None, :] * (LD // 32) + rw[:, None], mask=ok, other=0)
+                bits = (words[:, None, :] >> sh[None, :, None]) & 1
+                bits = tl.reshape(bits, (BR, BC))
         else:
-            cw = c0 // 32 + tl.arange(0, BC // 32)
-            ok = (r < R)[:, None] & ((cw * 32) < C)[None, :]
-            words = tl.load(mw_ptr + r[:, None] * (LD // 32) + cw[None, :], mask=ok, other=0)
-            bits = (words[:, :, None] >> sh[None, None, :]) & 1
-            bits = tl.reshape(bits, (BR, BC))
+            if BC == 32:
+                words = tl.load(mw_ptr + r * (LD // 32) + c0 // 32, mask=r < R, other=0)  # c0 < C: callers' tiles
+                bits = (words[:, None] >> sh[None, :]) & 1
+            else:
+                cw = c0 // 32 + tl.arange(0, BC // 32)
+                ok = (r < R)[:, None] & ((cw * 32) < C)[None, :]
+                words = tl.load(mw_ptr + r[:, None] * (LD // 32) + cw[None, :], mask=ok, other=0)
+                bits = (words[:, :, None] >> sh[None, None, :]) & 1
+                bits = tl.reshape(bits, (BR, BC))
     else:
         ok = (r < R)[:, None] & (c < C)[None, :]
         if CONTIG_R:

@@ -351,7 +351,7 @@ def launch_qkv_attention(x2d, weight, bias, masks, seq_offs, mask3, B, L, heads,
         x2d, weight, masks, bias if bias is not None else x2d, seq_offs, mptr if mptr is not None else x2d, out,
         L, H, heads, D, masks.shape[1], T, LOG2E / math.sqrt(D), smb, smi, smj,
         HAS_BIAS=bias is not None, HAS_MASK=mask3 is not None, CAUSAL=causal, ALIGNED=H % 32 == 0,
-        TF32=allow_tf32(x2d.dtype), BLOCK_T=next_pow2(max(T, 1)), BLOCK_L=max(16, next_pow2(L)),
+        TF32=allow_tf32(x2d.dtype), BLOCK_T=max(16, next_pow2(T)), BLOCK_L=max(16, next_pow2(L)),
         BLOCK_D=max(16, next_pow2(D)),
     )
     return out

@@ -43,7 +43,9 @@ EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
 
 def _mm_configs():
     if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_R": 32, "BLOCK_C": 32}, num_warps=4)]
+        # the interpreter's blocks are small so tests cross tiles; BLOCK_R 64 / BLOCK_C 32 take the two forms of
+        # the word expansion (several words per weight column in the forward, one per row in dX)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_C": 32}, num_warps=4)]
     shapes = [  # (BLOCK_M, BLOCK_R, BLOCK_C, warps, stages)
         (128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4), (128, 32, 128, 4, 4),
         (64, 64, 256, 8, 3), (128, 64, 64, 4, 4), (64, 32, 64, 4, 4), (256, 64, 128, 8, 3),
@@ -215,14 +217,14 @@ def launch_masked_mm(a, weight, masks, offs, transpose_w: bool, bias=None, epilo
         pre if pre is not None else dummy,
         M, R, C, in_f, masks.shape[1], T, m_bucket(M),
         CONTIG_R=contig_r, ALIGNED=aligned, HAS_BIAS=bias is not None, EPI=epilogue, ACT=act,
-        STORE_PRE=store_pre, TF32=allow_tf32(a.dtype), BLOCK_T=next_pow2(max(T, 1)),
+        STORE_PRE=store_pre, TF32=allow_tf32(a.dtype), BLOCK_T=max(16, next_pow2(T)),
     )
     return out, pre
 
 
 def _dw_tile(n: int, k: int) -> tuple[int, int]:
     if interpret():
-        return 32, 32
+        return 32, 64
     return (128, 128) if n * k >= (1 << 20) else (64, 64)
 
 

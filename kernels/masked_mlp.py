@@ -43,7 +43,7 @@ FUSE_TRAINING = True
 
 def _chain_configs():
     if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_H": 32}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_H": 64}, num_warps=4)]
     shapes = [(64, 64, 64, 8, 2), (64, 32, 128, 8, 2), (128, 64, 64, 8, 2), (64, 64, 128, 8, 2),
               (32, 64, 64, 4, 2), (64, 64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_H": h}, num_warps=w, num_stages=s)
@@ -56,14 +56,13 @@ def _chain_configs():
 def _masked_chain_kernel(
     a_ptr, w1_ptr, m1_ptr, w2_ptr, m2_ptr, offs_ptr, b1_ptr, b2_ptr, aux_ptr, mid_ptr, pre_ptr, out_ptr,
     M, D_IN, D_MID, D_OUT, LD1, LD2, W1_WORDS, W2_WORDS, T, M_BUCKET,
-    BACKWARD: tl.constexpr, ALIGNED1: tl.constexpr, ALIGNED2: tl.constexpr, HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr, ACT: tl.constexpr, STORE_MID: tl.constexpr, STORE_PRE: tl.constexpr,
+    BACKWARD: tl.constexpr, CONTIG: tl.constexpr, ALIGNED1: tl.constexpr, ALIGNED2: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr, STORE_MID: tl.constexpr, STORE_PRE: tl.constexpr,
     TF32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # forward views: V1(k, j) = W1[j, k], V2(j, o) = W2[o, j] (bits run along the reduction axis);
+    # forward views: V1(k, j) = W1[j, k], V2(j, o) = W2[o, j] (bits run along the reduction axis: CONTIG);
     # backward views: V1(o, j) = W2[o, j], V2(j, k) = W1[j, k] (bits run along the output axis)
-    CONTIG: tl.constexpr = not BACKWARD
     t, row0, row_end = task_tile(tl.program_id(0), offs_ptr, T, BLOCK_T, BLOCK_M)
     if t < T:
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -145,9 +144,9 @@ def launch_masked_chain(a, w_first, m_first, w_second, m_second, offs, backward:
         b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, aux if aux is not None else dummy,
         mid if mid is not None else dummy, pre if pre is not None else dummy, out,
         M, d_in, d_mid, d_out, ld1, ld2, m_first.shape[1], m_second.shape[1], T, m_bucket(M),
-        BACKWARD=backward, ALIGNED1=ld1 % 32 == 0, ALIGNED2=ld2 % 32 == 0, HAS_B1=b1 is not None,
+        BACKWARD=backward, CONTIG=not backward, ALIGNED1=ld1 % 32 == 0, ALIGNED2=ld2 % 32 == 0, HAS_B1=b1 is not None,
         HAS_B2=b2 is not None, ACT=act, STORE_MID=store_mid, STORE_PRE=store_pre, TF32=allow_tf32(dt),
-        BLOCK_T=next_pow2(max(T, 1)), BLOCK_OUT=max(32, next_pow2(d_out)),
+        BLOCK_T=max(16, next_pow2(T)), BLOCK_OUT=max(32, next_pow2(d_out)),
     )
     return out, mid, pre
 
