@@ -1,0 +1,315 @@
+"""The harmony mask update at the paper scale: MT50 x the paper model's 4,718,592 masked weights.
+
+    python benchmarks/bench_harmony.py                      # CPU: cpp op vs the PyTorch reference
+    python benchmarks/bench_harmony.py --device cuda        # GPU: torch ops on the device vs the reference there
+
+Every case runs in a fresh subprocess, so that its peak memory is its own:
+- CPU: peak extra memory = VmHWM after the call - VmRSS just before it, from /proc/self/status, with free heap
+  memory handed back to the OS (glibc malloc_trim) and the peak reset (`echo 5 > /proc/self/clear_refs`) right
+  before the call. The inputs (gradients [T, P], weights, packed masks) are allocated before, so "extra" is what
+  the op itself allocates and touches, its output included (the new packed masks: 28.1 MiB for MT50).
+- CUDA: torch.cuda.max_memory_allocated() after the call - memory_allocated() before it (peak stats reset).
+Time: wall clock of the call (CUDA: synchronised), the median over --repeats calls after one warm-up call on a
+small input (the reference, tens of seconds per call here, runs once). Each case also reports a SHA-256 of the
+new packed masks: the cases that take the same gradients must agree bit for bit.
+
+The inputs are those of a mask update in training: ERK masks at density 0.8 (hf.TaskMasks.erk over the paper
+model's masked weights, flattened in model order), gradients ~N(0, 1e-4) (fp32, and bf16 for the cpp op), k = 100
+flips per task (the schedule's peak), gamma 10, score fisher. "cpp stream" feeds the same gradients layer by layer
+(views of the [T, P] buffer) through hf.ops.HarmonyStream. task_agreement is timed against the plain expression
+(float64 copy, one matmul).
+
+Writes results/harmony_<device>_<date>.json and a markdown table beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+GRAD_SCALE = 1e-4
+
+
+# --- measurement, inside the worker ---------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    # free heap memory glibc keeps resident would absorb the op's allocations without raising the RSS: hand it
+    # back first, so that everything the op allocates and touches shows in VmHWM
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _measure(fn, device, repeats):
+    import torch
+
+    times, peaks, out = [], [], None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+        else:
+            _malloc_trim()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            before = _status_kb("VmRSS")
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+            peaks.append((_status_kb("VmHWM") - before) * 1024)
+    return times, max(peaks), out
+
+
+def _inputs(tasks: int, preset: str, device, dtype, seed: int = 0):
+    import torch
+
+    import harmodt_fast as hf
+    from harmodt_fast.masks import masked_weight_shapes
+
+    cfg = hf.HarmoDTConfig.from_preset(preset, num_tasks=tasks)
+    with torch.device("meta"):
+        model = hf.HarmoDT(cfg)
+    shapes = masked_weight_shapes(model)
+    masks = hf.TaskMasks.erk(shapes, tasks, density=0.8, seed=seed)
+    packed = masks.flat_packed().to(device)
+    P = masks.numel
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.empty(tasks, P, dtype=dtype, device=device)
+    for t in range(tasks):  # row by row: no second [T, P] buffer
+        grads[t] = (torch.randn(P, generator=gen) * GRAD_SCALE).to(device, dtype)
+    weight = (torch.randn(P, generator=gen) * 0.05).to(device)
+    sizes = [a * b for a, b in shapes.values()]
+    return weight, grads, packed, sizes
+
+
+def worker(args) -> dict:
+    import torch
+
+    import harmodt_fast as hf
+    from harmodt_fast.ops import harmony as H
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    weight, grads, packed, sizes = _inputs(args.tasks, args.preset, device, dtype)
+    T, P = grads.shape
+    k, gamma, score = args.k, 10.0, "fisher"
+
+    # warm-up on a small input: extension loading / JIT, lazy inits, CUDA context and kernels
+    small = (weight[:4096], grads[:, :4096], packed[:, :128].contiguous())
+    case = args.worker
+    if case == "reference":
+        ks = H.check_harmony_args(weight, grads, packed, k, gamma, score)
+        fn = lambda: H.harmony_update_torch(weight, grads, packed, ks, gamma, score)  # noqa: E731
+        H.harmony_update_torch(*small, ks, gamma, score)
+    elif case == "cpp":
+        fn = lambda: hf.ops.harmony_update(weight, grads, packed, k, gamma, score, backend="cpp")  # noqa: E731
+        hf.ops.harmony_update(*small, k, gamma, score, backend="cpp")
+    elif case == "torch-device":
+        fn = lambda: hf.ops.harmony_update(weight, grads, packed, k, gamma, score, backend="torch")  # noqa: E731
+        hf.ops.harmony_update(*small, k, gamma, score, backend="torch")
+    elif case == "cpp-stream" or case == "torch-stream":
+        backend = case.split("-")[0]
+
+        def fn():
+            stream = hf.ops.HarmonyStream(T, P, packed, k, gamma, score, backend=backend)
+            start = 0
+            for n in sizes:  # layer by layer, views of the [T, P] buffer
+                stream.feed(weight[start : start + n], grads[:, start : start + n])
+                start += n
+            return stream.finish()
+
+        hf.ops.HarmonyStream(T, 4096, small[2], k, gamma, score, backend=backend).feed(*small[:2])
+    elif case in ("agreement-cpp", "agreement-torch"):
+        backend = case.split("-")[1]
+        fn = lambda: hf.ops.task_agreement(grads, backend=backend)  # noqa: E731
+        hf.ops.task_agreement(small[1], backend=backend)
+    elif case == "agreement-plain":
+        def fn():
+            g = grads.double()
+            n = g.norm(dim=1)
+            return (g @ g.t()) / torch.outer(n, n)
+
+        fn_small = small[1].double()
+        fn_small @ fn_small.t()
+    else:
+        raise SystemExit(f"unknown case {case}")
+    repeats = 1 if case in ("reference",) else args.repeats
+    times, peak, out = _measure(fn, device, repeats)
+    rec = {
+        "case": case, "dtype": args.dtype, "device": str(device), "T": T, "P": P, "k": k,
+        "time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": int(peak),
+        "grad_buffer_bytes": grads.numel() * grads.element_size(), "threads": torch.get_num_threads(),
+    }
+    if isinstance(out, tuple):
+        rec["masks_sha256"] = hashlib.sha256(out[0].cpu().numpy().tobytes()).hexdigest()
+        rec["flips"] = int(out[1]["pruned"].sum())
+        rec["implementation"] = H.last_implementation() if case in ("cpp", "torch-device") else case
+    else:
+        rec["agreement"] = out.cpu().tolist()
+    return rec
+
+
+# --- driver ---------------------------------------------------------------------------------------------------
+def run_case(args, case: str, dtype: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--dtype", dtype, "--device", args.device,
+           "--tasks", str(args.tasks), "--preset", args.preset, "--k", str(args.k), "--repeats", str(args.repeats)]
+    print(f"[bench_harmony] {case} {dtype} ...", flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{case} failed:\n{res.stderr[-4000:]}")
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"    {rec['time_s']:.3f} s, peak extra {rec['peak_extra_bytes'] / 2**20:.1f} MiB", flush=True)
+    return rec
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        with open("/proc/meminfo") as f:
+            info["mem_total_kb"] = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=HERE).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--tasks", type=int, default=50)
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--skip-reference", action="store_true", help="skip the slow reference (no speed-up column)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    if args.device == "cpu":
+        plan = [("cpp", "fp32"), ("cpp", "bf16"), ("cpp-stream", "fp32"), ("reference", "fp32"),
+                ("agreement-cpp", "fp32"), ("agreement-torch", "fp32"), ("agreement-plain", "fp32")]
+    else:
+        plan = [("torch-device", "fp32"), ("torch-device", "bf16"), ("torch-stream", "fp32"), ("reference", "fp32"),
+                ("agreement-torch", "fp32"), ("agreement-plain", "fp32")]
+    if args.skip_reference:
+        plan = [p for p in plan if p[0] != "reference"]
+    load = [os.getloadavg()[0]]
+    rows = [run_case(args, case, dtype) for case, dtype in plan]
+    load.append(os.getloadavg()[0])
+
+    ref = next((r for r in rows if r["case"] == "reference"), None)
+    fp32_hashes = {r["masks_sha256"] for r in rows if "masks_sha256" in r and r["dtype"] == "fp32"}
+    for r in rows:
+        r["peak_extra_share_of_grad_buffer"] = r["peak_extra_bytes"] / r["grad_buffer_bytes"]
+        if ref is not None and "masks_sha256" in r:
+            r["speedup_vs_reference"] = ref["time_s"] / r["time_s"]
+            r["identical_to_reference"] = r["masks_sha256"] == ref["masks_sha256"] if r["dtype"] == "fp32" else None
+    plain = next((r for r in rows if r["case"] == "agreement-plain"), None)
+    for r in rows:
+        if "agreement" in r and plain is not None:
+            import torch
+
+            diff = (torch.tensor(r["agreement"]) - torch.tensor(plain["agreement"])).abs().max().item()
+            r["max_abs_diff_vs_plain"] = diff
+            r["speedup_vs_plain"] = plain["time_s"] / r["time_s"]
+        r.pop("agreement", None)
+    date = datetime.date.today().isoformat()
+    result = {
+        "benchmark": "harmony mask update, MT50 x paper model masked weights",
+        "date": date,
+        "machine": machine(),
+        "load_average_1min_start_end": load,
+        "setup": {"tasks": args.tasks, "preset": args.preset, "k": args.k, "gamma": 10.0, "score": "fisher",
+                  "density": 0.8, "grad_scale": GRAD_SCALE, "repeats": args.repeats},
+        "fp32_cases_identical": len(fp32_hashes) == 1,
+        "rows": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"harmony_{args.device}_{date}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    s = result["setup"]
+    lines = [
+        f"# Harmony mask update: {s['tasks']} tasks x {result['rows'][0]['P']:,} masked weights ({result['date']})",
+        "",
+        f"Machine: {m.get('cpu', '?')}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; 1-min load average {result['load_average_1min_start_end']}"
+        " (start, end; the machine is shared).",
+        f"k = {s['k']} flips per task, gamma {s['gamma']}, score {s['score']}, ERK masks at density {s['density']}. "
+        "Peak extra memory: see the method in benchmarks/bench_harmony.py.",
+        "",
+        "| case | grads | time (s) | speed-up vs reference | peak extra memory | share of gradient buffer | masks = reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "masks_sha256" not in r:
+            continue
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['time_s']:.3f} | "
+            f"{r.get('speedup_vs_reference', float('nan')):.1f}x | {r['peak_extra_bytes'] / 2**20:.1f} MiB | "
+            f"{100 * r['peak_extra_share_of_grad_buffer']:.1f}% | "
+            f"{ {True: 'identical', False: 'DIFFERENT', None: 'n/a (bf16 input)'}.get(r.get('identical_to_reference'), 'n/a')} |"
+        )
+    agree = [r for r in result["rows"] if r["case"].startswith("agreement")]
+    if agree:
+        lines += ["", "| task_agreement | time (s) | speed-up vs plain | peak extra memory | max abs diff vs plain |",
+                  "|---|---|---|---|---|"]
+        for r in agree:
+            lines.append(f"| {r['case']} | {r['time_s']:.3f} | {r.get('speedup_vs_plain', float('nan')):.1f}x | "
+                         f"{r['peak_extra_bytes'] / 2**20:.1f} MiB | {r.get('max_abs_diff_vs_plain', 0):.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
