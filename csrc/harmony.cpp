@@ -60,11 +60,14 @@ struct GrowBetter {
   bool operator()(const Cand& a, const Cand& b) const { return a.v > b.v || (a.v == b.v && a.i < b.i); }
 };
 
-// The `cap` best candidates offered so far: a heap whose front is the worst one kept.
+// The `cap` best candidates offered so far: a heap whose front is the worst one kept. `bound`, when set, is the
+// worst key kept by earlier feeds (lower indices): a key that does not beat it cannot enter the final selection.
 template <class Better>
 struct Bounded {
   std::vector<Cand> h;
   int64_t cap = 0;
+  bool bounded = false;
+  double bound = 0.0;
   bool full() const { return static_cast<int64_t>(h.size()) >= cap; }
   void offer(Cand c) {
     Better better;
@@ -105,17 +108,19 @@ bool load_magnitude(const torch::Tensor& w, int64_t start, int64_t n, double* ou
 }
 
 // One task's row over one sub-chunk: statistics and the candidates of its two heaps. This thread filled the heaps
-// from lower indices only (earlier in this feed), so an entry whose key merely equals the worst kept key can never
-// displace it: the strict comparisons of the filter are exact, and the rare hits take the full comparison.
+// from lower indices only (earlier in this feed), and the bound comes from lower indices still (earlier feeds), so
+// an entry whose key merely equals the threshold can never win: the strict comparisons of the filter are exact,
+// and the rare hits take the full comparison. The bound spares each feed of a stream the refilling of the heaps
+// from scratch.
 template <int64_t S, typename scalar_t>
 inline void sweep_task(const scalar_t* g_row, const double* gb, const double* mag, int64_t m, int64_t base,
                        const uint32_t* words, double gamma, Bounded<PruneBetter>& ph, Bounded<GrowBetter>& gh,
                        double& sum_out, int64_t& neg_out) {
   const double inf = std::numeric_limits<double>::infinity();
-  bool pfull = ph.full(), gfull = gh.full();
-  // a heap of capacity 0 is full with a threshold that no key passes
-  double pthr = ph.cap == 0 ? -inf : (pfull ? ph.h.front().v : 0.0);
-  double gthr = gh.cap == 0 ? inf : (gfull ? gh.h.front().v : 0.0);
+  // filter on: the heap is full (its worst key) or bounded by the earlier feeds; capacity 0: nothing passes
+  bool pfilter = ph.full() || ph.bounded, gfilter = gh.full() || gh.bounded;
+  double pthr = ph.cap == 0 ? -inf : (ph.full() ? ph.h.front().v : (ph.bounded ? ph.bound : 0.0));
+  double gthr = gh.cap == 0 ? inf : (gh.full() ? gh.h.front().v : (gh.bounded ? gh.bound : 0.0));
   // four partial sums: one running sum would chain every entry on the latency of an add
   double sum[4] = {0.0, 0.0, 0.0, 0.0};
   int64_t neg = 0;
@@ -134,17 +139,15 @@ inline void sweep_task(const scalar_t* g_row, const double* gb, const double* ma
     } else {
       sc = rounded_product(gamma * a) + 0.0;
     }
-    const bool hp = act & (!pfull | (sc < pthr));
-    const bool hg = !act & (!gfull | (a > gthr));
+    const bool hp = act & (!pfilter | (sc < pthr));
+    const bool hg = !act & (!gfilter | (a > gthr));
     if (__builtin_expect(hp | hg, 0)) {
       if (hp) {
         ph.offer({sc, i});
-        pfull = ph.full();
-        if (pfull) pthr = ph.h.front().v;
+        if (ph.full()) pfilter = true, pthr = ph.h.front().v;
       } else {
         gh.offer({a, i});
-        gfull = gh.full();
-        if (gfull) gthr = gh.h.front().v;
+        if (gh.full()) gfilter = true, gthr = gh.h.front().v;
       }
     }
   };
@@ -312,7 +315,13 @@ void HarmonyState::feed(const torch::Tensor& weight, const torch::Tensor& grads_
   for (auto& L : locals) {
     L.prune.resize(T_);
     L.grow.resize(T_);
-    for (int64_t t = 0; t < T_; ++t) L.prune[t].cap = L.grow[t].cap = k_[t];
+    for (int64_t t = 0; t < T_; ++t) {
+      L.prune[t].cap = L.grow[t].cap = k_[t];
+      const auto& gp = cands_->prune[t];
+      const auto& gg = cands_->grow[t];
+      if (gp.cap > 0 && gp.full()) L.prune[t].bounded = true, L.prune[t].bound = gp.h.front().v;
+      if (gg.cap > 0 && gg.full()) L.grow[t].bounded = true, L.grow[t].bound = gg.h.front().v;
+    }
     L.sum_a.assign(T_, 0.0);
     L.neg.assign(T_, 0);
     L.gbar.resize(SUB);

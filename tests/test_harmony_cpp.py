@@ -108,8 +108,14 @@ def test_ties_go_to_the_lower_index(cpp_ext, rng, score):
     grads[:, :64] = 0.0  # entries where every task's gradient is 0: a = 0 for all, γa + s ties exactly
     weight = torch.randint(0, 3, (P,), generator=rng).float()
     masks = hf.ops.pack_masks(torch.rand(T, P, generator=rng) < 0.5)
-    assert_same(run_cpp(weight, grads, masks, 300, 10.0, score), reference(weight, grads, masks, 300, 10.0, score),
-                grads)
+    want = reference(weight, grads, masks, 300, 10.0, score)
+    assert_same(run_cpp(weight, grads, masks, 300, 10.0, score), want, grads)
+    # streamed in small chunks: keys equal to the best kept by earlier chunks must lose to them
+    for backend in ("cpp", "torch"):
+        stream = hf.ops.HarmonyStream(T, P, masks, 300, 10.0, score, backend=backend)
+        for a in range(0, P, 37):
+            stream.feed(weight[a : a + 37], grads[:, a : a + 37])
+        assert torch.equal(stream.finish()[0], want[0]), backend
     # all gradients equal: every key ties, so the lowest-index active entries go and the lowest inactive come back
     flat = torch.full((T, P), 0.25)
     dense = hf.ops.unpack_masks(masks, P)
@@ -284,3 +290,43 @@ def test_task_agreement_zero_and_bad(cpp_ext, rng, backend):
         hf.ops.task_agreement(grads, backend=backend)
     with pytest.raises(ValueError, match=r"floating tensor \[T, P\]"):
         hf.ops.task_agreement(grads[0], backend=backend)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize("score", H.SCORES)
+def test_cuda_torch_path_matches_cpu_reference(rng, score):
+    # CUDA tensors take the torch-ops device path; it must give the CPU reference's masks bit for bit
+    T, P = 12, 100_003
+    weight, grads, masks = random_case(rng, T, P)
+    grads[:, :500] = torch.randint(-1, 2, (T, 500), generator=rng).float()  # ties, zeros
+    want = reference(weight, grads, masks, 300, 10.0, score)
+    dev = torch.device("cuda")
+    w_d, g_d, m_d = weight.to(dev), grads.to(dev), masks.to(dev)
+    got = hf.ops.harmony_update(w_d, g_d, m_d, 300, 10.0, score)
+    assert hf.ops.last_backend("harmony_update") == "torch" and H.last_implementation() == "torch-device"
+    assert got[0].device == g_d.device
+    assert_same((got[0].cpu(), got[1]), want, grads)
+    # the reference itself on the device, and the bf16 gradients
+    assert torch.equal(H.harmony_update_torch(w_d, g_d, m_d, [300] * T, 10.0, score)[0].cpu(), want[0])
+    bf = grads.bfloat16()
+    assert torch.equal(hf.ops.harmony_update(w_d, bf.to(dev), m_d, 300, 10.0, score)[0].cpu(),
+                       reference(weight, bf, masks, 300, 10.0, score)[0])
+    stream = hf.ops.HarmonyStream(T, P, m_d, 300, 10.0, score)
+    assert stream.backend == "torch"
+    for a, b in chunk_bounds(rng, P):
+        stream.feed(w_d[a:b], g_d[:, a:b])
+    assert torch.equal(stream.finish()[0].cpu(), want[0])
+    g_d[3, 77] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf for task\(s\) \[3\]"):
+        hf.ops.harmony_update(w_d, g_d, m_d, 300, 10.0, score)
+
+
+@requires_cuda
+def test_cuda_task_agreement(rng):
+    grads = torch.randn(20, 70_001, generator=rng)
+    cos = hf.ops.task_agreement(grads.cuda())
+    assert hf.ops.last_backend("task_agreement") == "torch" and cos.device.type == "cuda"
+    torch.testing.assert_close(cos.cpu(), independent_cosine(grads), rtol=0, atol=1e-12)
