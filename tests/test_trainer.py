@@ -105,3 +105,25 @@ def test_bad_arguments_fail_before_work(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="cannot write to the output folder"):
         hf.train(str(tmp_path / "none"), blocker / "sub")
+
+
+def test_bf16_autocast_matches_fp32_on_cpu(rng):
+    """The CPU training path may run in bf16 autocast: its losses and gradients stay close to fp32."""
+    from harmodt_fast.batch import synthetic_batch
+    from harmodt_fast.trainer import autocast_dtype
+
+    config = cfg(dropout=0.0)
+    assert autocast_dtype(cfg(precision="fp32"), torch.device("cpu")) is None
+    assert autocast_dtype(cfg(precision="bf16"), torch.device("cpu")) is torch.bfloat16
+    model = hf.HarmoDT(config)
+    batch = synthetic_batch(config, [4, 0, 5], rng)
+    losses32 = model.task_losses(batch)
+    grads32 = torch.autograd.grad(losses32.sum(), list(model.parameters()), allow_unused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses16 = model.task_losses(batch)
+    grads16 = torch.autograd.grad(losses16.sum(), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(losses16.float(), losses32, rtol=3e-2, atol=1e-3)
+    for g32, g16 in zip(grads32, grads16):
+        if g32 is not None:
+            cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.float().flatten(), dim=0)
+            assert g32.abs().sum() == 0 or cos > 0.98
