@@ -9,7 +9,8 @@ whole (sequence, head) — at L <= BLOCK the key loop runs once.
   head's q, k, v straight from x and the masked weight rows (never writing qkv) and then the attention.
 - Training: `masked_mm` writes qkv [B*L, 3H] once; the attention kernels read q, k, v from it in place and write
   the output (and d(qkv) in the backward) in their final layouts: no split, transpose or contiguous copies.
-  The attention mask is read as a bool [B, L, L] view (broadcast strides allowed), never expanded in memory.
+  The attention mask is bit-packed once per call (1 bit per (query, key); a mask broadcast over the batch is
+  packed once), so a [BLOCK_M, BLOCK_N] tile of it is BLOCK_M*BLOCK_N/32 word loads.
   The backward runs one program per (sequence, head): first dK, dV per key block, then dQ per query block,
   recomputing the probabilities from the saved log-sum-exp (no atomics). The projection's backward is the
   masked_linear backward (dX kernel, and dW/db/per-task gradients in one pass).
@@ -49,11 +50,25 @@ def _keep(seed, bh, i, j, L, p_drop):
 
 
 @triton.jit
-def _allowed(b, i, j, L, mask_ptr, smb, smi, smj, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+def _allowed(b, i, j0, L, mbits_ptr, smb, WPR, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr):
+    """Which (query i, key j0..j0+BN) pairs may attend: in range, allowed by the bit-packed mask, causal."""
+    j = j0 + tl.arange(0, BN)
     ok = (i < L)[:, None] & (j < L)[None, :]
     if HAS_MASK:
-        m = tl.load(mask_ptr + b.to(tl.int64) * smb + i[:, None] * smi + j[None, :] * smj, mask=ok, other=0)
-        ok = ok & (m != 0)
+        # the mask comes bit-packed (one int32 word per 32 keys): a [BM, BN] tile needs BM*BN/32 loads, so it
+        # costs few registers and little traffic next to q, k and v
+        base = mbits_ptr + b * smb
+        sh = tl.arange(0, 32)
+        if BN == 32:
+            words = tl.load(base + i * WPR + j0 // 32, mask=i < L, other=0)
+            bits = (words[:, None] >> sh[None, :]) & 1
+        else:
+            jw = j0 // 32 + tl.arange(0, BN // 32)
+            words = tl.load(base + i[:, None] * WPR + jw[None, :], mask=(i < L)[:, None] & (jw * 32 < L)[None, :],
+                            other=0)
+            bits = tl.reshape((words[:, :, None] >> sh[None, None, :]) & 1, (BM, BN))
+        ok = ok & (bits != 0)
     if CAUSAL:
         ok = ok & (j[None, :] <= i[:, None])
     return ok
@@ -61,13 +76,13 @@ def _allowed(b, i, j, L, mask_ptr, smb, smi, smj, HAS_MASK: tl.constexpr, CAUSAL
 
 def _fwd_configs():
     if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (32, 64, 4, 2)]]
 
 
 def _prune_attn(configs, named_args, **kwargs):
-    cap = max(16, next_pow2(named_args["L"]))
+    cap = max(32, next_pow2(named_args["L"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
     return kept or configs[:1]
 
@@ -76,7 +91,7 @@ def _prune_attn(configs, named_args, **kwargs):
                  prune_configs_by={"early_config_prune": _prune_attn})
 @triton.jit
 def _attn_fwd_kernel(
-    qkv_ptr, mask_ptr, out_ptr, lse_ptr, L, H, HEADS, D, qk_scale, smb, smi, smj, seed, p_drop,
+    qkv_ptr, mbits_ptr, out_ptr, lse_ptr, L, H, HEADS, D, qk_scale, smb, WPR, seed, p_drop,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -105,7 +120,7 @@ def _attn_fwd_kernel(
         k = tl.load(qkv_ptr + kv_offs + H, mask=kv_ok, other=0.0)
         v = tl.load(qkv_ptr + kv_offs + 2 * H, mask=kv_ok, other=0.0)
         s = dot_exact(q, tl.trans(k)) * qk_scale
-        ok = _allowed(b, i, j, L, mask_ptr, smb, smi, smj, HAS_MASK, CAUSAL)
+        ok = _allowed(b, i, j0, L, mbits_ptr, smb, WPR, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -126,16 +141,17 @@ def _attn_fwd_kernel(
 
 def _bwd_configs():
     if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 1)]]
+            for m, n, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+                               (128, 64, 8, 2)]]
 
 
 @triton.jit
-def _probs(q, k, lse, b, bh, i, j, L, mask_ptr, smb, smi, smj, qk_scale, HAS_MASK: tl.constexpr,
-           CAUSAL: tl.constexpr):
+def _probs(q, k, lse, b, i, j0, L, mbits_ptr, smb, WPR, qk_scale, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+           BM: tl.constexpr, BN: tl.constexpr):
     s = dot_exact(q, tl.trans(k)) * qk_scale
-    ok = _allowed(b, i, j, L, mask_ptr, smb, smi, smj, HAS_MASK, CAUSAL)
+    ok = _allowed(b, i, j0, L, mbits_ptr, smb, WPR, HAS_MASK, CAUSAL, BM, BN)
     return tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
 
 
@@ -143,7 +159,7 @@ def _probs(q, k, lse, b, bh, i, j, L, mask_ptr, smb, smi, smj, qk_scale, HAS_MAS
                  prune_configs_by={"early_config_prune": _prune_attn})
 @triton.jit
 def _attn_bwd_kernel(
-    do_ptr, qkv_ptr, out_ptr, lse_ptr, mask_ptr, dqkv_ptr, L, H, HEADS, D, sm_scale, qk_scale, smb, smi, smj,
+    do_ptr, qkv_ptr, out_ptr, lse_ptr, mbits_ptr, dqkv_ptr, L, H, HEADS, D, sm_scale, qk_scale, smb, WPR,
     seed, p_drop,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -176,7 +192,7 @@ def _attn_bwd_kernel(
             o = tl.load(out_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             lse = tl.load(lse_base + i, mask=i < L, other=0.0)
-            p = _probs(q, k, lse, b, bh, i, j, L, mask_ptr, smb, smi, smj, qk_scale, HAS_MASK, CAUSAL)
+            p = _probs(q, k, lse, b, i, j0, L, mbits_ptr, smb, WPR, qk_scale, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
             dp = dot_exact(do, tl.trans(v))
             if DROPOUT:
                 keep = _keep(seed, bh, i, j, L, p_drop)
@@ -209,7 +225,7 @@ def _attn_bwd_kernel(
             kv_offs = (row + j)[:, None] * stride + h * D + d[None, :]
             k = tl.load(qkv_ptr + kv_offs + H, mask=kv_ok, other=0.0)
             v = tl.load(qkv_ptr + kv_offs + 2 * H, mask=kv_ok, other=0.0)
-            p = _probs(q, k, lse, b, bh, i, j, L, mask_ptr, smb, smi, smj, qk_scale, HAS_MASK, CAUSAL)
+            p = _probs(q, k, lse, b, i, j0, L, mbits_ptr, smb, WPR, qk_scale, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
             dp = dot_exact(do, tl.trans(v))
             if DROPOUT:
                 dp = tl.where(_keep(seed, bh, i, j, L, p_drop), dp / (1.0 - p_drop), 0.0)
@@ -229,7 +245,7 @@ def _fused_configs():
 @triton.autotune(configs=_fused_configs(), key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL"])
 @triton.jit
 def _qkv_attn_kernel(
-    x_ptr, w_ptr, m_ptr, b_ptr, soffs_ptr, mask_ptr, out_ptr, L, H, HEADS, D, W_WORDS, T, qk_scale, smb, smi, smj,
+    x_ptr, w_ptr, m_ptr, b_ptr, soffs_ptr, mbits_ptr, out_ptr, L, H, HEADS, D, W_WORDS, T, qk_scale, smb, WPR,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, ALIGNED: tl.constexpr,
     TF32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -269,7 +285,7 @@ def _qkv_attn_kernel(
     k = tl.where(d_ok[None, :], k, 0.0).to(dt)
     v = tl.where(d_ok[None, :], v, 0.0).to(dt)
     s = dot_exact(q, tl.trans(k)) * qk_scale
-    ok = _allowed(b, i, i, L, mask_ptr, smb, smi, smj, HAS_MASK, CAUSAL)
+    ok = _allowed(b, i, 0, L, mbits_ptr, smb, WPR, HAS_MASK, CAUSAL, BLOCK_L, BLOCK_L)
     s = tl.where(ok, s, float("-inf"))
     m = tl.max(s, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -292,10 +308,24 @@ def _keep_mask_kernel(out_ptr, seed, L, p_drop, BLOCK: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _mask_args(mask3):
+def pack_attention_mask(mask3: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """bool [B, L, L] (a batch broadcast with stride 0 stays one mask) -> int32 words [B' in (1, B), L, ceil(L/32)],
+    bit j of word w of row i = key 32w + j: the form the kernels read."""
     if mask3 is None:
-        return None, (0, 0, 0)
-    return mask3.view(torch.uint8), tuple(mask3.stride())
+        return None
+    from harmodt_fast.ops.packing import pack_masks
+
+    m = mask3[:1] if mask3.shape[0] > 1 and mask3.stride(0) == 0 else mask3
+    nb, L = m.shape[0], m.shape[-1]
+    return pack_masks(m.reshape(nb * L, L).contiguous()).view(nb, L, -1)
+
+
+def _mask_args(mbits, L):
+    """(pointer tensor or None, batch stride in words, words per row)."""
+    if mbits is None:
+        return None, 0, 1
+    wpr = mbits.shape[-1]
+    return mbits.contiguous(), (0 if mbits.shape[0] == 1 else L * wpr), wpr
 
 
 def _check_heads(H: int, heads: int) -> int:
@@ -304,54 +334,54 @@ def _check_heads(H: int, heads: int) -> int:
     return H // heads
 
 
-def launch_attention_fwd(qkv, mask3, B, L, heads, causal, dropout_p, seed):
+def launch_attention_fwd(qkv, mbits, B, L, heads, causal, dropout_p, seed):
     H = qkv.shape[1] // 3
     D = _check_heads(H, heads)
     out = new_output((B * L, H), qkv.dtype, qkv.device)
     lse = new_output((B * heads, L), torch.float32, qkv.device)
     if B * L == 0:
         return out, lse
-    mptr, (smb, smi, smj) = _mask_args(mask3)
+    mptr, smb, wpr = _mask_args(mbits, L)
 
     def grid(meta):
         return (triton.cdiv(L, meta["BLOCK_M"]), B * heads)
 
     _attn_fwd_kernel[grid](
-        qkv, mptr if mptr is not None else qkv, out, lse, L, H, heads, D, LOG2E / math.sqrt(D), smb, smi, smj,
-        seed, float(dropout_p), HAS_MASK=mask3 is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        qkv, mptr if mptr is not None else qkv, out, lse, L, H, heads, D, LOG2E / math.sqrt(D), smb, wpr,
+        seed, float(dropout_p), HAS_MASK=mptr is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
         BLOCK_D=max(16, next_pow2(D)),
     )
     return out, lse
 
 
-def launch_attention_bwd(dout, qkv, out, lse, mask3, B, L, heads, causal, dropout_p, seed):
+def launch_attention_bwd(dout, qkv, out, lse, mbits, B, L, heads, causal, dropout_p, seed):
     H = qkv.shape[1] // 3
     D = _check_heads(H, heads)
     dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
     if B * L == 0:
         return dqkv
-    mptr, (smb, smi, smj) = _mask_args(mask3)
+    mptr, smb, wpr = _mask_args(mbits, L)
     _attn_bwd_kernel[(B * heads,)](
         dout, qkv, out, lse, mptr if mptr is not None else qkv, dqkv, L, H, heads, D, 1.0 / math.sqrt(D),
-        LOG2E / math.sqrt(D), smb, smi, smj, seed, float(dropout_p), HAS_MASK=mask3 is not None, CAUSAL=causal,
+        LOG2E / math.sqrt(D), smb, wpr, seed, float(dropout_p), HAS_MASK=mptr is not None, CAUSAL=causal,
         DROPOUT=dropout_p > 0, BLOCK_D=max(16, next_pow2(D)),
     )
     return dqkv
 
 
-def launch_qkv_attention(x2d, weight, bias, masks, seq_offs, mask3, B, L, heads, causal):
+def launch_qkv_attention(x2d, weight, bias, masks, seq_offs, mbits, B, L, heads, causal):
     H = x2d.shape[1]
     D = _check_heads(H, heads)
     out = new_output((B * L, H), x2d.dtype, x2d.device)
     if B * L == 0:
         return out
     T = seq_offs.numel() - 1
-    mptr, (smb, smi, smj) = _mask_args(mask3)
+    mptr, smb, wpr = _mask_args(mbits, L)
     _qkv_attn_kernel[(B * heads,)](
         x2d, weight, masks, bias if bias is not None else x2d, seq_offs, mptr if mptr is not None else x2d, out,
-        L, H, heads, D, masks.shape[1], T, LOG2E / math.sqrt(D), smb, smi, smj,
-        HAS_BIAS=bias is not None, HAS_MASK=mask3 is not None, CAUSAL=causal, ALIGNED=H % 32 == 0,
-        TF32=allow_tf32(x2d.dtype), BLOCK_T=max(16, next_pow2(T)), BLOCK_L=max(16, next_pow2(L)),
+        L, H, heads, D, masks.shape[1], T, LOG2E / math.sqrt(D), smb, wpr,
+        HAS_BIAS=bias is not None, HAS_MASK=mptr is not None, CAUSAL=causal, ALIGNED=H % 32 == 0,
+        TF32=allow_tf32(x2d.dtype), BLOCK_T=max(16, next_pow2(T)), BLOCK_L=max(32, next_pow2(L)),
         BLOCK_D=max(16, next_pow2(D)),
     )
     return out
@@ -366,63 +396,65 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, L: int, p: float, devic
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# torch.library ops; `mbits` is the bit-packed attention mask from pack_attention_mask (or None)
+
 @torch.library.custom_op("harmodt_fast::attention_fwd", mutates_args=())
-def attention_fwd_op(qkv: torch.Tensor, mask3: Optional[torch.Tensor], B: int, L: int, heads: int, causal: bool,
+def attention_fwd_op(qkv: torch.Tensor, mbits: Optional[torch.Tensor], B: int, L: int, heads: int, causal: bool,
                      dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return launch_attention_fwd(qkv.contiguous(), mask3, B, L, heads, causal, dropout_p, seed)
+    return launch_attention_fwd(qkv.contiguous(), mbits, B, L, heads, causal, dropout_p, seed)
 
 
 @attention_fwd_op.register_fake
-def _(qkv, mask3, B, L, heads, causal, dropout_p, seed):
+def _(qkv, mbits, B, L, heads, causal, dropout_p, seed):
     H = qkv.shape[1] // 3
     return qkv.new_empty(B * L, H), qkv.new_empty(B * heads, L, dtype=torch.float32)
 
 
 @torch.library.custom_op("harmodt_fast::attention_bwd", mutates_args=())
 def attention_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                     mask3: Optional[torch.Tensor], B: int, L: int, heads: int, causal: bool, dropout_p: float,
+                     mbits: Optional[torch.Tensor], B: int, L: int, heads: int, causal: bool, dropout_p: float,
                      seed: int) -> torch.Tensor:
-    return launch_attention_bwd(dout.contiguous(), qkv.contiguous(), out.contiguous(), lse.contiguous(), mask3, B,
+    return launch_attention_bwd(dout.contiguous(), qkv.contiguous(), out.contiguous(), lse.contiguous(), mbits, B,
                                 L, heads, causal, dropout_p, seed)
 
 
 @attention_bwd_op.register_fake
-def _(dout, qkv, out, lse, mask3, B, L, heads, causal, dropout_p, seed):
+def _(dout, qkv, out, lse, mbits, B, L, heads, causal, dropout_p, seed):
     return torch.empty_like(qkv)
 
 
 @torch.library.custom_op("harmodt_fast::masked_qkv_attention", mutates_args=())
 def masked_qkv_attention_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            masks: torch.Tensor, seq_offsets: Sequence[int], mask3: Optional[torch.Tensor], B: int,
+                            masks: torch.Tensor, seq_offsets: Sequence[int], mbits: Optional[torch.Tensor], B: int,
                             L: int, heads: int, causal: bool) -> torch.Tensor:
     return launch_qkv_attention(x2d.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
-                                masks.contiguous(), device_offsets(seq_offsets, x2d.device), mask3, B, L, heads,
+                                masks.contiguous(), device_offsets(seq_offsets, x2d.device), mbits, B, L, heads,
                                 causal)
 
 
 @masked_qkv_attention_op.register_fake
-def _(x2d, weight, bias, masks, seq_offsets, mask3, B, L, heads, causal):
+def _(x2d, weight, bias, masks, seq_offsets, mbits, B, L, heads, causal):
     return torch.empty_like(x2d)
 
 
 class MaskedAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x3d, weight, bias, masks, seq_offsets, heads, mask3, causal, dropout_p, seed, task_grads):
+    def forward(ctx, x3d, weight, bias, masks, seq_offsets, heads, mbits, causal, dropout_p, seed, task_grads):
         B, L, H = x3d.shape
         x2d = x3d.reshape(B * L, H)
         row_offs = [o * L for o in seq_offsets]
         qkv, _ = masked_mm_op(x2d, weight, masks, row_offs, bias, None, True, EPI_NONE, 0, False)
-        out, lse = attention_fwd_op(qkv, mask3, B, L, heads, causal, dropout_p, seed)
-        ctx.save_for_backward(x2d, weight, masks, qkv, out, lse, mask3, task_grads)
+        out, lse = attention_fwd_op(qkv, mbits, B, L, heads, causal, dropout_p, seed)
+        ctx.save_for_backward(x2d, weight, masks, qkv, out, lse, mbits, task_grads)
         ctx.meta = (B, L, heads, causal, dropout_p, seed, row_offs, bias is not None)
         return out.view(B, L, H)
 
     @staticmethod
     def backward(ctx, dout):
-        x2d, weight, masks, qkv, out, lse, mask3, task_grads = ctx.saved_tensors
+        x2d, weight, masks, qkv, out, lse, mbits, task_grads = ctx.saved_tensors
         B, L, heads, causal, dropout_p, seed, row_offs, has_bias = ctx.meta
         need = ctx.needs_input_grad
-        dqkv = attention_bwd_op(dout.reshape(B * L, -1), qkv, out, lse, mask3, B, L, heads, causal, dropout_p, seed)
+        dqkv = attention_bwd_op(dout.reshape(B * L, -1), qkv, out, lse, mbits, B, L, heads, causal, dropout_p, seed)
         dx = dw = db = None
         if need[0]:
             dx, _ = masked_mm_op(dqkv, weight, masks, row_offs, None, None, False, EPI_NONE, 0, False)
@@ -442,15 +474,16 @@ def masked_attention_triton(x3d, weight, bias, masks_packed, seq_offsets, heads,
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device synchronisation
     seed = 0 if seed is None else int(seed)
+    mbits = pack_attention_mask(mask3)
     tensors = (x3d, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return MaskedAttentionFn.apply(x3d, weight, bias, masks_packed, tuple(seq_offsets), heads, mask3, causal,
+        return MaskedAttentionFn.apply(x3d, weight, bias, masks_packed, tuple(seq_offsets), heads, mbits, causal,
                                        float(dropout_p), seed, task_grads)
     x2d = x3d.reshape(B * L, H)
     if dropout_p == 0 and L <= FUSED_MAX_L:
-        out = masked_qkv_attention_op(x2d, weight, bias, masks_packed, list(seq_offsets), mask3, B, L, heads, causal)
+        out = masked_qkv_attention_op(x2d, weight, bias, masks_packed, list(seq_offsets), mbits, B, L, heads, causal)
     else:
         qkv, _ = masked_mm_op(x2d, weight, masks_packed, [o * L for o in seq_offsets], bias, None, True, EPI_NONE,
                               0, False)
-        out, _ = attention_fwd_op(qkv, mask3, B, L, heads, causal, float(dropout_p), seed)
+        out, _ = attention_fwd_op(qkv, mbits, B, L, heads, causal, float(dropout_p), seed)
     return out.view(B, L, H)

@@ -47,7 +47,7 @@ def _mm_configs():
         # the word expansion (several words per weight column in the forward, one per row in dX)
         return [triton.Config({"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_C": 32}, num_warps=4)]
     shapes = [  # (BLOCK_M, BLOCK_R, BLOCK_C, warps, stages)
-        (128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4), (128, 32, 128, 4, 4),
+        (128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4), (128, 32, 128, 8, 4),
         (64, 64, 256, 8, 3), (128, 64, 64, 4, 4), (64, 32, 64, 4, 4), (256, 64, 128, 8, 3),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_R": r, "BLOCK_C": c}, num_warps=w, num_stages=s)
@@ -109,7 +109,7 @@ def _dw_configs():
     if interpret():
         return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-            for m, w, s in [(64, 4, 3), (64, 8, 3), (32, 4, 4), (128, 8, 3)]]
+            for m, w, s in [(64, 8, 3), (32, 8, 4), (128, 8, 3), (64, 4, 3)]]
 
 
 @triton.autotune(configs=_dw_configs(), key=["N", "K", "M_BUCKET", "T", "BLOCK_N", "BLOCK_K", "TASK_SPLIT",
@@ -222,10 +222,11 @@ def launch_masked_mm(a, weight, masks, offs, transpose_w: bool, bias=None, epilo
     return out, pre
 
 
-def _dw_tile(n: int, k: int) -> tuple[int, int]:
+def _dw_tile(n: int, k: int, task_grads: bool) -> tuple[int, int]:
     if interpret():
         return 32, 64
-    return (128, 128) if n * k >= (1 << 20) else (64, 64)
+    # with task grads the program also holds the task's dense tile and its task_grads tile: 128x128 spills
+    return (128, 128) if n * k >= (1 << 20) and not task_grads else (64, 64)
 
 
 def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=False, task_grads=None):
@@ -240,7 +241,7 @@ def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=Fal
         db = torch.zeros(N, dtype=weight_dtype, device=dev) if need_db else None
         return dw, db
     check_rows_fit(M, max(N, K))
-    bn, bk = _dw_tile(N, K)
+    bn, bk = _dw_tile(N, K, task_grads is not None)
     tiles = triton.cdiv(N, bn) * triton.cdiv(K, bk)
     want = max(1, triton.cdiv(2 * num_sms(dev), tiles))
     if task_grads is not None:

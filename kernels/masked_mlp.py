@@ -45,7 +45,7 @@ def _chain_configs():
     if interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_H": 64}, num_warps=4)]
     shapes = [(64, 64, 64, 8, 2), (64, 32, 128, 8, 2), (128, 64, 64, 8, 2), (64, 64, 128, 8, 2),
-              (32, 64, 64, 4, 2), (64, 64, 64, 4, 3)]
+              (32, 64, 64, 4, 2), (64, 64, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_H": h}, num_warps=w, num_stages=s)
             for m, k, h, w, s in shapes]
 

@@ -123,15 +123,24 @@ def test_attention_ops_pass_opcheck(rng):
     (x, w, b), packed, offsets = make_case(rng, [2, 1], 9, 32)
     B, L, H, heads = 3, 9, 32, 2
     qkv = torch.randn(B * L, 3 * H, generator=rng).to(DEVICE)
-    mask3 = attention_mask_3d(dt_mask(rng, B, L), B, L, qkv.device)
+    mbits = kattn.pack_attention_mask(attention_mask_3d(dt_mask(rng, B, L), B, L, qkv.device))
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(kattn.attention_fwd_op, (qkv, mask3, B, L, heads, True, 0.0, 0), test_utils=checks)
-    out, lse = kattn.attention_fwd_op(qkv, mask3, B, L, heads, True, 0.0, 0)
+    torch.library.opcheck(kattn.attention_fwd_op, (qkv, mbits, B, L, heads, True, 0.0, 0), test_utils=checks)
+    out, lse = kattn.attention_fwd_op(qkv, mbits, B, L, heads, True, 0.0, 0)
     dout = torch.randn(B * L, H, generator=rng).to(DEVICE)
-    torch.library.opcheck(kattn.attention_bwd_op, (dout, qkv, out, lse, mask3, B, L, heads, True, 0.0, 0),
+    torch.library.opcheck(kattn.attention_bwd_op, (dout, qkv, out, lse, mbits, B, L, heads, True, 0.0, 0),
                           test_utils=checks)
     torch.library.opcheck(kattn.masked_qkv_attention_op,
-                          (x.reshape(B * L, H), w, b, packed, offsets, mask3, B, L, heads, True), test_utils=checks)
+                          (x.reshape(B * L, H), w, b, packed, offsets, mbits, B, L, heads, True), test_utils=checks)
+
+
+def test_packed_attention_mask_layout(rng):
+    m = torch.rand(4, 37, 37, generator=rng) < 0.5
+    bits = kattn.pack_attention_mask(m.to(DEVICE))
+    assert bits.shape == (4, 37, 2) and bits.dtype == torch.int32
+    assert torch.equal(hf.ops.unpack_masks(bits.reshape(4 * 37, 2).cpu(), 37).view(4, 37, 37), m)
+    shared = kattn.pack_attention_mask(m[:1].expand(4, 37, 37).to(DEVICE))  # a broadcast mask is packed once
+    assert shared.shape == (1, 37, 2)
 
 
 def test_attention_bad_input(rng):
