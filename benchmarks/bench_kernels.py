@@ -345,8 +345,9 @@ def targets(rows) -> list[dict]:
     shapes = {(r["group"], r["shape"]) for r in rows if r.get("group") in ("linear-paper", "linear-large")}
     for group, shape in sorted(shapes):
         ours = find(rows, group, shape, "forward", "ours")
-        for impl, need, label in [("cuBLAS unmasked", 0.9 if group == "linear-large" else None, "vs cuBLAS dense"),
-                                  ("materialise eager", 2.0 if group == "linear-paper" else None, "vs materialise eager"),
+        large, paper = group == "linear-large", group == "linear-paper"
+        for impl, need, label in [("cuBLAS unmasked", 0.9 if large else None, "vs cuBLAS dense"),
+                                  ("materialise eager", 2.0 if paper else None, "vs materialise eager"),
                                   ("materialise torch.compile", 1.0, "vs materialise torch.compile")]:
             other = find(rows, group, shape, "forward", impl)
             if ours and other:

@@ -47,7 +47,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   HARMODT_POISON=1 timeout "$T_TEST" "$PY" -m pytest -q -p no:cacheprovider "${extra[@]}" -rA \
       --junitxml="$OUT/kernels_tests.xml" --durations=15 \
       tests/test_kernels_gpu.py tests/test_kernels_masked_linear.py tests/test_kernels_masked_mlp.py \
-      tests/test_kernels_masked_attention.py tests/test_kernels_model.py 2>&1 | tee "$OUT/kernels_tests.log"
+      tests/test_kernels_masked_attention.py tests/test_kernels_model.py tests/test_kernels_compile.py 2>&1 | tee "$OUT/kernels_tests.log"
   status=${PIPESTATUS[0]}
   echo "tests exit status: $status (124 = stopped by the time limit)" | tee -a "$OUT/kernels_tests.log"
 fi

@@ -38,14 +38,16 @@ def _variants(full: bool):
     bf = "*bf16"
     mm_sig = dict(a_ptr=bf, w_ptr=bf, m_ptr="*i32", offs_ptr="*i32", bias_ptr=bf, aux_ptr=bf, out_ptr=bf, pre_ptr=bf,
                   M="i32", R="i32", C="i32", LD="i32", W_WORDS="i32", T="i32", M_BUCKET="i32")
-    for blocks, w, s in cfgs(kl._masked_mm_kernel, (dict(BLOCK_M=128, BLOCK_R=64, BLOCK_C=128), 8, 3)):
-        for contig, epi, act, pre in [(True, 0, 0, False), (False, 0, 0, False), (True, 1, 2, True), (False, 2, 1, False)]:
+    mm_default = [(dict(BLOCK_M=128, BLOCK_R=64, BLOCK_C=128, SWAP=sw), 8, 3) for sw in (True, False)]
+    for blocks, w, s in (cfgs(kl._masked_mm_kernel, None) if full else mm_default):
+        for contig, epi, act, pre in [(True, 0, 0, False), (False, 0, 0, False), (True, 1, 2, True),
+                                      (False, 2, 1, False)]:
             yield (f"masked_mm contig_r={contig} epi={epi} act={act} {blocks}", kl._masked_mm_kernel, mm_sig,
                    dict(CONTIG_R=contig, ALIGNED=True, HAS_BIAS=contig, EPI=epi, ACT=act, STORE_PRE=pre, TF32=False,
                         BLOCK_T=64, **blocks), w, s)
     yield ("masked_mm unaligned rows", kl._masked_mm_kernel, mm_sig,
            dict(CONTIG_R=True, ALIGNED=False, HAS_BIAS=True, EPI=0, ACT=0, STORE_PRE=False, TF32=False, BLOCK_T=16,
-                BLOCK_M=64, BLOCK_R=32, BLOCK_C=64), 4, 3)
+                BLOCK_M=64, BLOCK_R=32, BLOCK_C=64, SWAP=True), 4, 3)
     dw_sig = dict(dy_ptr=bf, x_ptr=bf, m_ptr="*i32", offs_ptr="*i32", dw_ptr="*fp32", db_ptr="*fp32", tg_ptr="*fp32",
                   M="i32", N="i32", K="i32", W_WORDS="i32", T="i32", ROWS_PER_SPLIT="i32", TASKS_PER_SPLIT="i32",
                   M_BUCKET="i32")

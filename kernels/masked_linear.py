@@ -44,14 +44,16 @@ EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
 def _mm_configs():
     if interpret():
         # the interpreter's blocks are small so tests cross tiles; BLOCK_R 64 / BLOCK_C 32 take the two forms of
-        # the word expansion (several words per weight column in the forward, one per row in dX)
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_C": 32}, num_warps=4)]
-    shapes = [  # (BLOCK_M, BLOCK_R, BLOCK_C, warps, stages)
-        (128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (64, 64, 128, 4, 4), (128, 32, 128, 8, 4),
-        (64, 64, 256, 8, 3), (128, 64, 64, 4, 4), (64, 32, 64, 4, 4), (256, 64, 128, 8, 3),
+        # the word expansion (several words per weight column in the forward, one per row in dX). Tests swap in
+        # the SWAP=True config themselves.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_C": 32, "SWAP": False}, num_warps=4)]
+    shapes = [  # (BLOCK_M, BLOCK_R, BLOCK_C, warps, stages, SWAP)
+        (128, 64, 128, 8, 3, True), (128, 64, 64, 4, 4, True), (64, 64, 128, 4, 4, True), (128, 64, 256, 8, 3, True),
+        (64, 32, 64, 4, 4, True), (256, 64, 128, 8, 3, True),
+        (128, 64, 128, 8, 3, False), (128, 64, 256, 8, 3, False), (64, 64, 256, 8, 3, False), (64, 32, 64, 4, 4, False),
     ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_R": r, "BLOCK_C": c}, num_warps=w, num_stages=s)
-            for m, r, c, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_R": r, "BLOCK_C": c, "SWAP": sw}, num_warps=w, num_stages=s)
+            for m, r, c, w, s, sw in shapes]
 
 
 def _prune_mm(configs, named_args, **kwargs):
@@ -68,10 +70,12 @@ def _masked_mm_kernel(
     M, R, C, LD, W_WORDS, T, M_BUCKET,
     CONTIG_R: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
     ACT: tl.constexpr, STORE_PRE: tl.constexpr, TF32: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SWAP: tl.constexpr,
 ):
     # column tiles vary fastest, so programs running together share one A row tile (read once from DRAM);
-    # W and all the packed masks are small enough to stay in L2
+    # W and all the packed masks are small enough to stay in L2.
+    # SWAP computes the transposed tile, Outᵀ = Vᵀ·Aᵀ: the masked weight (built in registers) is then the
+    # left operand, which Hopper's wgmma reads from registers, instead of a trip through shared memory.
     pid = tl.program_id(0)
     n_c = tl.cdiv(C, BLOCK_C)
     pid_c = pid % n_c
@@ -84,13 +88,23 @@ def _masked_mm_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         mw_ptr = m_ptr + t * W_WORDS
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            a = tl.load(a_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr < R)[None, :],
-                        other=0.0)
-            w = masked_weight_tile(w_ptr, mw_ptr, r0, c0, R, C, LD, CONTIG_R, ALIGNED, BLOCK_R, BLOCK_C)
-            acc = dot_acc(a, w, acc, TF32)
+        if SWAP:
+            acc_t = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                a_t = tl.load(a_ptr + rows64[None, :] * R + rr[:, None], mask=row_ok[None, :] & (rr < R)[:, None],
+                              other=0.0)
+                w_t = masked_weight_tile(w_ptr, mw_ptr, c0, r0, C, R, LD, not CONTIG_R, ALIGNED, BLOCK_C, BLOCK_R)
+                acc_t = dot_acc(w_t, a_t, acc_t, TF32)
+            acc = tl.trans(acc_t)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                a = tl.load(a_ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr < R)[None, :],
+                            other=0.0)
+                w = masked_weight_tile(w_ptr, mw_ptr, r0, c0, R, C, LD, CONTIG_R, ALIGNED, BLOCK_R, BLOCK_C)
+                acc = dot_acc(a, w, acc, TF32)
         ok = row_ok[:, None] & col_ok[None, :]
         out_offs = rows64[:, None] * C + cols[None, :]
         if HAS_BIAS:

@@ -163,3 +163,24 @@ def test_torch_compile_traces_the_op(rng):
     assert outs[0][1].abs().sum() > 0
     for got, want in zip(*outs):
         close(got, want)
+
+
+@pytest.mark.parametrize("counts,n_in,n_out", [CASES[0], CASES[4]])
+def test_swapped_operand_variant(counts, n_in, n_out, rng, monkeypatch):
+    """The GPU autotuner also tries SWAP=True (the transposed tile, masked weight as the register operand):
+    check that variant on the forward and dX here."""
+    import triton
+
+    from harmodt_fast.kernels import masked_linear as kl
+
+    cfg = kl._masked_mm_kernel.configs[0]
+    monkeypatch.setattr(kl._masked_mm_kernel, "configs",
+                        [triton.Config({**cfg.kwargs, "SWAP": True}, num_warps=cfg.num_warps)])
+    x, w, b, packed, offsets = make_case(rng, counts, n_in, n_out)
+    dy = torch.randn(x.shape[0], n_out, generator=rng).to(DEVICE)
+    ran, y, grads = run("triton", x, w, b, packed, offsets, dy)
+    assert ran == "triton"
+    _, y_ref, grads_ref = run("torch", x, w, b, packed, offsets, dy)
+    close(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        close(got, want)
