@@ -10,7 +10,9 @@ Every case runs in a fresh subprocess, so that its peak memory is its own:
   the op itself allocates and touches, its output included (the new packed masks: 28.1 MiB for MT50).
 - CUDA: torch.cuda.max_memory_allocated() after the call - memory_allocated() before it (peak stats reset).
 Time: wall clock of the call (CUDA: synchronised), the median over --repeats calls after one warm-up call on a
-small input (the reference, tens of seconds per call here, runs once). Each case also reports a SHA-256 of the
+small input (the reference, tens of seconds per call here, runs once), and the process CPU time of the call (all
+threads): on a shared machine the wall clock depends on how many cores were free (the 1-min load average before
+each case is recorded), the CPU time much less. Each case also reports a SHA-256 of the
 new packed masks: the cases that take the same gradients must agree bit for bit.
 
 The inputs are those of a mask update in training: ERK masks at density 0.8 (hf.TaskMasks.erk over the paper
@@ -63,27 +65,29 @@ def _malloc_trim() -> None:
 def _measure(fn, device, repeats):
     import torch
 
-    times, peaks, out = [], [], None
+    times, cpus, peaks, out = [], [], [], None
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
             peaks.append(torch.cuda.max_memory_allocated() - before)
         else:
             _malloc_trim()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
             before = _status_kb("VmRSS")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
             peaks.append((_status_kb("VmHWM") - before) * 1024)
-    return times, max(peaks), out
+    return times, cpus, max(peaks), out
 
 
 def _inputs(tasks: int, preset: str, device, dtype, seed: int = 0):
@@ -160,10 +164,12 @@ def worker(args) -> dict:
     else:
         raise SystemExit(f"unknown case {case}")
     repeats = 1 if case in ("reference",) else args.repeats
-    times, peak, out = _measure(fn, device, repeats)
+    load = os.getloadavg()[0]
+    times, cpus, peak, out = _measure(fn, device, repeats)
     rec = {
         "case": case, "dtype": args.dtype, "device": str(device), "T": T, "P": P, "k": k,
-        "time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": int(peak),
+        "time_s": statistics.median(times), "times_s": times, "cpu_s": statistics.median(cpus),
+        "load_1min_before": load, "peak_extra_bytes": int(peak),
         "grad_buffer_bytes": grads.numel() * grads.element_size(), "threads": torch.get_num_threads(),
     }
     if isinstance(out, tuple):
@@ -289,24 +295,26 @@ def markdown(result: dict) -> str:
         f"k = {s['k']} flips per task, gamma {s['gamma']}, score {s['score']}, ERK masks at density {s['density']}. "
         "Peak extra memory: see the method in benchmarks/bench_harmony.py.",
         "",
-        "| case | grads | time (s) | speed-up vs reference | peak extra memory | share of gradient buffer | masks = reference |",
-        "|---|---|---|---|---|---|---|",
+        "| case | grads | wall time (s) | CPU time (s) | load before | speed-up vs reference (wall) | peak extra memory "
+        "| share of gradient buffer | masks = reference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if "masks_sha256" not in r:
             continue
         lines.append(
-            f"| {r['case']} | {r['dtype']} | {r['time_s']:.3f} | "
+            f"| {r['case']} | {r['dtype']} | {r['time_s']:.3f} | {r['cpu_s']:.3f} | {r['load_1min_before']:.1f} | "
             f"{r.get('speedup_vs_reference', float('nan')):.1f}x | {r['peak_extra_bytes'] / 2**20:.1f} MiB | "
             f"{100 * r['peak_extra_share_of_grad_buffer']:.1f}% | "
             f"{ {True: 'identical', False: 'DIFFERENT', None: 'n/a (bf16 input)'}.get(r.get('identical_to_reference'), 'n/a')} |"
         )
     agree = [r for r in result["rows"] if r["case"].startswith("agreement")]
     if agree:
-        lines += ["", "| task_agreement | time (s) | speed-up vs plain | peak extra memory | max abs diff vs plain |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| task_agreement | wall time (s) | CPU time (s) | speed-up vs plain (wall) | peak extra memory "
+                  "| max abs diff vs plain |", "|---|---|---|---|---|---|"]
         for r in agree:
-            lines.append(f"| {r['case']} | {r['time_s']:.3f} | {r.get('speedup_vs_plain', float('nan')):.1f}x | "
+            lines.append(f"| {r['case']} | {r['time_s']:.3f} | {r['cpu_s']:.3f} | "
+                         f"{r.get('speedup_vs_plain', float('nan')):.1f}x | "
                          f"{r['peak_extra_bytes'] / 2**20:.1f} MiB | {r.get('max_abs_diff_vs_plain', 0):.1e} |")
     return "\n".join(lines) + "\n"
 
