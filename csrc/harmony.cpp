@@ -139,8 +139,8 @@ inline void sweep_task(const scalar_t* g_row, const double* gb, const double* ma
     } else {
       sc = rounded_product(gamma * a) + 0.0;
     }
-    const bool hp = act & (!pfilter | (sc < pthr));
-    const bool hg = !act & (!gfilter | (a > gthr));
+    const bool hp = act & ((!pfilter) | (sc < pthr));
+    const bool hg = (!act) & ((!gfilter) | (a > gthr));
     if (__builtin_expect(hp | hg, 0)) {
       if (hp) {
         ph.offer({sc, i});
