@@ -8,10 +8,11 @@
 // Layout of the work: entries are processed in sub-chunks of SUB entries, OpenMP-parallel over sub-chunks. Per
 // sub-chunk, ḡ is built in a thread-local buffer (the T gradient rows of the sub-chunk stay in cache for the
 // second sweep), then every task sweeps its row once: agreement, statistics, and a bounded heap of its best k
-// prune and regrow candidates. Each thread keeps its own heaps for the current feed; they are merged into the
-// state's heaps at the end of the feed (in parallel over tasks). So the extra memory is O(threads x T x k) plus
-// O(threads x SUB), never T x P, and the same state accepts the gradients in consecutive chunks (the streaming
-// form) with exactly the masks of one whole-vector call: every candidate order is total, (value, index).
+// prune and regrow candidates. Each thread keeps its own heaps for the current feed, filtered by the worst key the
+// state's heaps already keep; they are merged into the state's heaps at the end of the feed. So the extra memory
+// is O(threads x T x k) plus O(threads x SUB), never T x P, and the same state accepts the gradients in consecutive
+// chunks (the streaming form) with exactly the masks of one whole-vector call: every candidate order is total,
+// (value, index).
 #include <torch/extension.h>
 
 #include <omp.h>
