@@ -266,8 +266,7 @@ class Trainer:
         new_masks = masks.with_flat_packed(new_flat)
         model.set_masks(new_masks)
         self._refresh_unused()
-        unit = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.task_agreement = (unit @ unit.t()).double().cpu()
+        self.task_agreement = ops.task_agreement(grads).cpu()
         overlap = new_masks.overlap()
         off_diag = overlap[~torch.eye(cfg.num_tasks, dtype=torch.bool)]
         return {
