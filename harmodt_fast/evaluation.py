@@ -7,11 +7,11 @@ Every task acts through its own mask and its own prompt; the return-to-go target
 scale 1000, both from the checkpoint's config unless overridden).
 
 How it runs (read top to bottom: API, checkpoint and tasks, environments, rollout loop, policies, report):
-- Environments: the episodes' environments are dealt round-robin into one group per worker; a group (EnvGroup)
-  is one gymnasium environment holding several Meta-World environments, and gymnasium's AsyncVectorEnv steps the
-  groups in worker processes (observations come back through shared memory). Dealing round-robin mixes the tasks
-  in every worker, so slow tasks do not pile up in one process. Groups build their Meta-World environments on the
-  first reset, inside the worker.
+- Environments: the episodes' environments are dealt in equal contiguous shares (task-major) into one group per
+  worker; a group (EnvGroup) is one gymnasium environment holding several Meta-World environments, and gymnasium's
+  AsyncVectorEnv steps the groups in worker processes (observations come back through shared memory). Contiguous
+  shares keep each worker to a few tasks, so it sets up few Meta-World benchmarks (about 0.4 s per task). Groups
+  build their Meta-World environments on the first reset, inside the worker, while the model loads.
 - The model: one row per live episode, rows ordered by model task id, so the batch's task segments are contiguous
   and ONE forward of the mixed-task masked model gives every episode's action. The context window (the last K steps
   of states, actions, returns-to-go, timesteps and the padding mask) lives in preallocated [rows, 2K, ...] tensors
@@ -44,6 +44,7 @@ import torch
 
 from harmodt_fast.batch import Batch, Prompt, offsets_from_counts
 from harmodt_fast.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, prompt_from_dict
+from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.envs import MAX_EPISODE_STEPS, goal_variants, make_env, scripted_policy
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.tasks import resolve_tasks
@@ -95,37 +96,42 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
                          f"unseen=True (--unseen) to evaluate them with the consensus mask of the trained tasks")
     _check_counts(episodes, max_episode_steps)
     torch.manual_seed(seed)
-
     dev = _pick_device(device)
-    model, config = model_from_checkpoint(ckpt, device=dev)
-    if backend is not None:
-        for layer in model.masked_layers().values():
-            layer.backend = backend
+    config = HarmoDTConfig.from_dict(ckpt["config"])
     if precision is not None:
         config = dataclasses.replace(config, precision=precision)
-    amp_dtype = _autocast_dtype(config, dev)
-
-    # Rows must be ordered by model task id: trained tasks in checkpoint order, then the unseen ones (one segment).
-    order = [t for t in trained if t in requested] + new
-    task_ids = [trained.index(t) if t in trained else len(trained) for t in order]
     threshold = None
     if new:
         threshold = int(config.merge_threshold if merge_threshold is None else merge_threshold)
-        _append_consensus_mask(model, threshold)
-    mean, std = _state_stats(ckpt, order, trained)
-    prompt = _prompts(ckpt, config, order, trained, mean, std, seed) if config.use_prompt else None
+        if not 1 <= threshold <= len(trained):
+            raise ValueError(f"merge threshold must be in 1..{len(trained)} (the trained tasks), got {threshold}")
+    # Rows must be ordered by model task id: trained tasks in checkpoint order, then the unseen ones (one segment).
+    order = [t for t in trained if t in requested] + new
+    task_ids = [trained.index(t) if t in trained else len(trained) for t in order]
 
-    policy = ModelPolicy(model, config, task_ids, mean, std, prompt,
-                         config.target_return if target_return is None else float(target_return), amp_dtype)
-    stats = rollout(order, episodes, policy, seed=seed, max_episode_steps=max_episode_steps, workers=workers,
+    def make_policy():  # runs while the workers build their environments
+        model, _ = model_from_checkpoint(ckpt, device=dev)
+        if backend is not None:
+            for layer in model.masked_layers().values():
+                layer.backend = backend
+        if new:
+            _append_consensus_mask(model, threshold)
+        mean, std = _state_stats(ckpt, order, trained)
+        prompt = _prompts(ckpt, config, order, trained, mean, std, seed) if config.use_prompt else None
+        return ModelPolicy(model, config, task_ids, mean, std, prompt,
+                           config.target_return if target_return is None else float(target_return),
+                           _autocast_dtype(config, dev))
+
+    stats = rollout(order, episodes, make_policy, seed=seed, max_episode_steps=max_episode_steps, workers=workers,
                     max_envs=max_envs, progress=progress)
+    policy = stats.pop("policy")
     wall = time.perf_counter() - wall0
 
     report = summarise(stats, requested)
     for t in requested:
         report["per_task"][t]["seen"] = t in trained
     masked_backend = None
-    if model.task_masks() is not None:
+    if policy.model.task_masks() is not None:
         from harmodt_fast import ops
 
         masked_backend = ops.last_backend("masked_linear")
@@ -133,7 +139,7 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
         "checkpoint": source, "step": int(ckpt.get("step", 0)), "method": config.method,
         "unseen_tasks": new, "merge_threshold": threshold,
         "target_return": policy.target_return, "rtg_scale": config.rtg_scale,
-        "device": str(dev), "precision": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
+        "device": str(dev), "precision": "bf16" if policy.amp_dtype == torch.bfloat16 else "fp32",
         "masked_linear_backend": masked_backend,
         "wall_s": wall, "model_time_share": stats["model_s"] / wall,
     })
@@ -343,10 +349,11 @@ def _plan(num_tasks: int, episodes: int, workers: int, max_envs: int | None):
     slots = [(t, j) for t in range(num_tasks) for j in range(per_task)]  # task-major
     workers = max(1, min(workers, len(slots)))
     n = math.ceil(len(slots) / workers)
+    workers = math.ceil(len(slots) / n)
     groups = [[(None, ())] * n for _ in range(workers)]
     flat_index = {}
-    for k, (t, j) in enumerate(slots):  # round-robin: every worker gets a mix of tasks
-        g, i = k % workers, k // workers
+    for k, (t, j) in enumerate(slots):  # contiguous: a worker sets up MT1 for few tasks (~0.4 s each)
+        g, i = k // n, k % n
         goals = tuple(w * per_task + j if w * per_task + j < episodes else None for w in range(waves))
         groups[g][i] = (t, goals)
         flat_index[t, j] = g * n + i
@@ -375,8 +382,9 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
 
     policy: .start(row_tasks) at the start of a wave (the task position of each row, non-decreasing);
     .act(obs [R, 39] float64, live bool [R]) -> actions [R, 4] (rows not live are ignored);
-    .observe(rewards [R], live) after every step.
-    Returns per-episode arrays [T, E] ("success", "returns", "lengths") and counters and timings.
+    .observe(rewards [R], live) after every step. Or a function that returns such a policy: it is called while
+    the workers build their environments, so loading a model overlaps with that.
+    Returns per-episode arrays [T, E] ("success", "returns", "lengths"), counters, timings and the policy.
     """
     tasks = list(tasks)
     _check_counts(episodes, max_episode_steps)
@@ -395,7 +403,13 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
     t0 = time.perf_counter()
     vec = make_vector_env(tasks, groups, max_episode_steps, seed, workers)
     try:
-        obs, _ = vec.reset(seed=seed, options={"wave": 0})  # builds every environment, in the workers
+        if workers and not hasattr(policy, "act"):
+            vec.reset_async(seed=seed, options={"wave": 0})  # the workers build every environment meanwhile
+            policy = policy()
+            obs, _ = vec.reset_wait()
+        else:
+            obs, _ = vec.reset(seed=seed, options={"wave": 0})
+            policy = policy if hasattr(policy, "act") else policy()
         setup_s = time.perf_counter() - t0
         bar = _progress_bar(waves * max_episode_steps, progress)
         for w, rows in enumerate(wave_rows):
@@ -434,8 +448,8 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
     return {"tasks": tasks, "episodes": episodes, "success": success, "returns": returns, "lengths": lengths,
             "env_steps": env_steps, "env_steps_per_s": env_steps / max(rollout_s, 1e-9), "setup_s": setup_s,
             "rollout_s": rollout_s, "model_s": model_s, "env_s": env_s, "model_calls": forwards,
-            "max_rows_per_call": max_rows, "waves": waves, "workers": workers, "seed": seed,
-            "max_episode_steps": max_episode_steps}
+            "max_rows_per_call": max_rows, "waves": waves, "workers": len(groups) if workers else 0, "seed": seed,
+            "max_episode_steps": max_episode_steps, "policy": policy}
 
 
 def _progress_bar(total: int, enabled: bool):
