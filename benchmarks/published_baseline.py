@@ -39,14 +39,19 @@ class PublishedProcedure:
             for _ in range(config.num_tasks)
         ]
 
-    def train_step(self, batch: hf.Batch, task: int) -> float:
-        masks = self.masks[task]
+    def _load_masked(self, task: int) -> dict:
+        """Loads θ ⊙ M_task into the model (deep copies, as published); returns the saved original state."""
         original = copy.deepcopy(self.model.state_dict())
         masked = copy.deepcopy(self.model.state_dict())
-        for name, mask in masks.items():
+        for name, mask in self.masks[task].items():
             if _applies(name):
                 masked[name] = masked[name] * mask
         self.model.load_state_dict(masked)
+        return original
+
+    def train_step(self, batch: hf.Batch, task: int) -> float:
+        masks = self.masks[task]
+        original = self._load_masked(task)
         loss = self.model.task_losses(batch)[task]
         self.optimizer.zero_grad()
         loss.backward()
@@ -59,16 +64,11 @@ class PublishedProcedure:
         for name, mask in masks.items():
             current[name] = current[name] * mask + original[name] * (1 - mask)
         self.model.load_state_dict(current)
-        return float(loss)
+        return float(loss.detach())
 
     def task_gradient(self, batch: hf.Batch, task: int) -> torch.Tensor:
         masks = self.masks[task]
-        original = copy.deepcopy(self.model.state_dict())
-        masked = copy.deepcopy(self.model.state_dict())
-        for name, mask in masks.items():
-            if _applies(name):
-                masked[name] = masked[name] * mask
-        self.model.load_state_dict(masked)
+        original = self._load_masked(task)
         self.optimizer.zero_grad()
         self.model.task_losses(batch)[task].backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.25)

@@ -15,11 +15,11 @@ and the trainer adds what resuming needs ("optimizer", "scheduler", "sampler", "
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import fields
 
 import torch
 
+from harmodt_fast._io import atomic_write
 from harmodt_fast.batch import Prompt
 
 CHECKPOINT_FORMAT = "harmodt_fast/1"
@@ -32,20 +32,7 @@ class CheckpointError(ValueError):
 
 def save_atomic(obj, path: str) -> str:
     """torch.save to `path` without ever leaving a partial file there: a killed run keeps the previous one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

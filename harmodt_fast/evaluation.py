@@ -42,6 +42,7 @@ import time
 import numpy as np
 import torch
 
+from harmodt_fast._io import atomic_write
 from harmodt_fast.batch import Batch, Prompt, offsets_from_counts
 from harmodt_fast.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, prompt_from_dict
 from harmodt_fast.config import HarmoDTConfig
@@ -620,10 +621,4 @@ def format_table(report: dict) -> str:
 
 def save_report(report: dict, path: str) -> str:
     """Writes the report as JSON (via a temporary file, so a reader never sees half a report)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: json.dump(report, f, indent=1), binary=False)

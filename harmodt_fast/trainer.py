@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harmodt_fast import ops
+from harmodt_fast._io import atomic_write
 from harmodt_fast.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -355,10 +356,7 @@ class Trainer:
             return
         with open(self.metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.metrics_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.metrics_path)
+        atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
 
 
 def _progress(start: int, end: int, enabled: bool):

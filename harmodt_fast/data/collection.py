@@ -21,7 +21,6 @@ import platform
 import re
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 
@@ -30,6 +29,7 @@ import numpy as np
 from harmodt_fast.data.dataset import (
     ACT_DIM, FORMAT, MANIFEST, STATE_DIM, STEP_FIELDS, DatasetError, file_sha256, read_manifest,
 )
+from harmodt_fast._io import atomic_write
 from harmodt_fast.tasks import resolve_tasks
 
 QUALITIES = ("expert", "near-optimal", "sub-optimal")
@@ -113,18 +113,7 @@ def _runner(task: str) -> _TaskRunner:
 
 
 def _save_npz_atomic(path: str, arrays: dict) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _collect_chunk(job: dict) -> dict:
