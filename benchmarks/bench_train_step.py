@@ -70,19 +70,20 @@ def main(argv=None):
             print(rows[-1], flush=True)
 
     cfg = hf.HarmoDTConfig.from_preset(args.preset, num_tasks=args.tasks)
-    pub = PublishedProcedure(cfg)
     sampler = SyntheticSampler(cfg)
-    state = {"t": 0}
+    for label, amp in [("fp32", None), ("bf16 autocast", torch.bfloat16)]:
+        pub = PublishedProcedure(cfg, amp_dtype=amp)
+        state = {"t": 0}
 
-    def pub_step():
-        t = state["t"] % cfg.num_tasks
-        state["t"] += 1
-        pub.train_step(sampler.sample(task=t), t)
+        def pub_step():
+            t = state["t"] % cfg.num_tasks
+            state["t"] += 1
+            pub.train_step(sampler.sample(task=t), t)
 
-    sec, n = timed(pub_step, 2, args.seconds)
-    rows.append({"path": "published procedure (re-implemented) fp32", "s_per_step": sec, "steps_timed": n,
-                 "sequences_per_s": cfg.batch_per_task / sec})
-    print(rows[-1], flush=True)
+        sec, n = timed(pub_step, 2, args.seconds)
+        rows.append({"path": f"published procedure (re-implemented) {label}", "s_per_step": sec, "steps_timed": n,
+                     "sequences_per_s": cfg.batch_per_task / sec})
+        print(rows[-1], flush=True)
     if not args.skip_published_mask_update:
         batches = [sampler.sample(task=t) for t in range(cfg.num_tasks)]
         t0 = time.perf_counter()
@@ -91,10 +92,12 @@ def main(argv=None):
                      "updates_timed": 1})
         print(rows[-1], flush=True)
 
-    base = next(r for r in rows if r["path"].startswith("published procedure"))["sequences_per_s"]
+    base = {p: next(r for r in rows if r["path"] == f"published procedure (re-implemented) {p}")["sequences_per_s"]
+            for p in ("fp32", "bf16 autocast")}
     for r in rows:
         if "sequences_per_s" in r:
-            r["x_published"] = r["sequences_per_s"] / base
+            r["x_published_fp32"] = r["sequences_per_s"] / base["fp32"]
+            r["x_published_bf16"] = r["sequences_per_s"] / base["bf16 autocast"]
     meta = {
         "benchmark": "train_step", "preset": args.preset, "num_tasks": args.tasks,
         "batch_per_task": cfg.batch_per_task, "tokens_per_sequence": cfg.tokens_per_sequence,
@@ -110,10 +113,12 @@ def main(argv=None):
         json.dump(meta, f, indent=2)
     with open(stem + ".md", "w") as f:
         f.write(f"# Training step, {args.preset} preset, {args.tasks} tasks x {cfg.batch_per_task} sequences\n\n")
-        f.write(f"{meta['device']}, torch {meta['torch']}, {meta['date']}\n\n| path | s/step or update | sequences/s | x published |\n|---|---|---|---|\n")
+        f.write(f"{meta['device']}, torch {meta['torch']}, {meta['date']}\n\n"
+                "| path | s/step or update | sequences/s | x published fp32 | x published bf16 |\n|---|---|---|---|---|\n")
         for r in rows:
             sec = r.get("s_per_step", r.get("s_per_update"))
-            f.write(f"| {r['path']} | {sec:.3f} | {r.get('sequences_per_s', float('nan')):.1f} | {r.get('x_published', float('nan')):.2f} |\n")
+            f.write(f"| {r['path']} | {sec:.3f} | {r.get('sequences_per_s', float('nan')):.1f} | "
+                    f"{r.get('x_published_fp32', float('nan')):.2f} | {r.get('x_published_bf16', float('nan')):.2f} |\n")
     print("wrote", stem + ".json")
 
 
