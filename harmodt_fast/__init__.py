@@ -35,7 +35,7 @@ _EXPORTS = {
     "MultiTaskSampler": "harmodt_fast.data",
 }
 
-_SUBMODULES = {"ops", "demo", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
+_SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
                "model", "config", "tasks"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]

@@ -122,6 +122,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from harmodt_fast.bench import run_bench
+
+    run_bench(preset=args.preset, num_tasks=args.tasks, seconds=args.seconds, device=args.device, out=args.out)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from harmodt_fast.demo import run_demo
 
@@ -181,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config override, e.g. --set method=prompt-dt --set lr=3e-4 --set tasks=MT5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bench", help="throughput here: masked matmuls vs dense, training steps, mask update")
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--tasks", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=3.0, help="time budget per measurement")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="collect a small MT5 dataset, train the demo preset, evaluate, plot")
     p.add_argument("--root", default="harmodt_demo", help="folder for the data and the run (reused when present)")

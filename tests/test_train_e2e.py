@@ -61,3 +61,15 @@ def test_demo_end_to_end_short(tmp_path, capsys):
     assert "reach-v3" in out and os.path.isfile(tmp_path / "run" / "eval_report.json")
     assert os.path.isfile(tmp_path / "run" / "loss.png")
     assert os.path.isfile(tmp_path / "run" / "success_per_task.png")
+
+
+def test_bench_command_runs_every_row(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--tasks", "3", "--seconds", "0.01", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    whats = [r["what"] for r in result["rows"]]
+    assert sum(w.startswith("linear ") for w in whats) == 4 * 3  # tiny: 64->192, 64->64, 64->256, 256->64; 3 paths
+    assert "train step (mixed)" in whats and "train step (round-robin)" in whats
+    masked = [r for r in result["rows"] if r["path"] == "masked (auto)"]
+    assert all(r["backend"] == "cpp" for r in masked)  # the CPU fast path, not a silent fallback
+    assert all(r["ms"] > 0 for r in result["rows"])
