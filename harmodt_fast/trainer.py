@@ -12,6 +12,11 @@ mixed batch (the masked layers add each task's dY_tᵀX_t into a [T, P] buffer),
 
 Everything a resumed run needs is in the checkpoint, written atomically; a run killed between checkpoints resumes
 from the last one and, on the CPU, reproduces the uninterrupted run exactly.
+
+Data-parallel over processes: under `torchrun --nproc_per_node=N -m harmodt_fast train ...` (WORLD_SIZE > 1) every
+process samples its own mixed batch (sampler seed + 7919 * rank), gradients and the per-task gradients of a mask
+update are averaged across processes, rank 0 writes logs and checkpoints (with every rank's sampler and RNG state),
+and each checkpoint verifies that all ranks hold the same parameters and masks.
 """
 from __future__ import annotations
 
@@ -38,6 +43,34 @@ from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.masks import TaskMasks, flip_count
 from harmodt_fast.model import HarmoDT
 from harmodt_fast.tasks import resolve_tasks
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel run (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Joins the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), device
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world), device
+
 
 # config fields that only change logging, not the training trajectory: a resumed run may change them
 _NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "extra"}
@@ -76,9 +109,9 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     config = _bind_tasks(config, dataset)
     from harmodt_fast.data import MultiTaskSampler
 
-    device = _pick_device(device)
-    sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed)
-    trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint))
+    dist_info, device = init_distributed(_pick_device(device))
+    sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed + 7919 * dist_info.rank)
+    trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info)
     return trainer.run(stop_at=stop_at, progress=progress)
 
 
@@ -86,7 +119,7 @@ def _prepare_out(out) -> str:
     out = os.path.abspath(os.fspath(out))
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
+        probe = os.path.join(out, f".write-test-{os.getpid()}")  # per process: data-parallel ranks share out
         with open(probe, "w") as f:
             f.write("ok")
         os.unlink(probe)
@@ -141,12 +174,15 @@ class Trainer:
     """One training run. `sampler` gives mixed batches (`.sample()`, `.sample(task=t)`) and the per-task
     normalisation and prompts the checkpoint keeps (the MultiTaskSampler of harmodt_fast.data)."""
 
-    def __init__(self, config: HarmoDTConfig, sampler, out: str, device: torch.device, fingerprint: str):
-        self.config, self.out, self.device = config, _prepare_out(out), device
+    def __init__(self, config: HarmoDTConfig, sampler, out: str, device: torch.device, fingerprint: str,
+                 dist: Distributed = Distributed()):
+        self.config, self.out, self.device, self.dist = config, _prepare_out(out), device, dist
         self.ckpt_path = os.path.join(self.out, CHECKPOINT_NAME)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         torch.manual_seed(config.seed)
-        self.model = HarmoDT(config).to(device)
+        self.model = HarmoDT(config).to(device)  # identical on every rank
+        if dist.world > 1:
+            torch.manual_seed(config.seed + 7919 * dist.rank)  # but each rank its own dropout
         self.sampler = sampler
         self.fingerprint = fingerprint
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -171,10 +207,10 @@ class Trainer:
                 signal.signal(s, lambda signum, frame: stop.update(signal=signum))
         except ValueError:  # not the main thread: no signal handling, checkpoints still land periodically
             in_main_thread = False
-        bar = _progress(self.step, end, progress)
+        bar = _progress(self.step, end, progress and self.dist.main)
         t_last, rows_since = time.perf_counter(), 0
         try:
-            while self.step < end and stop["signal"] is None:
+            while self.step < end and not self._should_stop(stop["signal"] is not None):
                 loss, per_task, rows = self._train_step()
                 self.step += 1
                 rows_since += rows
@@ -183,7 +219,7 @@ class Trainer:
                 if self.step == 1 or self.step % cfg.log_every == 0 or self.step == end:
                     now = time.perf_counter()
                     entry = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                             "sequences_per_s": rows_since / max(now - t_last, 1e-9),
+                             "sequences_per_s": rows_since * self.dist.world / max(now - t_last, 1e-9),
                              "task_loss": dict(zip(self.sampler.tasks, per_task))}
                     t_last, rows_since = now, 0
                     self.history.append({"step": self.step, "loss": loss})
@@ -223,6 +259,11 @@ class Trainer:
         loss = losses.sum() if cfg.schedule == "round-robin" else losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dist.world > 1:
+            self._average_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None])
+            reported = torch.cat([loss.detach().float().view(1), losses.detach().float()])
+            self._average_across_ranks([reported])
+            loss, losses = reported[0], reported[1:]
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         layers = self._layers
         kept = {n: layers[n].weight.detach()[unused] for n, unused in self._unused.items()}
@@ -254,6 +295,8 @@ class Trainer:
             for layer in layers.values():
                 layer.task_grads = None
             model.zero_grad(set_to_none=True)
+        if self.dist.world > 1:
+            self._average_across_ranks([grads])
         norms = grads.norm(dim=1, keepdim=True)
         grads.mul_(torch.clamp(cfg.task_grad_clip / (norms + 1e-6), max=1.0))
         masks = model.task_masks()
@@ -280,6 +323,46 @@ class Trainer:
             "backend": ops.last_backend("harmony_update"),
         }
 
+    # ---- data parallel ------------------------------------------------------------------------------------------
+    def _average_across_ranks(self, tensors: list[torch.Tensor]) -> None:
+        """In place: each tensor becomes its mean over the ranks (one all-reduce of a flat buffer)."""
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.dist.world
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def _should_stop(self, local: bool) -> bool:
+        """A signal stops every rank at the same step (a rank that left early would hang the others)."""
+        if self.dist.world == 1:
+            return local
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _gather(self, obj) -> list:
+        if self.dist.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.dist.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _check_ranks_in_sync(self) -> None:
+        sums = [float(t.double().sum()) for t in self.model.state_dict().values() if t.is_floating_point()]
+        masks = self.model.task_masks()
+        fingerprint = (sums, masks.flat_packed().sum().item() if masks is not None else 0)
+        every = self._gather(fingerprint)
+        if any(f != every[0] for f in every):
+            raise RuntimeError(f"data-parallel ranks hold different parameters or masks at step {self.step}")
+
     @property
     def _layers(self):
         return self.model.masked_layers()
@@ -300,16 +383,33 @@ class Trainer:
         from harmodt_fast.evaluation import evaluate
 
         self.save()
-        report = evaluate(self.ckpt_path, episodes=self.config.eval_episodes, seed=self.config.seed,
-                          device=str(self.device))
-        self._log({"step": self.step, "eval": report})
+        if self.dist.main:
+            report = evaluate(self.ckpt_path, episodes=self.config.eval_episodes, seed=self.config.seed,
+                              device=str(self.device))
+            self._log({"step": self.step, "eval": report})
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def _log(self, entry: dict) -> None:
+        if not self.dist.main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(entry, default=_json_default) + "\n")
 
     def save(self) -> str:
-        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        samplers = self._gather(self.sampler.state_dict())
+        rngs = self._gather({"torch": torch.get_rng_state(), "cuda": cuda_rng})
+        if self.dist.world > 1:
+            self._check_ranks_in_sync()
+        if not self.dist.main:
+            self._barrier()
+            return self.ckpt_path
         state = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
@@ -321,12 +421,15 @@ class Trainer:
             "state_std": self.sampler.state_std.float().cpu(),
             "eval_prompts": prompt_to_dict(self.sampler.eval_prompt()) if self.config.use_prompt else None,
             "dataset_fingerprint": self.fingerprint,
-            "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
+            "world_size": self.dist.world,
+            "sampler": samplers,  # one state per rank
+            "rng": rngs,
             "history": self.history,
             "task_agreement": self.task_agreement,
         }
-        return save_atomic(state, self.ckpt_path)
+        save_atomic(state, self.ckpt_path)
+        self._barrier()
+        return self.ckpt_path
 
     def _resume(self, ckpt: dict) -> None:
         mine, theirs = self.config.to_dict(), dict(ckpt["config"])
@@ -339,12 +442,16 @@ class Trainer:
             raise CheckpointError(f"{self.ckpt_path} was trained on other data (fingerprint "
                                   f"{ckpt.get('dataset_fingerprint')} vs {self.fingerprint}); use another output "
                                   f"folder (it was not overwritten)")
+        if ckpt.get("world_size", 1) != self.dist.world:
+            raise CheckpointError(f"{self.ckpt_path} was written by {ckpt.get('world_size', 1)} data-parallel "
+                                  f"process(es), this run has {self.dist.world}; resume with the same count")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"].get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        rank = self.dist.rank
+        self.sampler.load_state_dict(ckpt["sampler"][rank])
+        torch.set_rng_state(ckpt["rng"][rank]["torch"])
+        if ckpt["rng"][rank].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], self.device)
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
         self.task_agreement = ckpt.get("task_agreement")
@@ -352,7 +459,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drops log lines written after the checkpoint we resume from (the steps are about to be redone)."""
-        if not os.path.exists(self.metrics_path):
+        if not self.dist.main or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
