@@ -52,6 +52,7 @@ class HarmoDTConfig:
     checkpoint_every: int = 1000
     eval_every: int = 0
     eval_episodes: int = 10
+    tensorboard: bool = False  # also write the logged scalars as TensorBoard events under <out>/tensorboard
     # returns-to-go and evaluation
     rtg_scale: float = 1000.0
     target_return: float = 4500.0

@@ -73,7 +73,7 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 
 
 # config fields that only change logging, not the training trajectory: a resumed run may change them
-_NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "extra"}
+_NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "tensorboard", "extra"}
 
 
 @dataclass
@@ -191,6 +191,7 @@ class Trainer:
         self.history: list[dict] = []
         self.task_agreement: torch.Tensor | None = None
         self._unused: dict[str, torch.Tensor] = {}
+        self._tensorboard = _tensorboard_writer(self.out) if config.tensorboard and dist.main else None
         if os.path.exists(self.ckpt_path):
             self._resume(load_checkpoint(self.ckpt_path))
         self._refresh_unused()
@@ -400,6 +401,10 @@ class Trainer:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(entry, default=_json_default) + "\n")
+        if self._tensorboard is not None:
+            for tag, value in _scalars(entry):
+                self._tensorboard.add_scalar(tag, value, entry["step"])
+            self._tensorboard.flush()
 
     def save(self) -> str:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -464,6 +469,26 @@ class Trainer:
         with open(self.metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
+
+
+def _tensorboard_writer(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from exc
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def _scalars(entry: dict, prefix: str = ""):
+    """(tag, number) pairs of a log entry, nested dicts flattened into 'a/b' tags; the step itself is skipped."""
+    for key, value in entry.items():
+        if key == "step" and not prefix:
+            continue
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _scalars(value, tag + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield tag, float(value)
 
 
 def _progress(start: int, end: int, enabled: bool):

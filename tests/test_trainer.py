@@ -127,3 +127,17 @@ def test_bf16_autocast_matches_fp32_on_cpu(rng):
         if g32 is not None:
             cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.float().flatten(), dim=0)
             assert g32.abs().sum() == 0 or cos > 0.98
+
+
+def test_tensorboard_events_mirror_the_log(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(cfg(steps=6, mask_interval=3, log_every=2, tensorboard=True), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "loss" in tags and "mask_update/flips" in tags and "task_loss/task-0" in tags
+    logged = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
+    assert [e.step for e in events.Scalars("loss")] == [l["step"] for l in logged]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([l["loss"] for l in logged], rel=1e-6)
