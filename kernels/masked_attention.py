@@ -155,6 +155,28 @@ def _probs(q, k, lse, b, i, j0, L, mbits_ptr, smb, WPR, qk_scale, HAS_MASK: tl.c
     return tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
 
 
+@triton.jit
+def _query_rows(qkv_ptr, do_ptr, out_ptr, lse_base, row, i, stride, H, h, D, d, d_ok, L):
+    """A query block's q, dO, the softmax-backward term delta = rowsum(dO * O), its log-sum-exp and its mask."""
+    q_ok = (i < L)[:, None] & d_ok[None, :]
+    q = tl.load(qkv_ptr + (row + i)[:, None] * stride + h * D + d[None, :], mask=q_ok, other=0.0)
+    do = tl.load(do_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
+    o = tl.load(out_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse = tl.load(lse_base + i, mask=i < L, other=0.0)
+    return q, do, delta, lse, q_ok
+
+
+@triton.jit
+def _key_rows(qkv_ptr, row, j, stride, H, h, D, d, d_ok, L):
+    """A key block's k and v (read in place from the packed QKV projection) and its mask."""
+    kv_ok = (j < L)[:, None] & d_ok[None, :]
+    kv_offs = (row + j)[:, None] * stride + h * D + d[None, :]
+    k = tl.load(qkv_ptr + kv_offs + H, mask=kv_ok, other=0.0)
+    v = tl.load(qkv_ptr + kv_offs + 2 * H, mask=kv_ok, other=0.0)
+    return k, v, kv_ok
+
+
 @triton.autotune(configs=_bwd_configs(), key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_attn})
 @triton.jit
@@ -175,10 +197,7 @@ def _attn_bwd_kernel(
     # dK, dV: one key block at a time, over the query blocks that can see it
     for j0 in range(0, L, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        kv_ok = (j < L)[:, None] & d_ok[None, :]
-        kv_offs = (row + j)[:, None] * stride + h * D + d[None, :]
-        k = tl.load(qkv_ptr + kv_offs + H, mask=kv_ok, other=0.0)
-        v = tl.load(qkv_ptr + kv_offs + 2 * H, mask=kv_ok, other=0.0)
+        k, v, kv_ok = _key_rows(qkv_ptr, row, j, stride, H, h, D, d, d_ok, L)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         start = 0
@@ -186,12 +205,8 @@ def _attn_bwd_kernel(
             start = (j0 // BLOCK_M) * BLOCK_M
         for i0 in range(start, L, BLOCK_M):
             i = i0 + tl.arange(0, BLOCK_M)
-            q_ok = (i < L)[:, None] & d_ok[None, :]
-            q = tl.load(qkv_ptr + (row + i)[:, None] * stride + h * D + d[None, :], mask=q_ok, other=0.0)
-            do = tl.load(do_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
-            o = tl.load(out_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-            lse = tl.load(lse_base + i, mask=i < L, other=0.0)
+            q, do, delta, lse, q_ok = _query_rows(qkv_ptr, do_ptr, out_ptr, lse_base, row, i, stride, H, h, D, d,
+                                                  d_ok, L)
             p = _probs(q, k, lse, b, i, j0, L, mbits_ptr, smb, WPR, qk_scale, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
             dp = dot_exact(do, tl.trans(v))
             if DROPOUT:
@@ -209,22 +224,14 @@ def _attn_bwd_kernel(
     # dQ: one query block at a time, over the keys it sees
     for i0 in range(0, L, BLOCK_M):
         i = i0 + tl.arange(0, BLOCK_M)
-        q_ok = (i < L)[:, None] & d_ok[None, :]
-        q = tl.load(qkv_ptr + (row + i)[:, None] * stride + h * D + d[None, :], mask=q_ok, other=0.0)
-        do = tl.load(do_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
-        o = tl.load(out_ptr + (row + i)[:, None] * H + h * D + d[None, :], mask=q_ok, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        lse = tl.load(lse_base + i, mask=i < L, other=0.0)
+        q, do, delta, lse, q_ok = _query_rows(qkv_ptr, do_ptr, out_ptr, lse_base, row, i, stride, H, h, D, d, d_ok, L)
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         hi = L
         if CAUSAL:
             hi = tl.minimum(L, i0 + BLOCK_M)
         for j0 in range(0, hi, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
-            kv_ok = (j < L)[:, None] & d_ok[None, :]
-            kv_offs = (row + j)[:, None] * stride + h * D + d[None, :]
-            k = tl.load(qkv_ptr + kv_offs + H, mask=kv_ok, other=0.0)
-            v = tl.load(qkv_ptr + kv_offs + 2 * H, mask=kv_ok, other=0.0)
+            k, v, kv_ok = _key_rows(qkv_ptr, row, j, stride, H, h, D, d, d_ok, L)
             p = _probs(q, k, lse, b, i, j0, L, mbits_ptr, smb, WPR, qk_scale, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
             dp = dot_exact(do, tl.trans(v))
             if DROPOUT:
