@@ -20,7 +20,10 @@ def _free_port() -> int:
 def _torchrun(args, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "harmodt_fast", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the processes import the same harmodt_fast this test imported (an installed copy or the source tree)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(hf.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
