@@ -29,6 +29,7 @@ _EXPORTS = {
     "train": "harmodt_fast.trainer",
     "TrainResult": "harmodt_fast.trainer",
     "evaluate": "harmodt_fast.evaluation",
+    "reproduce": "harmodt_fast.reproduction",
     "collect": "harmodt_fast.data",
     "load_dataset": "harmodt_fast.data",
     "DatasetError": "harmodt_fast.data",
@@ -36,7 +37,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
-               "model", "config", "tasks"}
+               "model", "config", "tasks", "reproduction"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]
 

@@ -99,6 +99,8 @@ def _parse_overrides(pairs) -> dict:
         current = getattr(defaults, name)
         if name == "tasks":
             overrides[name] = value
+        elif name in ("merge_threshold", "eval_workers"):  # int or None
+            overrides[name] = None if value.lower() == "none" else int(value)
         elif isinstance(current, bool):
             overrides[name] = value.lower() in ("1", "true", "yes")
         elif isinstance(current, int):
@@ -134,6 +136,23 @@ def _cmd_demo(args) -> int:
 
     run_demo(root=args.root, episodes_per_task=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes,
              seed=args.seed, workers=args.workers, device=args.device, tasks=args.tasks)
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from harmodt_fast.reproduction import reproduce
+
+    report = reproduce(args.suite, args.out, qualities=args.qualities.split(","), methods=args.methods.split(","),
+                       seeds=[int(s) for s in args.seeds.split(",")], steps=args.steps, preset=args.preset,
+                       episodes_per_task=args.episodes, eval_episodes=args.eval_episodes, eval_every=args.eval_every,
+                       eval_max_steps=args.eval_max_steps, episode_steps=args.episode_steps,
+                       data_root=args.data_root, data_seed=args.data_seed, device=args.device, workers=args.workers,
+                       progress=not args.no_progress, **_parse_overrides(args.set))
+    for quality, per_method in report["summary"].items():
+        for method, s in per_method.items():
+            print(f"{quality:13s} {method:10s} final {100 * s['final_mean']:5.1f} ± {100 * s['final_std']:4.1f}   "
+                  f"best {100 * s['best_mean']:5.1f} ± {100 * s['best_std']:4.1f}   ({len(s['seeds'])} seeds)")
+    print(f"report: {args.out}/report.md")
     return 0
 
 
@@ -188,6 +207,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config override, e.g. --set method=prompt-dt --set lr=3e-4 --set tasks=MT5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("reproduce", help="HarmoDT vs Prompt-DT vs MTDT: data, every (quality, method, seed), report")
+    p.add_argument("--suite", default="MT5", help="task set (MT5, MT10, MT30, MT50) or comma-separated v3 names")
+    p.add_argument("--out", default="reports/mt5", help="suite folder (runs, report.md, report.json, plots); resumed")
+    p.add_argument("--qualities", default="near-optimal,sub-optimal")
+    p.add_argument("--methods", default="harmodt,prompt-dt,mtdt")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per run")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--episodes", type=int, default=100,
+                   help="near-optimal episodes per task (sub-optimal: the first half of them)")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (and the last step)")
+    p.add_argument("--eval-max-steps", type=int, default=500, help="steps per evaluation episode (at most 500)")
+    p.add_argument("--episode-steps", type=int, default=500, help="steps per collected episode (at most 500)")
+    p.add_argument("--data-root", default=None, help="dataset folders (default: OUT/data)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None, help="collection and evaluation worker processes")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="config override for every run (repeatable)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("bench", help="throughput here: masked matmuls vs dense, training steps, mask update")
     p.add_argument("--preset", default="paper")

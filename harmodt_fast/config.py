@@ -35,7 +35,7 @@ class HarmoDTConfig:
     mask_interval: int = 500
     eta_min: int = 0
     eta_max: int = 100
-    merge_threshold: int = 1
+    merge_threshold: int | None = None  # unseen tasks' consensus: None = half the trained tasks (published 25 of 50)
     flip_fraction: float = 0.0  # > 0: flips per update = this share of each task's active weights (not the schedule)
     # optimisation
     schedule: str = "mixed"
@@ -52,6 +52,8 @@ class HarmoDTConfig:
     checkpoint_every: int = 1000
     eval_every: int = 0
     eval_episodes: int = 10
+    eval_max_steps: int = 500  # steps per evaluation episode (Meta-World's 500; fewer only for quick checks)
+    eval_workers: int | None = None  # environment worker processes of periodic evaluations (None: one per CPU)
     tensorboard: bool = False  # also write the logged scalars as TensorBoard events under <out>/tensorboard
     # returns-to-go and evaluation
     rtg_scale: float = 1000.0
@@ -82,6 +84,8 @@ class HarmoDTConfig:
             (0.0 <= self.flip_fraction < 1.0, f"flip_fraction must be in [0, 1), got {self.flip_fraction}"),
             (min(self.log_every, self.checkpoint_every) >= 1 and self.eval_every >= 0,
              "log_every and checkpoint_every must be >= 1, eval_every >= 0"),
+            (self.merge_threshold is None or 1 <= self.merge_threshold <= self.num_tasks,
+             f"merge_threshold must be None or in 1..num_tasks ({self.num_tasks}), got {self.merge_threshold}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -94,6 +98,11 @@ class HarmoDTConfig:
     @property
     def use_prompt(self) -> bool:
         return self.method != "mtdt" and self.prompt_len > 0
+
+    @property
+    def consensus_threshold(self) -> int:
+        """Tasks that must keep a weight for the unseen-task consensus mask to keep it."""
+        return self.merge_threshold if self.merge_threshold is not None else max(1, self.num_tasks // 2)
 
     @property
     def tokens_per_sequence(self) -> int:

@@ -73,7 +73,8 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
         path (what hf.train returns) or a loaded checkpoint dict.
     tasks: None (the checkpoint's tasks), a task-set name ("MT10"), a comma-separated string or a list of names.
         A task the checkpoint was not trained on is an error unless `unseen=True`: then it is evaluated with the
-        consensus mask of `merge_threshold` (default: the checkpoint config's).
+        consensus mask of `merge_threshold` (default: the checkpoint config's, which defaults to half the trained
+        tasks).
     episodes: rollouts per task, on goal variants 0..episodes-1; seed: the Meta-World MT1 seed that draws the
         goal-variant list (0: Meta-World's default list, the one hf.collect uses).
     target_return: the return-to-go the model is conditioned on (default: config.target_return, published 4500).
@@ -103,7 +104,7 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
         config = dataclasses.replace(config, precision=precision)
     threshold = None
     if new:
-        threshold = int(config.merge_threshold if merge_threshold is None else merge_threshold)
+        threshold = int(config.consensus_threshold if merge_threshold is None else merge_threshold)
         if not 1 <= threshold <= len(trained):
             raise ValueError(f"merge threshold must be in 1..{len(trained)} (the trained tasks), got {threshold}")
     # Rows must be ordered by model task id: trained tasks in checkpoint order, then the unseen ones (one segment).

@@ -135,15 +135,17 @@ class HarmoDT(nn.Module):
         # kept for parity with Prompt-DT's parameter count; not trained by the action loss
         self.predict_state = nn.Linear(cfg.hidden, cfg.state_dim)
         self.predict_return = nn.Linear(cfg.hidden, 1)
-        self.apply(self._init_weights)
+        # as published: GPT-2's N(0, 0.02) init inside the blocks only; embeddings and heads keep PyTorch's
+        # defaults (so the timestep embedding starts N(0, 1))
+        self.blocks.apply(self._init_weights)
         if cfg.use_masks:
             self.set_masks(TaskMasks.erk(self, cfg.num_tasks, cfg.density, seed=cfg.seed))
 
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
     # masks -------------------------------------------------------------------------------------------------------
@@ -175,7 +177,8 @@ class HarmoDT(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Predicted actions [B, K, act_dim] for a batch whose rows are grouped by task."""
         cfg = self.config
-        tokens = self.embed(batch.states, batch.actions, batch.returns_to_go, batch.timesteps)
+        # only the trajectory tokens pass through the embedding LayerNorm, the prompt's do not (as published)
+        tokens = self.embed_ln(self.embed(batch.states, batch.actions, batch.returns_to_go, batch.timesteps))
         valid = batch.attention_mask.bool().repeat_interleave(3, dim=1)
         if self.prompt_embed is not None:
             if batch.prompt is None:
@@ -184,7 +187,7 @@ class HarmoDT(nn.Module):
             prompt_tokens = self.prompt_embed(p.states, p.actions, p.returns_to_go, p.timesteps)
             tokens = torch.cat([prompt_tokens, tokens], dim=1)
             valid = torch.cat([p.attention_mask.bool().repeat_interleave(3, dim=1), valid], dim=1)
-        x = self.drop(self.embed_ln(tokens))
+        x = self.drop(tokens)
         L = x.shape[1]
         # causal, padded keys hidden; every token still sees itself so fully padded rows stay finite
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()

@@ -73,7 +73,8 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 
 
 # config fields that only change logging, not the training trajectory: a resumed run may change them
-_NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "tensorboard", "extra"}
+_NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "eval_max_steps",
+                          "eval_workers", "tensorboard", "extra"}
 
 
 @dataclass
@@ -208,6 +209,8 @@ class Trainer:
                 signal.signal(s, lambda signum, frame: stop.update(signal=signum))
         except ValueError:  # not the main thread: no signal handling, checkpoints still land periodically
             in_main_thread = False
+        if self._evaluation_missing():  # killed during the evaluation that followed the last checkpoint
+            self._evaluate()
         bar = _progress(self.step, end, progress and self.dist.main)
         t_last, rows_since = time.perf_counter(), 0
         try:
@@ -240,7 +243,7 @@ class Trainer:
         if stop["signal"] is not None:
             raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {self.step}; "
                                     f"the checkpoint in {self.out} resumes it")
-        if cfg.eval_every and self.step == cfg.steps:
+        if cfg.eval_every and self.step == cfg.steps and self._evaluation_missing():
             self._evaluate()
         return TrainResult(self.ckpt_path, list(self.history), self.model.task_masks(), cfg, self.out, self.step,
                            self.metrics_path)
@@ -250,10 +253,8 @@ class Trainer:
         lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if cfg.schedule == "round-robin":
-            batch = self.sampler.sample(task=self.step % cfg.num_tasks)
-        else:
-            batch = self.sampler.sample()
+        task = self.step % cfg.num_tasks if cfg.schedule == "round-robin" else None
+        batch = self.sampler.sample(task=task) if task is not None else self.sampler.sample()
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             losses = self.model.task_losses(batch)
@@ -267,11 +268,12 @@ class Trainer:
             loss, losses = reported[0], reported[1:]
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         layers = self._layers
-        kept = {n: layers[n].weight.detach()[unused] for n, unused in self._unused.items()}
+        frozen = self._frozen_entries(task)
+        kept = {n: layers[n].weight.detach()[f] for n, f in frozen.items()}
         self.optimizer.step()
-        with torch.no_grad():  # weights no task uses stay exactly as they were (no decay, no momentum drift)
-            for name, unused in self._unused.items():
-                layers[name].weight[unused] = kept[name]
+        with torch.no_grad():  # frozen entries stay exactly as they were (no decay, no momentum drift)
+            for name, f in frozen.items():
+                layers[name].weight[f] = kept[name]
         per_task = losses.detach().float().cpu().tolist()
         return float(loss.detach()), per_task, batch.num_rows
 
@@ -368,6 +370,14 @@ class Trainer:
     def _layers(self):
         return self.model.masked_layers()
 
+    def _frozen_entries(self, task: int | None) -> dict[str, torch.Tensor]:
+        """Per masked layer, the entries this step must not move: with one task per step (round-robin) every
+        entry outside that task's mask, as published; with all tasks in the step the entries no task uses."""
+        if task is None or not self.config.use_masks:
+            return self._unused
+        masks = self.model.task_masks()
+        return {n: ~masks.to_dense(n, task).to(self.device) for n in masks.names}
+
     def _refresh_unused(self) -> None:
         """Per masked layer, the entries no task uses (only layers that have any)."""
         self._unused = {}
@@ -381,14 +391,28 @@ class Trainer:
 
     # ---- evaluation, logs, checkpoints -------------------------------------------------------------------------
     def _evaluate(self) -> None:
-        from harmodt_fast.evaluation import evaluate
+        from harmodt_fast.evaluation import evaluate, save_report
 
         self.save()
         if self.dist.main:
             report = evaluate(self.ckpt_path, episodes=self.config.eval_episodes, seed=self.config.seed,
-                              device=str(self.device))
-            self._log({"step": self.step, "eval": report})
+                              device=str(self.device), max_episode_steps=self.config.eval_max_steps,
+                              workers=self.config.eval_workers)
+            path = save_report(report, self._evaluation_path())
+            # the log keeps the summary; the file keeps every episode
+            self._log({"step": self.step, "eval": {
+                "mean_success": report["mean_success"], "file": os.path.basename(path),
+                "per_task": {t: r["success_rate"] for t, r in report["per_task"].items()}}})
         self._barrier()
+
+    def _evaluation_path(self) -> str:
+        return os.path.join(self.out, f"evaluation_step{self.step}.json")
+
+    def _evaluation_missing(self) -> bool:
+        """Whether this step is an evaluation step (every eval_every, and the last) whose report is not written."""
+        cfg = self.config
+        due = cfg.eval_every and self.step > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
+        return bool(due) and not os.path.exists(self._evaluation_path())
 
     def _barrier(self) -> None:
         if self.dist.world > 1:

@@ -143,3 +143,21 @@ def test_auto_picks_cpp_on_cpu(rng, cpp_ext):
     x, w, b, dense, offsets = random_case(rng, [3, 2], 8, 6, dtype=torch.float32)
     hf.ops.masked_linear(x, w, b, hf.ops.pack_masks(dense.flatten(1)), offsets)
     assert hf.ops.last_backend("masked_linear") == "cpp"
+
+
+def test_bf16_weight_grad_of_many_tasks_accumulates_in_fp32(rng, backend):
+    """dW = Σ_t M_t ⊙ dY_tᵀX_t over an MT50-sized task count under bf16: the sum over tasks is kept in fp32, so
+    the error against fp64 stays within one bf16 rounding of the result (a bf16 running sum grows with T)."""
+    T, rows, n_in, n_out = 50, 6, 48, 40
+    x64, w64, _, dense, offsets = random_case(rng, [rows] * T, n_in, n_out)
+    dy64 = torch.randn(T * rows, n_out, generator=rng, dtype=torch.float64)
+    x, w, dy = (t.to(torch.bfloat16) for t in (x64, w64, dy64))
+    packed = hf.ops.pack_masks(dense.flatten(1))
+    w = w.requires_grad_()
+    hf.ops.masked_linear(x, w, None, packed, offsets, backend=backend).backward(dy)
+    assert hf.ops.last_backend("masked_linear") == backend and w.grad.dtype == torch.bfloat16
+    # the reference from the same bf16-rounded inputs, exactly
+    xd, dyd = x.double(), dy.double()
+    want = sum(dense[t].double() * (dyd[t * rows:(t + 1) * rows].t() @ xd[t * rows:(t + 1) * rows]) for t in range(T))
+    err = (w.grad.double() - want).norm() / want.norm()
+    assert err <= 2.0**-8, f"relative error {err:.2e} exceeds one bf16 rounding (2^-8 = {2.0**-8:.2e})"

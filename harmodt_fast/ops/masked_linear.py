@@ -111,7 +111,9 @@ class _MaskedLinearTorch(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, weight, masks_packed = ctx.saved_tensors
         dx = torch.zeros_like(x2d) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        # Σ_t over tasks accumulates in fp32 (fp64 for fp64 weights): bf16 sums would lose bits per task
+        dw = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) \
+            if ctx.needs_input_grad[1] else None
         offsets = ctx.row_offsets
         for t in range(len(offsets) - 1):
             lo, hi = offsets[t], offsets[t + 1]
@@ -127,7 +129,7 @@ class _MaskedLinearTorch(torch.autograd.Function):
                 if ctx.task_grads is not None:
                     ctx.task_grads[t] += g_t.float()
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None
+        return dx, dw.to(weight.dtype) if dw is not None else None, db, None, None, None
 
 
 def masked_linear_torch(x2d, weight, bias, masks_packed, row_offsets, task_grads=None):
