@@ -143,7 +143,7 @@ PRESETS: dict[str, dict] = {
     # trains usefully on 2 CPU cores in minutes
     "demo": dict(hidden=128, layers=3, heads=4, mlp_hidden=512, context=10, prompt_len=5, max_ep_len=500,
                  steps=2000, batch_per_task=16, warmup_steps=200, mask_interval=100, lr=5e-4, eta_max=50),
-    # the published HarmoDT defaults (DESIGN.md section 2)
+    # the published HarmoDT defaults (docs/method.md)
     "paper": dict(),
     # for scale runs
     "large": dict(hidden=1024, layers=12, heads=16, mlp_hidden=4096),

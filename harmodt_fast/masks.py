@@ -11,16 +11,7 @@ from typing import Mapping
 
 import torch
 
-from harmodt_fast.ops.packing import pack_masks, unpack_masks, words_for
-
-# bits set in each byte value, for popcounts over packed words
-_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def _popcount_rows(packed: torch.Tensor) -> torch.Tensor:
-    """Set bits per row of an int32 [T, W] tensor -> int64 [T]."""
-    as_bytes = packed.contiguous().view(torch.uint8).long()
-    return _POPCOUNT8.to(packed.device)[as_bytes].sum(dim=1)
+from harmodt_fast.ops.packing import pack_masks, popcount_rows, unpack_masks, words_for
 
 
 def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict[str, float]:
@@ -120,7 +111,7 @@ class TaskMasks:
     def active_counts(self, name: str | None = None) -> torch.Tensor:
         """Active weights per task, int64 [T] (over all names, or one)."""
         names = [name] if name is not None else self.names
-        return sum(_popcount_rows(self.packed(n)).cpu() for n in names)
+        return sum(popcount_rows(self.packed(n)).cpu() for n in names)
 
     @property
     def numel(self) -> int:
@@ -207,15 +198,11 @@ class TaskMasks:
 def masked_weight_shapes(model_or_shapes) -> dict[str, tuple[int, ...]]:
     """{name: shape} of what gets masked: a model's MaskedLinear weights, or a given mapping."""
     if isinstance(model_or_shapes, torch.nn.Module):
-        from harmodt_fast.model import MaskedLinear
-
-        shapes = {
-            f"{name}.weight" if name else "weight": tuple(m.weight.shape)
-            for name, m in model_or_shapes.named_modules()
-            if isinstance(m, MaskedLinear)
-        }
+        # a model names its masked weights itself (HarmoDT.masked_layers): masks never import the model
+        layers = getattr(model_or_shapes, "masked_layers", None)
+        shapes = {n: tuple(layer.weight.shape) for n, layer in layers().items()} if callable(layers) else {}
         if not shapes:
-            raise ValueError("the model has no MaskedLinear layers to mask")
+            raise ValueError(f"{type(model_or_shapes).__name__} has no masked layers (masked_layers()) to mask")
         return shapes
     return {str(n): tuple(int(d) for d in s) for n, s in dict(model_or_shapes).items()}
 

@@ -42,8 +42,10 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, met
     between evaluations (the last step is always evaluated); overrides: further HarmoDTConfig fields, the same for
     every run. Runs land in out/runs/<quality>/<method>/seed<k>; data in data_root (default out/data).
     """
-    import harmodt_fast as hf
+    from harmodt_fast.config import HarmoDTConfig
+    from harmodt_fast.data import collect
     from harmodt_fast.tasks import resolve_tasks
+    from harmodt_fast.trainer import train
 
     tasks = resolve_tasks(suite)
     suite_name = suite if isinstance(suite, str) and "," not in suite else f"{len(tasks)} tasks"
@@ -55,7 +57,7 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, met
                          f"sub-optimal half needs 2 per task: the sampler keeps one for prompts), got "
                          f"seeds={list(seeds)}, steps={steps}, episodes_per_task={episodes_per_task}, "
                          f"eval_every={eval_every}")
-    hf.HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset or field: an error before any work
+    HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset or field: an error before any work
     out = os.path.abspath(out)
     data_root = os.path.abspath(data_root or os.path.join(out, "data"))
     budget = {"suite": suite_name, "tasks": tasks, "preset": preset, "steps": steps,
@@ -70,7 +72,7 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, met
         n = _episodes(quality, episodes_per_task)
         path = os.path.join(data_root, f"{_slug(suite_name)}-{quality}-{n}ep-{episode_steps}steps-seed{data_seed}")
         print(f"[data] {quality}: {len(tasks)} tasks x {n} episodes -> {path}", flush=True)
-        datasets[quality] = hf.collect(tasks, path, episodes_per_task=n, quality=quality, seed=data_seed,
+        datasets[quality] = collect(tasks, path, episodes_per_task=n, quality=quality, seed=data_seed,
                                        workers=workers, episode_steps=episode_steps, progress=progress)
 
     plan = [(q, m, s) for q in qualities for m in methods for s in seeds]
@@ -81,7 +83,7 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, met
         if state == "done, kept":
             continue
         t0 = time.perf_counter()
-        hf.train(datasets[quality], run_dir, preset=preset, steps=steps, device=device, progress=progress,
+        train(datasets[quality], run_dir, preset=preset, steps=steps, device=device, progress=progress,
                  method=method, seed=seed, eval_every=eval_every, eval_episodes=eval_episodes,
                  eval_max_steps=eval_max_steps, eval_workers=workers, **overrides)
         _write_json(os.path.join(run_dir, "wall_time.json"), {"wall_s": time.perf_counter() - t0})

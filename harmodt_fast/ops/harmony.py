@@ -1,4 +1,4 @@
-"""The harmony mask update (DESIGN.md section 2): the plain-PyTorch reference, the C++ op, the torch-ops device
+"""The harmony mask update (docs/method.md, "Outer level"): the plain-PyTorch reference, the C++ op, the torch-ops device
 path, a streaming form, and the task-gradient cosine similarity.
 
 For every task t, with g_t its gradient (of the effective weight, so inactive entries have real values) and
@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from harmodt_fast.ops._dispatch import register, select
-from harmodt_fast.ops.packing import pack_masks_torch, unpack_masks_torch, words_for
+from harmodt_fast.ops.packing import pack_masks_torch, popcount_rows, unpack_masks_torch, words_for
 
 SCORES = ("fisher", "magnitude", "harmony")
 STAT_NAMES = ("pruned", "regrown", "mean_agreement", "conflict_fraction")
@@ -148,12 +148,10 @@ def harmony_update_torch(weight_flat, grads, masks_packed, ks: list[int], gamma:
 
 # --- torch ops on the device, streaming ---------------------------------------------------------------------------
 def _active_counts(masks_packed: torch.Tensor, P: int) -> list[int]:
-    from harmodt_fast.masks import _popcount_rows  # masks.py imports this package: import late
-
     if P % 32:
         last = masks_packed[:, -1:] & ((1 << (P % 32)) - 1)  # bits past P are not entries
         masks_packed = torch.cat([masks_packed[:, :-1], last], dim=1)
-    return [int(c) for c in _popcount_rows(masks_packed).tolist()]
+    return [int(c) for c in popcount_rows(masks_packed).tolist()]
 
 
 class TorchHarmonyStream:

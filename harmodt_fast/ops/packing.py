@@ -16,6 +16,16 @@ def words_for(num_elements: int) -> int:
     return (num_elements + WORD_BITS - 1) // WORD_BITS
 
 
+# bits set in each byte value, for popcounts over packed words
+_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def popcount_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Set bits per row of an int32 [T, W] tensor -> int64 [T] (on packed's device)."""
+    as_bytes = packed.contiguous().view(torch.uint8).long()
+    return _POPCOUNT8.to(packed.device)[as_bytes].sum(dim=1)
+
+
 def _check_dense(dense: torch.Tensor) -> None:
     if not isinstance(dense, torch.Tensor) or dense.dim() != 2 or dense.dtype != torch.bool:
         got = f"{tuple(dense.shape)} {dense.dtype}" if isinstance(dense, torch.Tensor) else type(dense).__name__
