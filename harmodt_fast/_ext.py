@@ -72,6 +72,8 @@ def load_extension():
             _error = "disabled by HARMODT_FAST_DISABLE_CPP=1"
             return None
         try:
+            import torch  # noqa: F401  (loads libc10 and friends, which _C links against)
+
             from harmodt_fast import _C  # built by setup.py
 
             _module, _loaded_from = _C, "prebuilt"

@@ -4,7 +4,9 @@ Shapes (B rows = sequences, K = context, Kp = prompt length, S = state dim, A = 
     states [B, K, S] float, actions [B, K, A] float (model inputs and regression targets),
     returns_to_go [B, K, 1] float (already divided by rtg_scale), timesteps [B, K] int64,
     attention_mask [B, K] bool (True = real step; padding is on the left),
-    task_offsets [T+1] int64 on the CPU: rows task_offsets[t]:task_offsets[t+1] belong to task t.
+    task_offsets [T+1] int64 on the CPU: rows task_offsets[t]:task_offsets[t+1] belong to task t;
+    row_tasks [B] int64 on the rows' device, optional: the same as task ids per row, for samplers that have them
+    there already (else `task_ids` builds them once per distinct task_offsets and device, then reuses them).
 A Prompt holds the same fields for each row's task prompt (shapes [B, Kp, ...]).
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Batch:
     attention_mask: torch.Tensor
     task_offsets: torch.Tensor
     prompt: Prompt | None = None
+    row_tasks: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -42,19 +45,35 @@ class Batch:
 
     @property
     def task_ids(self) -> torch.Tensor:
-        """Task id of every row, [B] int64 on the rows' device."""
-        counts = self.task_offsets.diff()
-        ids = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-        return ids.to(self.states.device)
+        """Task id of every row, [B] int64 on the rows' device (no host-to-device copy per step)."""
+        if self.row_tasks is not None and self.row_tasks.device == self.states.device:
+            return self.row_tasks
+        return _task_ids(tuple(self.task_offsets.tolist()), self.states.device)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
-            if f.name not in ("task_offsets", "prompt")
+            if f.name not in ("task_offsets", "prompt", "row_tasks")
         }
         prompt = self.prompt.to(device, non_blocking) if self.prompt is not None else None
-        return Batch(**moved, task_offsets=self.task_offsets, prompt=prompt)
+        rows = self.row_tasks.to(device, non_blocking=non_blocking) if self.row_tasks is not None else None
+        return Batch(**moved, task_offsets=self.task_offsets, prompt=prompt, row_tasks=rows)
+
+
+_TASK_IDS: dict[tuple, torch.Tensor] = {}
+
+
+def _task_ids(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Row task ids for `offsets` on `device`, built once (a copy to a GPU blocks the host) and kept."""
+    key = (offsets, str(device))
+    hit = _TASK_IDS.get(key)
+    if hit is None:
+        if len(_TASK_IDS) > 256:  # a few distinct offsets per run (mixed, one per task in round-robin)
+            _TASK_IDS.clear()
+        counts = torch.tensor(offsets).diff()
+        hit = _TASK_IDS[key] = torch.repeat_interleave(torch.arange(counts.numel()), counts).to(device)
+    return hit
 
 
 def offsets_from_counts(counts) -> torch.Tensor:

@@ -8,6 +8,7 @@ METHODS = ("harmodt", "prompt-dt", "mtdt")
 SCORES = ("fisher", "magnitude", "harmony")
 SCHEDULES = ("mixed", "round-robin")
 PRECISIONS = ("auto", "fp32", "bf16")
+BACKENDS = ("auto", "triton", "cpp", "torch")  # of the masked ops (harmodt_fast.ops); "auto": the fastest that runs
 
 
 @dataclass
@@ -47,6 +48,8 @@ class HarmoDTConfig:
     grad_clip: float = 0.25
     task_grad_clip: float = 0.25
     precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with native bf16; "fp32"; "bf16"
+    backend: str = "auto"  # every masked op of the model (linear, fused MLP, fused attention): one of BACKENDS
+    compile: bool = False  # torch.compile the training step's forward and loss (the masked ops trace as custom ops)
     # logging, checkpoints, periodic evaluation (0 = off)
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -81,6 +84,7 @@ class HarmoDTConfig:
             (self.mask_interval >= 1, f"mask_interval must be >= 1, got {self.mask_interval}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
             (0.0 <= self.flip_fraction < 1.0, f"flip_fraction must be in [0, 1), got {self.flip_fraction}"),
             (min(self.log_every, self.checkpoint_every) >= 1 and self.eval_every >= 0,
              "log_every and checkpoint_every must be >= 1, eval_every >= 0"),

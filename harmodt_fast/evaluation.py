@@ -80,7 +80,8 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     target_return: the return-to-go the model is conditioned on (default: config.target_return, published 4500).
     max_episode_steps: at most 500 (Meta-World truncates there); smaller only for quick checks.
     device: "auto" | "cpu" | "cuda"...; precision: None (the checkpoint config's), "auto", "fp32" or "bf16";
-    backend: the masked_linear backend for every masked layer (None: leave the model's, i.e. "auto").
+    backend: the backend of every masked op (linear, fused MLP, fused attention): "auto", "triton", "cpp" or
+        "torch" (None: the checkpoint config's, "auto" unless it was trained with another).
     workers: environment worker processes (None: one per CPU, at most one per environment; 0: in this process).
     max_envs: at most this many environments open at once (at least one per task); None: all episodes at once.
 
@@ -100,6 +101,9 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     torch.manual_seed(seed)
     dev = _pick_device(device)
     config = HarmoDTConfig.from_dict(ckpt["config"])
+    from harmodt_fast.ops._dispatch import check_backend
+
+    check_backend(config.backend if backend is None else backend, dev)  # before any environment starts
     if precision is not None:
         config = dataclasses.replace(config, precision=precision)
     threshold = None

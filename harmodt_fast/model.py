@@ -18,7 +18,8 @@ from harmodt_fast import ops
 from harmodt_fast.batch import Batch
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.masks import TaskMasks
-from harmodt_fast.ops.masked_attention import uses_triton
+from harmodt_fast.ops._dispatch import runs_fused
+from harmodt_fast.ops.masked_attention import AttentionMask
 
 
 class MaskedLinear(nn.Linear):
@@ -49,8 +50,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: HarmoDTConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.c_attn = MaskedLinear(cfg.hidden, 3 * cfg.hidden)
-        self.c_proj = MaskedLinear(cfg.hidden, cfg.hidden)
+        self.c_attn = MaskedLinear(cfg.hidden, 3 * cfg.hidden, backend=cfg.backend)
+        self.c_proj = MaskedLinear(cfg.hidden, cfg.hidden, backend=cfg.backend)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         # GPT-2 blocks are causal (HarmoDT builds its masks inside the causal triangle); the fused Triton path
@@ -58,7 +59,7 @@ class Attention(nn.Module):
         self.causal = True
 
     def forward(self, x, task_offsets, attn_mask):
-        if self.c_attn.masks_packed is not None and uses_triton(self.c_attn.backend, x.device):
+        if self.c_attn.masks_packed is not None and runs_fused("masked_attention", self.c_attn.backend, x.device):
             y = ops.masked_attention(x, self.c_attn.weight, self.c_attn.bias, self.c_attn.masks_packed, task_offsets,
                                      self.heads, attn_mask=attn_mask, causal=self.causal,
                                      dropout_p=self.dropout if self.training else 0.0, backend=self.c_attn.backend,
@@ -67,7 +68,8 @@ class Attention(nn.Module):
         B, L, H = x.shape
         q, k, v = self.c_attn(x, task_offsets).split(H, dim=2)
         q, k, v = (t.view(B, L, self.heads, H // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+        mask = attn_mask.mask if isinstance(attn_mask, AttentionMask) else attn_mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, L, H)
         return self.resid_dropout(self.c_proj(y, task_offsets))
@@ -76,15 +78,16 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: HarmoDTConfig):
         super().__init__()
-        self.c_fc = MaskedLinear(cfg.hidden, cfg.mlp_hidden)
-        self.c_proj = MaskedLinear(cfg.mlp_hidden, cfg.hidden)
+        self.c_fc = MaskedLinear(cfg.hidden, cfg.mlp_hidden, backend=cfg.backend)
+        self.c_proj = MaskedLinear(cfg.mlp_hidden, cfg.hidden, backend=cfg.backend)
         self.activation = cfg.activation
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, task_offsets):
         fc, proj = self.c_fc, self.c_proj
-        if fc.masks_packed is not None and proj.masks_packed is not None and uses_triton(fc.backend, x.device):
+        masked = fc.masks_packed is not None and proj.masks_packed is not None
+        if masked and runs_fused("masked_mlp", fc.backend, x.device):
             y = ops.masked_mlp(x, fc.weight, fc.bias, fc.masks_packed, proj.weight, proj.bias, proj.masks_packed,
                                task_offsets, activation=self.activation, backend=fc.backend,
                                task_grads1=fc.task_grads, task_grads2=proj.task_grads)
@@ -192,7 +195,7 @@ class HarmoDT(nn.Module):
         # causal, padded keys hidden; every token still sees itself so fully padded rows stay finite
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         attn_mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=x.device)
-        attn_mask = attn_mask[:, None]  # [B, 1, L, L]
+        attn_mask = AttentionMask(attn_mask[:, None])  # [B, 1, L, L], bit-packed once for all blocks if needed
         for block in self.blocks:
             x = block(x, batch.task_offsets, attn_mask)
         x = self.ln_f(x)

@@ -61,7 +61,7 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, met
     out = os.path.abspath(out)
     data_root = os.path.abspath(data_root or os.path.join(out, "data"))
     budget = {"suite": suite_name, "tasks": tasks, "preset": preset, "steps": steps,
-              "episodes_per_task": {q: _episodes(q, episodes_per_task) for q in qualities},
+              "episodes_per_task": {q: _episodes(q, episodes_per_task) for q in QUALITIES},
               "episode_steps": episode_steps, "data_seed": data_seed, "eval_episodes": eval_episodes,
               "eval_every": eval_every, "eval_max_steps": eval_max_steps, "overrides": overrides}
     os.makedirs(out, exist_ok=True)
@@ -111,7 +111,8 @@ def _finished(run_dir: str, steps: int) -> bool:
 
 
 def _check_same_budget(out: str, budget: dict) -> None:
-    """A suite folder holds one budget: continuing it with other settings would mix runs in one report."""
+    """A suite folder holds one budget: continuing it with other settings would mix runs in one report. (Which
+    qualities, methods and seeds run is not part of it: shards of one suite may run side by side in one folder.)"""
     path = os.path.join(out, "budget.json")
     if os.path.isfile(path):
         with open(path) as f:

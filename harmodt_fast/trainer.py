@@ -73,8 +73,9 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 
 
 # config fields that only change logging, not the training trajectory: a resumed run may change them
+# (the backend and compile too: they compute the same step, to rounding)
 _NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "eval_max_steps",
-                          "eval_workers", "tensorboard", "extra"}
+                          "eval_workers", "tensorboard", "extra", "backend", "compile"}
 
 
 @dataclass
@@ -105,6 +106,7 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     config = HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset / field / value -> ValueError
     if stop_at is not None and not 0 < stop_at <= config.steps:
         raise ValueError(f"stop_at must be in 1..{config.steps}, got {stop_at}")
+    ops.check_backend(config.backend, _pick_device(device))  # before loading data or building anything
     out = _prepare_out(out)
     dataset = _load(data)
     config = _bind_tasks(config, dataset)
@@ -180,6 +182,7 @@ class Trainer:
         self.config, self.out, self.device, self.dist = config, _prepare_out(out), device, dist
         self.ckpt_path = os.path.join(self.out, CHECKPOINT_NAME)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        ops.check_backend(config.backend, device)
         torch.manual_seed(config.seed)
         self.model = HarmoDT(config).to(device)  # identical on every rank
         if dist.world > 1:
@@ -188,6 +191,9 @@ class Trainer:
         self.fingerprint = fingerprint
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.amp_dtype = autocast_dtype(config, device)
+        # dynamic=False: the offsets are ints the graph specialises on (round-robin: one graph per task, cached)
+        self._task_losses = torch.compile(self.model.task_losses, dynamic=False) if config.compile \
+            else self.model.task_losses
         self.step = 0
         self.history: list[dict] = []
         self.task_agreement: torch.Tensor | None = None
@@ -221,6 +227,7 @@ class Trainer:
                 if self.config.use_masks and self.step % cfg.mask_interval == 0 and self.step < cfg.steps:
                     self._log({"step": self.step, "mask_update": self._mask_update()})
                 if self.step == 1 or self.step % cfg.log_every == 0 or self.step == end:
+                    loss, per_task = float(loss), per_task.float().cpu().tolist()  # the only read-back
                     now = time.perf_counter()
                     entry = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                              "sequences_per_s": rows_since * self.dist.world / max(now - t_last, 1e-9),
@@ -248,7 +255,8 @@ class Trainer:
         return TrainResult(self.ckpt_path, list(self.history), self.model.task_masks(), cfg, self.out, self.step,
                            self.metrics_path)
 
-    def _train_step(self) -> tuple[float, list[float], int]:
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimiser step; returns (loss, per-task losses) as device tensors and the rows trained on."""
         cfg = self.config
         lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         for group in self.optimizer.param_groups:
@@ -257,7 +265,7 @@ class Trainer:
         batch = self.sampler.sample(task=task) if task is not None else self.sampler.sample()
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            losses = self.model.task_losses(batch)
+            losses = self._task_losses(batch)
         loss = losses.sum() if cfg.schedule == "round-robin" else losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -269,13 +277,15 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         layers = self._layers
         frozen = self._frozen_entries(task)
-        kept = {n: layers[n].weight.detach()[f] for n, f in frozen.items()}
+        # torch.where with precomputed masks, not weight[mask] (a nonzero: a host sync per layer)
+        kept = {n: layers[n].weight.detach().clone() for n in frozen}
         self.optimizer.step()
         with torch.no_grad():  # frozen entries stay exactly as they were (no decay, no momentum drift)
             for name, f in frozen.items():
-                layers[name].weight[f] = kept[name]
-        per_task = losses.detach().float().cpu().tolist()
-        return float(loss.detach()), per_task, batch.num_rows
+                weight = layers[name].weight
+                weight.copy_(torch.where(f, kept[name], weight))
+        # tensors, read back by the caller only on log steps
+        return loss.detach(), losses.detach(), batch.num_rows
 
     # ---- the outer level: harmony mask update ----------------------------------------------------------------
     def _mask_update(self) -> dict:

@@ -30,6 +30,13 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def tuned(configs: list) -> list:
+    """A kernel's autotune configs, or only its first (the default) when HARMODT_FAST_AUTOTUNE=0 (read when the
+    kernels are imported): one compile per kernel variant instead of one per config, for a first GPU run that
+    must check correctness in minutes."""
+    return configs if os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0" else configs[:1]
+
+
 def allow_tf32(dtype: torch.dtype) -> bool:
     """fp32 matmuls use TF32 only when torch itself would (float32_matmul_precision != "highest")."""
     return dtype == torch.float32 and not interpret() and torch.get_float32_matmul_precision() != "highest"

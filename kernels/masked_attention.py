@@ -36,6 +36,7 @@ from harmodt_fast.kernels._common import (
     masked_weight_tile,
     new_output,
     next_pow2,
+    tuned,
 )
 from harmodt_fast.kernels.masked_linear import EPI_NONE, masked_dw_op, masked_mm_op
 
@@ -77,8 +78,9 @@ def _allowed(b, i, j0, L, mbits_ptr, smb, WPR, HAS_MASK: tl.constexpr, CAUSAL: t
 def _fwd_configs():
     if interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (32, 64, 4, 2)]]
+    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                  for m, n, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2),
+                                     (32, 64, 4, 2)]])
 
 
 def _prune_attn(configs, named_args, **kwargs):
@@ -142,9 +144,9 @@ def _attn_fwd_kernel(
 def _bwd_configs():
     if interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-                               (128, 64, 8, 2)]]
+    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                  for m, n, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+                                     (128, 64, 8, 2)]])
 
 
 @triton.jit
@@ -245,8 +247,8 @@ def _attn_bwd_kernel(
 def _fused_configs():
     if interpret():
         return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_K": k}, num_warps=w, num_stages=s)
-            for k, w, s in [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)]]
+    return tuned([triton.Config({"BLOCK_K": k}, num_warps=w, num_stages=s)
+                  for k, w, s in [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)]])
 
 
 @triton.autotune(configs=_fused_configs(), key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL"])
@@ -452,13 +454,17 @@ class MaskedAttentionFn(torch.autograd.Function):
         row_offs = [o * L for o in seq_offsets]
         qkv, _ = masked_mm_op(x2d, weight, masks, row_offs, bias, None, True, EPI_NONE, 0, False)
         out, lse = attention_fwd_op(qkv, mbits, B, L, heads, causal, dropout_p, seed)
-        ctx.save_for_backward(x2d, weight, masks, qkv, out, lse, mbits, task_grads)
+        ctx.save_for_backward(x2d, weight, masks, qkv, out, lse, mbits)
+        # task grads are an output accumulated in place (often a view of one buffer that other layers' backward
+        # also writes), not an input: kept on ctx, outside save_for_backward's version check
+        ctx.task_grads = task_grads
         ctx.meta = (B, L, heads, causal, dropout_p, seed, row_offs, bias is not None)
         return out.view(B, L, H)
 
     @staticmethod
     def backward(ctx, dout):
-        x2d, weight, masks, qkv, out, lse, mbits, task_grads = ctx.saved_tensors
+        x2d, weight, masks, qkv, out, lse, mbits = ctx.saved_tensors
+        task_grads = ctx.task_grads
         B, L, heads, causal, dropout_p, seed, row_offs, has_bias = ctx.meta
         need = ctx.needs_input_grad
         dqkv = attention_bwd_op(dout.reshape(B * L, -1), qkv, out, lse, mbits, B, L, heads, causal, dropout_p, seed)
@@ -474,14 +480,15 @@ class MaskedAttentionFn(torch.autograd.Function):
 
 
 def masked_attention_triton(x3d, weight, bias, masks_packed, seq_offsets, heads, mask3=None, causal=False,
-                            dropout_p=0.0, task_grads=None, seed=None):
+                            dropout_p=0.0, task_grads=None, seed=None, mbits=None):
     """The "triton" backend of hf.ops.masked_attention (arguments already checked): x3d [B, L, H], seq_offsets
-    host ints over B, mask3 None or a bool [B, L, L] view. Returns [B, L, H]."""
+    host ints over B, mask3 None or a bool [B, L, L] view, mbits its packed form when the caller has it already.
+    Returns [B, L, H]."""
     B, L, H = x3d.shape
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device synchronisation
     seed = 0 if seed is None else int(seed)
-    mbits = pack_attention_mask(mask3)
+    mbits = pack_attention_mask(mask3) if mbits is None else mbits
     tensors = (x3d, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return MaskedAttentionFn.apply(x3d, weight, bias, masks_packed, tuple(seq_offsets), heads, mbits, causal,

@@ -36,6 +36,7 @@ from harmodt_fast.kernels._common import (
     next_pow2,
     num_sms,
     task_tile,
+    tuned,
 )
 
 EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
@@ -52,8 +53,8 @@ def _mm_configs():
         (64, 32, 64, 4, 4, True), (256, 64, 128, 8, 3, True),
         (128, 64, 128, 8, 3, False), (128, 64, 256, 8, 3, False), (64, 64, 256, 8, 3, False), (64, 32, 64, 4, 4, False),
     ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_R": r, "BLOCK_C": c, "SWAP": sw}, num_warps=w, num_stages=s)
-            for m, r, c, w, s, sw in shapes]
+    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_R": r, "BLOCK_C": c, "SWAP": sw}, num_warps=w, num_stages=s)
+                  for m, r, c, w, s, sw in shapes])
 
 
 def _prune_mm(configs, named_args, **kwargs):
@@ -122,8 +123,8 @@ def _masked_mm_kernel(
 def _dw_configs():
     if interpret():
         return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-            for m, w, s in [(64, 8, 3), (32, 8, 4), (128, 8, 3), (64, 4, 3)]]
+    return tuned([triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+                  for m, w, s in [(64, 8, 3), (32, 8, 4), (128, 8, 3), (64, 4, 3)]])
 
 
 @triton.autotune(configs=_dw_configs(), key=["N", "K", "M_BUCKET", "T", "BLOCK_N", "BLOCK_K", "TASK_SPLIT",
@@ -131,7 +132,7 @@ def _dw_configs():
 @triton.jit
 def _masked_dw_kernel(
     dy_ptr, x_ptr, m_ptr, offs_ptr, dw_ptr, db_ptr, tg_ptr,
-    M, N, K, W_WORDS, T, ROWS_PER_SPLIT, TASKS_PER_SPLIT, M_BUCKET,
+    M, N, K, W_WORDS, T, ROWS_PER_SPLIT, TASKS_PER_SPLIT, M_BUCKET, TG_STRIDE,
     TASK_SPLIT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, HAS_TG: tl.constexpr,
     ALIGNED: tl.constexpr, TF32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -180,7 +181,7 @@ def _masked_dw_kernel(
                 bits = mask_bits(m_ptr + t * W_WORDS, n0, k0, N, K, K, False, ALIGNED, BLOCK_N, BLOCK_K)
                 acc += tl.where(bits != 0, g, 0.0)
             if HAS_TG:
-                tg_offs = tl.cast(t, tl.int64) * N * K + ns[:, None] * K + ks[None, :]
+                tg_offs = tl.cast(t, tl.int64) * TG_STRIDE + ns[:, None] * K + ks[None, :]
                 ok = n_ok[:, None] & k_ok[None, :]
                 prev = tl.load(tg_ptr + tg_offs, mask=ok, other=0.0)
                 tl.store(tg_ptr + tg_offs, prev + g, mask=ok)
@@ -245,7 +246,8 @@ def _dw_tile(n: int, k: int, task_grads: bool) -> tuple[int, int]:
 
 def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=False, task_grads=None):
     """(dW, db) = (Σ_t M_t ⊙ dY_tᵀX_t, Σ dY); adds dY_tᵀX_t into task_grads[t] when given. None for what is
-    not asked."""
+    not asked. task_grads [T, N, K] may have any task stride (a layer's slice of one [T, P] buffer) as long as
+    each task_grads[t] is row-major contiguous."""
     M, N = dy.shape
     K = x.shape[1]
     T = offs.numel() - 1
@@ -281,6 +283,7 @@ def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=Fal
         dy, x, masks, offs, dw if dw is not None else dummy, db if db is not None else dummy,
         task_grads if task_grads is not None else dummy,
         M, N, K, masks.shape[1], T, rps, tps, m_bucket(M),
+        task_grads.stride(0) if task_grads is not None else 0,
         TASK_SPLIT=task_grads is not None, HAS_DW=need_dw, HAS_DB=need_db, HAS_TG=task_grads is not None,
         ALIGNED=K % 32 == 0, TF32=allow_tf32(dy.dtype), BLOCK_N=bn, BLOCK_K=bk,
     )
@@ -288,6 +291,12 @@ def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=Fal
         dw = dw.sum(0).to(weight_dtype) if dw is not None else None
         db = db.sum(0).to(weight_dtype) if db is not None else None
     return dw, db
+
+
+def task_rows_contiguous(task_grads: torch.Tensor) -> bool:
+    """Whether every task_grads[t] ([N, K]) is row-major contiguous; the task stride itself is free."""
+    _, n, k = task_grads.shape
+    return (k <= 1 or task_grads.stride(2) == 1) and (n <= 1 or task_grads.stride(1) == k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,8 +329,10 @@ def masked_dw_op(dy: torch.Tensor, x: torch.Tensor, masks: torch.Tensor, offsets
                  task_grads: Optional[torch.Tensor], need_dw: bool, need_db: bool,
                  weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     offs = device_offsets(offsets, dy.device)
-    if task_grads is not None and not task_grads.is_contiguous():
-        raise ValueError("masked_dw: task_grads must be contiguous (it is accumulated in place)")
+    if task_grads is not None and not task_rows_contiguous(task_grads):
+        # accumulated in place, so a copy would lose the sums; a [T, P] buffer's column slice is fine
+        raise ValueError(f"masked_dw: each task_grads[t] must be row-major contiguous, got strides "
+                         f"{task_grads.stride()} for shape {tuple(task_grads.shape)}")
     dw, db = launch_masked_dw(dy.contiguous(), x.contiguous(), masks.contiguous(), offs, weight_dtype,
                               need_dw=need_dw, need_db=need_db, task_grads=task_grads)
     return (dw if dw is not None else dy.new_empty(0, dtype=weight_dtype),
@@ -339,14 +350,18 @@ class MaskedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, masks, row_offsets, task_grads):
         y, _ = masked_mm_op(x2d, weight, masks, list(row_offsets), bias, None, True, EPI_NONE, ACT_NONE, False)
-        ctx.save_for_backward(x2d, weight, masks, task_grads)
+        ctx.save_for_backward(x2d, weight, masks)
+        # task grads are an output accumulated in place (often a view of one buffer that other layers' backward
+        # also writes), not an input: kept on ctx, outside save_for_backward's version check
+        ctx.task_grads = task_grads
         ctx.row_offsets = list(row_offsets)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, masks, task_grads = ctx.saved_tensors
+        x2d, weight, masks = ctx.saved_tensors
+        task_grads = ctx.task_grads
         offs = ctx.row_offsets
         dy = dy.contiguous()
         dx = dw = db = None

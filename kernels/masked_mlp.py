@@ -32,6 +32,7 @@ from harmodt_fast.kernels._common import (
     new_output,
     next_pow2,
     task_tile,
+    tuned,
 )
 from harmodt_fast.kernels.masked_linear import EPI_ACT, EPI_ACT_GRAD, EPI_NONE, masked_dw_op, masked_mm_op
 
@@ -46,8 +47,8 @@ def _chain_configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_H": 64}, num_warps=4)]
     shapes = [(64, 64, 64, 8, 2), (64, 32, 128, 8, 2), (128, 64, 64, 8, 2), (64, 64, 128, 8, 2),
               (32, 64, 64, 4, 2), (64, 64, 64, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_H": h}, num_warps=w, num_stages=s)
-            for m, k, h, w, s in shapes]
+    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_H": h}, num_warps=w, num_stages=s)
+                  for m, k, h, w, s in shapes])
 
 
 @triton.autotune(configs=_chain_configs(), key=["D_IN", "D_MID", "D_OUT", "M_BUCKET", "T", "BACKWARD", "ACT",
@@ -188,14 +189,16 @@ class MaskedMLPFn(torch.autograd.Function):
     def forward(ctx, x2d, w1, b1, m1, w2, b2, m2, row_offsets, act, tg1, tg2):
         offs = list(row_offsets)
         y, h, pre = _forward(x2d, w1, b1, m1, w2, b2, m2, offs, act, save=True)
-        ctx.save_for_backward(x2d, w1, m1, w2, m2, h, pre, tg1, tg2)
+        ctx.save_for_backward(x2d, w1, m1, w2, m2, h, pre)
+        ctx.task_grads = tg1, tg2  # outputs accumulated in place (see masked_linear's MaskedLinearFn)
         ctx.offs, ctx.act = offs, act
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, w1, m1, w2, m2, h, pre, tg1, tg2 = ctx.saved_tensors
+        x2d, w1, m1, w2, m2, h, pre = ctx.saved_tensors
+        tg1, tg2 = ctx.task_grads
         offs, act = ctx.offs, ctx.act
         need = ctx.needs_input_grad
         dy = dy.contiguous()

@@ -71,6 +71,37 @@ def test_forward_and_every_gradient_match_reference(counts, n_in, n_out, rng):
     close(tg_tri, tg_ref)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_task_grads_as_a_slice_of_one_task_by_parameter_buffer(backend, rng):
+    """The trainer hands every layer its column slice of one [T, P] buffer (task stride P, not out*in): the dW
+    kernel must add into that view in place, without a copy and without touching the neighbouring columns."""
+    counts, n_in, n_out = [6, 0, 9], 24, 20
+    x, w, b, packed, offsets = make_case(rng, counts, n_in, n_out)
+    dy = torch.randn(x.shape[0], n_out, generator=rng).to(DEVICE)
+    T, n, before = len(counts), n_out * n_in, 7
+    if backend == "cpp" and DEVICE != "cpu":
+        pytest.skip("the cpp backend runs on CPU tensors")
+    buffer = torch.full((T, before + n + 5), 3.0, device=DEVICE)  # other layers' columns on both sides
+    view = buffer[:, before : before + n].view(T, n_out, n_in)
+    assert not view.is_contiguous() and view.stride(0) == buffer.shape[1]
+    ran, _, grads = run(backend, x, w, b, packed, offsets, dy, view)
+    assert ran == backend
+    ref = torch.full((T, n_out, n_in), 3.0, device=DEVICE)
+    _, _, grads_ref = run("torch", x, w, b, packed, offsets, dy, ref)
+    close(view, ref)
+    assert view.data_ptr() == buffer.data_ptr() + before * buffer.element_size()
+    assert torch.all(buffer[:, :before] == 3.0) and torch.all(buffer[:, before + n :] == 3.0)
+    for got, want in zip(grads, grads_ref):
+        close(got, want)
+
+
+def test_task_grads_with_strided_rows_is_refused(rng):
+    x, w, b, packed, offsets = make_case(rng, [3, 2], 16, 8)
+    tg = torch.zeros(2, 16, 8, device=DEVICE).transpose(1, 2)  # [T, out, in] but column-major per task
+    with pytest.raises(ValueError, match=r"task_grads\[t\] must be row-major contiguous"):
+        run("triton", x, w, b, packed, offsets, torch.ones(5, 8, device=DEVICE), tg)
+
+
 def test_without_task_grads_and_with_extra_dims(rng):
     # [B, L, in] input: offsets count sequences; no per-task buffer: the dW kernel splits rows, not tasks
     x, w, b, packed, offsets = make_case(rng, [3, 0, 4, 2], 40, 36, extra_dims=(5,))

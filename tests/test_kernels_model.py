@@ -14,10 +14,16 @@ def set_backend(model, backend):
 
 
 def attach_task_grads(model):
-    bufs = {}
-    for name, layer in model.masked_layers().items():
-        layer.task_grads = torch.zeros(model.config.num_tasks, *layer.weight.shape, device=DEVICE)
+    """Each layer's buffer is its column slice of one [T, P] buffer, as the trainer's mask update lays them out
+    (so the fused blocks' backward must take the task stride)."""
+    layers = model.masked_layers()
+    sizes = [layer.weight.numel() for layer in layers.values()]
+    flat = torch.zeros(model.config.num_tasks, sum(sizes), device=DEVICE)
+    bufs, start = {}, 0
+    for (name, layer), n in zip(layers.items(), sizes):
+        layer.task_grads = flat[:, start : start + n].view(model.config.num_tasks, *layer.weight.shape)
         bufs[name] = layer.task_grads
+        start += n
     return bufs
 
 

@@ -250,7 +250,7 @@ class MultiTaskSampler:
         draws = torch.randint(0, 2**62, (rows.numel(), 2), generator=self._gen, device=self.device)
         r = draws[:, 0] % self._task_train_n[rows]
         batch = self._gather(rows, r, draws[:, 1])
-        batch.task_offsets = offsets
+        batch.task_offsets, batch.row_tasks = offsets, rows
         return batch
 
     def eval_prompt(self) -> Prompt | None:

@@ -1,5 +1,11 @@
 """The fast ops, each with backends "triton" | "cpp" | "torch" behind one function (see _dispatch.py)."""
-from harmodt_fast.ops._dispatch import available_backends, implemented_backends, last_backend
+from harmodt_fast.ops._dispatch import (
+    available_backends,
+    call_counts,
+    check_backend,
+    implemented_backends,
+    last_backend,
+)
 from harmodt_fast.ops.harmony import HarmonyStream, harmony_update, task_agreement
 from harmodt_fast.ops.masked_attention import masked_attention
 from harmodt_fast.ops.masked_linear import masked_linear
@@ -8,6 +14,8 @@ from harmodt_fast.ops.packing import pack_masks, unpack_masks
 
 __all__ = [
     "available_backends",
+    "call_counts",
+    "check_backend",
     "implemented_backends",
     "last_backend",
     "harmony_update",

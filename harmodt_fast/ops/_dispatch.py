@@ -4,7 +4,8 @@ Each op has up to three implementations: "triton" (kernels in harmodt_fast.kerne
 under TRITON_INTERPRET=1), "cpp" (harmodt_fast._C, CPU tensors) and "torch" (the plain-PyTorch reference that
 defines the semantics). Implementations are registered as "module:function" strings so that importing
 harmodt_fast never imports triton or compiles anything. `last_backend(op)` tells which one ran last, so tests can
-catch a silent fallback.
+catch a silent fallback, and `call_counts()` how often each ran. The backend decision per (op, backend, device
+type) is made once and cached.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ _AUTO_ORDER = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
 
 _registry: dict[str, dict[str, str]] = {}
 _last: dict[str, str] = {}
+_calls: dict[tuple[str, str], int] = {}  # (op, backend) -> calls, so a test can tell that EVERY call ran a backend
 
 
 def register(op: str, backend: str, target: str) -> None:
@@ -65,32 +67,78 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def select(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
-    """Pick the implementation of `op` for tensors on `device`; records the choice for `last_backend`."""
+def _resolve_backend(op: str, backend: str, device_type: str) -> str:
     impls = _registry.get(op, {})
     if backend == "auto":
-        for cand in _AUTO_ORDER.get(device.type, ("torch",)):
-            if cand in impls and backend_unavailable_reason(cand, device) is None:
-                backend = cand
-                break
-        else:
-            raise RuntimeError(f"{op}: no implementation runs on {device.type} tensors here")
-    else:
-        if backend not in BACKENDS:
-            raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-        if backend not in impls:
-            have = ", ".join(sorted(impls)) or "none"
-            raise RuntimeError(f"{op}: there is no {backend} implementation (implemented: {have})")
-        reason = backend_unavailable_reason(backend, device)
-        if reason is not None:
-            raise RuntimeError(f"{op}: the {backend} backend cannot run here: {reason}")
-    _last[op] = backend
-    return backend, _resolve(impls[backend])
+        for cand in _AUTO_ORDER.get(device_type, ("torch",)):
+            if cand in impls and backend_unavailable_reason(cand, torch.device(device_type)) is None:
+                return cand
+        raise RuntimeError(f"{op}: no implementation runs on {device_type} tensors here")
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    if backend not in impls:
+        have = ", ".join(sorted(impls)) or "none"
+        raise RuntimeError(f"{op}: there is no {backend} implementation (implemented: {have})")
+    reason = backend_unavailable_reason(backend, torch.device(device_type))
+    if reason is not None:
+        raise RuntimeError(f"{op}: the {backend} backend cannot run here: {reason}")
+    return backend
+
+
+# (op, backend, device type) -> (backend, implementation): availability (an import, an extension load) is
+# checked once, not on every call of an op inside a training step
+_decisions: dict[tuple[str, str, str], tuple[str, Callable]] = {}
+
+
+def _decide(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+    key = (op, backend, device.type)
+    hit = _decisions.get(key)
+    if hit is None:
+        chosen = _resolve_backend(op, backend, device.type)
+        hit = _decisions[key] = (chosen, _resolve(_registry[op][chosen]))
+    return hit
+
+
+def select(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+    """Pick the implementation of `op` for tensors on `device`; records the choice for `last_backend`."""
+    hit = _decide(op, backend, device)
+    _last[op] = hit[0]
+    _calls[(op, hit[0])] = _calls.get((op, hit[0]), 0) + 1
+    return hit
+
+
+def clear_cache() -> None:
+    """Forget the cached backend decisions (after changing TRITON_INTERPRET or the extension's availability)."""
+    _decisions.clear()
+
+
+def runs_fused(op: str, backend: str, device: torch.device) -> bool:
+    """Whether a model should call the fused block `op` (e.g. "masked_mlp") with `backend` rather than compose it
+    from masked_linear layers: true when `backend` picks a real fused implementation, not the torch reference
+    composition (which is the same computation, slower than composing the cpp masked_linear on the CPU)."""
+    if backend != "auto" and backend not in _registry.get(op, {}):
+        return False  # e.g. "cpp": the block has no cpp implementation, its masked_linear layers do
+    return _decide(op, backend, device)[0] != "torch"
+
+
+def check_backend(backend: str, device: torch.device, ops=("masked_linear", "masked_mlp", "masked_attention")) -> None:
+    """Raises the RuntimeError that says why `backend` cannot run the model's masked ops on `device` (ValueError
+    for an unknown name); called when a model or run is set up, before any work."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    for op in ops:
+        if backend == "auto" or backend in _registry.get(op, {}):
+            _decide(op, backend, device)
 
 
 def last_backend(op: str) -> str | None:
     """The backend that ran the most recent call of `op` (None before the first call)."""
     return _last.get(op)
+
+
+def call_counts() -> dict[tuple[str, str], int]:
+    """Calls so far per (op, backend) (a copy): the difference over a run shows every backend that ran in it."""
+    return dict(_calls)
 
 
 def implemented_backends(op: str) -> list[str]:

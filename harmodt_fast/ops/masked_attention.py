@@ -3,7 +3,8 @@
     qkv = x · (W ⊙ M_t)ᵀ + b          for the sequences (dim 0 of x) of each task t; W: [3H, H]
     q, k, v = qkv.split(H); per head:  out = softmax(q·kᵀ/√D + mask) · v      (heads concatenated: [B, L, H])
 
-`attn_mask` (bool, True = may attend) is [L, L], [B, L, L] or [B or 1, 1, L, L]; `causal=True` additionally hides
+`attn_mask` (bool, True = may attend) is [L, L], [B, L, L] or [B or 1, 1, L, L], or an AttentionMask holding one
+(shared by the blocks of a model so that it is bit-packed once per forward); `causal=True` additionally hides
 keys after the query. Rows with no key to attend: the reference (scaled_dot_product_attention) gives NaN, the
 Triton kernels 0; callers must give every row at least one key (the model lets every token see itself).
 Dropout on the attention probabilities follows each backend's own random stream. The output projection (c_proj)
@@ -16,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from harmodt_fast.ops._dispatch import backend_unavailable_reason, register, select
+from harmodt_fast.ops._dispatch import register, select
 from harmodt_fast.ops.masked_linear import check_masked_linear_args, masked_linear_torch
 
 
@@ -39,6 +40,22 @@ def attention_mask_3d(attn_mask, B: int, L: int, device) -> torch.Tensor | None:
     if m.device != torch.device(device):
         raise ValueError(f"masked_attention: attn_mask is on {m.device}, x on {device}")
     return m.expand(B, L, L)
+
+
+class AttentionMask:
+    """A bool attention mask (any form attn_mask takes) that the Triton kernels' bit-packed form is made of at most
+    once: a model passes one to every block of a forward instead of having each block pack the same mask."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self._bits: torch.Tensor | None = None
+
+    def bits(self, B: int, L: int) -> torch.Tensor:
+        if self._bits is None:
+            from harmodt_fast.kernels.masked_attention import pack_attention_mask
+
+            self._bits = pack_attention_mask(attention_mask_3d(self.mask, B, L, self.mask.device))
+        return self._bits
 
 
 def check_masked_attention_args(x, weight, bias, masks_packed, task_offsets, heads, dropout_p, task_grads):
@@ -77,14 +94,6 @@ register("masked_attention", "torch", "harmodt_fast.ops.masked_attention:masked_
 register("masked_attention", "triton", "harmodt_fast.kernels.masked_attention:masked_attention_triton")
 
 
-def uses_triton(backend: str, device: torch.device) -> bool:
-    """Whether a fused-block op called with `backend` on `device` would run the Triton kernels (what "auto"
-    picks on CUDA tensors, or an explicit "triton"); lets a model keep its plain path otherwise."""
-    if backend == "triton":
-        return True
-    return backend == "auto" and device.type == "cuda" and backend_unavailable_reason("triton", device) is None
-
-
 def masked_attention(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -106,7 +115,10 @@ def masked_attention(
         bias = bias.to(dtype) if bias is not None else None
     offsets = check_masked_attention_args(x, weight, bias, masks_packed, task_offsets, heads, dropout_p, task_grads)
     B, L, _ = x.shape
-    mask3 = attention_mask_3d(attn_mask, B, L, x.device)
-    _, fn = select("masked_attention", backend, x.device)
+    shared = attn_mask if isinstance(attn_mask, AttentionMask) else None
+    mask3 = attention_mask_3d(shared.mask if shared is not None else attn_mask, B, L, x.device)
+    chosen, fn = select("masked_attention", backend, x.device)
+    packed = {"mbits": shared.bits(B, L)} if shared is not None and chosen == "triton" else {}
     with torch.autocast(x.device.type, enabled=False):
-        return fn(x, weight, bias, masks_packed, offsets, heads, mask3, bool(causal), float(dropout_p), task_grads)
+        return fn(x, weight, bias, masks_packed, offsets, heads, mask3, bool(causal), float(dropout_p), task_grads,
+                  **packed)
