@@ -29,6 +29,9 @@ _EXPORTS = {
     "train": "harmodt_fast.trainer",
     "TrainResult": "harmodt_fast.trainer",
     "evaluate": "harmodt_fast.evaluation",
+    "load_policy": "harmodt_fast.policy",
+    "Policy": "harmodt_fast.policy",
+    "export": "harmodt_fast.checkpoint",
     "collect": "harmodt_fast.data",
     "load_dataset": "harmodt_fast.data",
     "DatasetError": "harmodt_fast.data",
@@ -36,6 +39,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
+               "policy", "loggers",
                "model", "config", "tasks"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]
