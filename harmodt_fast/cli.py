@@ -54,6 +54,14 @@ def _cmd_collect(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import harmodt_fast as hf
+
+    folder = hf.export(args.run, args.folder)
+    print(f"exported {args.run} to {folder}: config.json, model.safetensors, tasks.safetensors")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     import os
 
@@ -166,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("evaluate", help="roll a trained model out in Meta-World: per-task success, JSON report, plots")
-    p.add_argument("checkpoint", help="a checkpoint file or a run folder holding checkpoint.pt")
+    p.add_argument("checkpoint", help="a checkpoint file, a run folder holding checkpoint.pt or an export folder")
     p.add_argument("--tasks", default=None, help="default: the checkpoint's tasks; a task set or comma-separated names")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task, goal variants 0..episodes-1")
     p.add_argument("--seed", type=int, default=0, help="Meta-World MT1 seed of the goal-variant list")
@@ -183,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a run as config.json + safetensors files (loadable without pickle)")
+    p.add_argument("run", help="a run folder or a checkpoint file")
+    p.add_argument("folder", help="the export folder")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("train", help="train HarmoDT (or a baseline) on an offline dataset; resumes a run folder")
     p.add_argument("data", help="dataset folder (harmodt-fast collect output, the MTDiff layout or a Minari "

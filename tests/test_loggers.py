@@ -3,6 +3,7 @@ number of metrics.jsonl, read back from the run's own files."""
 import glob
 import json
 import struct
+import time
 
 import pytest
 import torch
@@ -44,6 +45,8 @@ def wandb_records(path):
     split into FULL/FIRST/MIDDLE/LAST chunks with a 7-byte header each), read directly because wandb no longer
     ships a Python reader for it."""
     data = open(path, "rb").read()
+    if len(data) < 7:  # not written yet
+        return []
     assert data[:4] == b":W&B", path
     block, pos, records, pending = 32768, 7, [], b""
     while pos + 7 <= len(data):
@@ -52,6 +55,8 @@ def wandb_records(path):
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
             records.append(chunk)
@@ -69,10 +74,16 @@ def read_offline_run(root):
     from wandb.proto import wandb_internal_pb2
 
     [path] = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))
+    # wandb's writer process may still be flushing after run.finish() returns: the run is whole once its exit
+    # record is on disk
+    deadline = time.monotonic() + 60
+    while True:
+        records = [wandb_internal_pb2.Record.FromString(data) for data in wandb_records(path)]
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     config, history = {}, []
-    for data in wandb_records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})

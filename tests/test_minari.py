@@ -8,6 +8,7 @@ import harmodt_fast as hf
 from harmodt_fast.data import DatasetError
 
 minari = pytest.importorskip("minari")
+gym = pytest.importorskip("gymnasium")
 
 TASKS = ["reach-v3", "button-press-v3"]
 EPISODES, STEPS = 3, 40
@@ -68,7 +69,6 @@ def test_recover_environment_gives_the_meta_world_env(exported):
 
 def make_minari(dataset_id, obs_dim=39, act_dim=4, episodes=4, steps=10, infos=True):
     """A Minari dataset with no environment, random data of the given dimensions."""
-    import gymnasium as gym
     from minari.data_collector import EpisodeBuffer
 
     rng = np.random.default_rng(0)
@@ -123,3 +123,38 @@ def test_train_and_evaluate_tasks_named_by_minari_datasets(exported, minari_root
                       progress=False, precision="fp32", device="cpu")
     with pytest.raises(ValueError, match=r"task 'mystery' has no environment"):
         hf.evaluate(no_env, episodes=1, max_episode_steps=2, workers=0)
+
+
+class ToyEnv(gym.Env):
+    """A gymnasium environment that is not Meta-World (39-dim observations, 4-dim actions): reward 1 per step,
+    success from step 3; the reset seed (the evaluation's goal variant) offsets the observations."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (39,), np.float64)
+    action_space = gym.spaces.Box(-1, 1, (4,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.base = 0, float(seed or 0)
+        return np.full(39, self.base), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(39, self.base + self.t), 1.0, False, self.t >= 50, {"success": self.t >= 3}
+
+
+def test_a_recorded_non_meta_world_environment_is_evaluated_in(minari_root):
+    from minari.data_collector import EpisodeBuffer
+
+    spec = gym.envs.registration.EnvSpec(id="ToyForTests-v0", entry_point="test_minari:ToyEnv", max_episode_steps=50)
+    rng = np.random.default_rng(1)
+    buffer = [EpisodeBuffer(id=e, observations=np.arange(11)[:, None] + np.zeros((11, 39)),
+                            actions=rng.uniform(-1, 1, (10, 4)).astype(np.float32), rewards=np.ones(10),
+                            terminations=np.zeros(10, bool), truncations=np.arange(10) == 9) for e in range(4)]
+    minari.create_dataset_from_buffers("test/toy-v0", buffer, env=spec, algorithm_name="random")
+    ds = hf.load_dataset("minari:test/toy-v0")
+    assert ds.tasks == ["test/toy-v0"] and "ToyForTests-v0" in ds.env_specs["test/toy-v0"]
+    res = hf.train(ds, minari_root / "toy-run", preset="tiny", steps=1, progress=False, precision="fp32",
+                   device="cpu")
+    report = hf.evaluate(res, episodes=2, max_episode_steps=4, workers=0, precision="fp32")
+    toy = report["per_task"]["test/toy-v0"]
+    assert toy["returns"] == [4.0, 4.0] and toy["successes"] == [1, 1] and toy["lengths"] == [4, 4]

@@ -90,6 +90,14 @@ def test_export_loads_without_pickle_and_acts_the_same(run, tmp_path, monkeypatc
     report = hf.evaluate(folder, episodes=1, max_episode_steps=4, workers=0, precision="fp32")
     assert report["tasks"] == TASKS and report["env_steps"] == 8
 
+    from harmodt_fast.cli import main
+
+    assert main(["export", run.out, str(tmp_path / "cli-export")]) == 0
+    out = tmp_path / "report.json"
+    assert main(["evaluate", str(tmp_path / "cli-export"), "--episodes", "1", "--max-steps", "4", "--workers", "0",
+                 "--no-plots", "--no-progress", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["per_task"] == report["per_task"]
+
     os.unlink(os.path.join(folder, "tasks.safetensors"))
     with pytest.raises(CheckpointError, match=r"tasks\.safetensors: missing"):
         hf.load_policy(folder)
