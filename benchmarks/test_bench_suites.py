@@ -87,14 +87,17 @@ def test_bench_harmony_update(benchmark):
 
 def test_bench_evaluation_step(benchmark):
     """One environment step's model work in hf.evaluate: act() for 10 episodes of every task, then observe()."""
-    config = hf.HarmoDTConfig.from_preset(PRESET, tasks=TASKS, precision="fp32")
+    from harmodt_fast.trainer import autocast_dtype
+
+    config = hf.HarmoDTConfig.from_preset(PRESET, tasks=TASKS)  # precision "auto", as evaluate runs it
     torch.manual_seed(0)
     model = hf.HarmoDT(config).to(DEVICE).eval()
     T, Kp, S = NUM_TASKS, config.prompt_len, config.state_dim
     prompt = Prompt(torch.randn(T, Kp, S), torch.rand(T, Kp, config.act_dim) * 2 - 1, torch.rand(T, Kp, 1),
                     torch.arange(Kp).repeat(T, 1), torch.ones(T, Kp, dtype=torch.bool))
+    amp = autocast_dtype(config, DEVICE)
     policy = Policy(model, config, TASKS, list(range(T)), torch.zeros(T, S), torch.ones(T, S), prompt,
-                    config.target_return)
+                    config.target_return, amp)
     episodes = 2 if QUICK else 10
     policy.reset([t for t in TASKS for _ in range(episodes)])
     obs = np.random.default_rng(0).standard_normal((T * episodes, S))
@@ -110,5 +113,5 @@ def test_bench_evaluation_step(benchmark):
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]  # MaskedLinear is one
     n_weights = sum(w.numel() for w in weights)
     tokens = T * episodes * config.tokens_per_sequence
-    _info(benchmark, rows=T * episodes, tokens=tokens, flops=2 * n_weights * tokens,
+    _info(benchmark, rows=T * episodes, tokens=tokens, flops=2 * n_weights * tokens, amp=str(amp),
           bytes=int(sum(w.numel() * w.element_size() for w in weights)))
