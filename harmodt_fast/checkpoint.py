@@ -56,9 +56,11 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain containers, and "
-                              f"loading them would run code from the file; nothing was loaded "
-                              f"({str(exc).splitlines()[0]})") from None
+        # torch names the offending global ("Unsupported global: GLOBAL posix.system ..."); keep only that part
+        what = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        what = what[what.find("GLOBAL"):].split(" was not")[0].rstrip(".") if what else "an object that is not a tensor"
+        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain containers "
+                              f"({what}), and loading them would run code from the file; nothing was loaded") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -211,7 +211,7 @@ class Policy:
         if not math.isfinite(self.target_return):
             raise ValueError(f"target_return must be finite, got {target_return}")
         self.amp_dtype = amp_dtype
-        self._rows = 0
+        self._rows, self._single = 0, False
 
     # ---- the public loop -------------------------------------------------------------------------------------
     def reset(self, tasks) -> None:
@@ -228,6 +228,7 @@ class Policy:
     def act(self, observations, live=None) -> np.ndarray:
         """Actions [n, act_dim] float32 for observations [n, state_dim] (one env: [state_dim] -> [act_dim]).
         live: bool [n], False for episodes that have ended (their rows are skipped, their actions are zero)."""
+        self._check_started()
         obs = np.asarray(observations, dtype=np.float64)
         if self._single:
             obs = obs[None]
@@ -245,10 +246,15 @@ class Policy:
 
     def observe(self, rewards) -> None:
         """The rewards [n] (one env: a number) of the step just taken."""
+        self._check_started()
         r = np.asarray(rewards, dtype=np.float64).reshape(-1)
         if r.shape != (self._rows,):
             raise ValueError(f"rewards have shape {np.shape(rewards)}, expected ({self._rows},)")
         self._observe(r if self._perm is None else r[self._perm])
+
+    def _check_started(self) -> None:
+        if not self._rows:
+            raise RuntimeError("call policy.reset(tasks) before act() and observe()")
 
     def _position(self, task: str) -> int:
         if task in self.tasks:

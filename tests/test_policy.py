@@ -46,6 +46,8 @@ def test_policy_in_a_plain_loop_matches_evaluate(run):
     report = hf.evaluate(run, episodes=2, max_episode_steps=STEPS, workers=0, precision="fp32", device="cpu")
     policy = hf.load_policy(run, device="cpu", precision="fp32")
     assert policy.tasks == TASKS
+    with pytest.raises(RuntimeError, match=r"reset\(tasks\) before act"):
+        policy.act(np.zeros((1, 39)))
     # environments in an order that is not the model's task order: the policy regroups its rows inside
     tasks, goals = ["button-press-v3", "reach-v3", "button-press-v3", "reach-v3"], [0, 0, 1, 1]
     actions, returns = plain_loop(policy, tasks, goals)
