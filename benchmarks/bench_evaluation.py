@@ -44,7 +44,8 @@ import torch
 import harmodt_fast as hf
 import harmodt_fast.envs
 from harmodt_fast.batch import Batch, synthetic_batch
-from harmodt_fast.checkpoint import CHECKPOINT_FORMAT, model_from_checkpoint, prompt_from_dict, prompt_to_dict, save_atomic
+from harmodt_fast.checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint, prompt_from_dict,
+                                     prompt_to_dict, save_atomic)
 from harmodt_fast.envs import MAX_EPISODE_STEPS, goal_variants, make_env
 
 FULL_TASKS, FULL_EPISODES = 50, 10
@@ -107,7 +108,7 @@ def published_episode(model, config, prompt, task: str, goal: int, steps: int, d
 
 
 def run_published(ckpt_path: str, tasks: list[str], n_tasks: int, steps: int, device, amp: bool = False) -> dict:
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
     masked, cfg = model_from_checkpoint(ckpt, device=device)
     base = hf.HarmoDT(hf.HarmoDTConfig.from_dict({**cfg.to_dict(), "method": "prompt-dt"})).to(device).eval()
     prompts = prompt_from_dict(ckpt["eval_prompts"])

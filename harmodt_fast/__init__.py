@@ -30,6 +30,9 @@ _EXPORTS = {
     "TrainResult": "harmodt_fast.trainer",
     "evaluate": "harmodt_fast.evaluation",
     "reproduce": "harmodt_fast.reproduction",
+    "load_policy": "harmodt_fast.policy",
+    "Policy": "harmodt_fast.policy",
+    "export": "harmodt_fast.checkpoint",
     "collect": "harmodt_fast.data",
     "load_dataset": "harmodt_fast.data",
     "DatasetError": "harmodt_fast.data",
@@ -37,7 +40,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
-               "model", "config", "tasks", "reproduction"}
+               "policy", "loggers", "model", "config", "tasks", "reproduction"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]
 

@@ -3,6 +3,7 @@ over the target, so a reader (or a run killed mid-write) never sees half a file.
 collection workers use it without importing torch."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Callable, IO
@@ -24,3 +25,16 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True) ->
             os.unlink(tmp)
         raise
     return path
+
+
+def read_json_format(path: str, fmt: str, what: str, error: type[Exception]) -> dict:
+    """A JSON object whose "format" is `fmt`; anything else raises `error` naming the file and the problem."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: cannot be read as JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{path}: not a {what} (format {data.get('format') if isinstance(data, dict) else None!r}, "
+                    f"expected {fmt!r})")
+    return data

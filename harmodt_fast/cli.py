@@ -45,8 +45,20 @@ def _cmd_info(args) -> int:
 def _cmd_collect(args) -> int:
     from harmodt_fast.data import collect
 
-    collect(args.tasks, args.out, args.episodes, quality=args.quality, seed=args.seed, workers=args.workers,
-            episode_steps=args.episode_steps, progress=not args.no_progress)
+    written = collect(args.tasks, args.out, args.episodes, quality=args.quality, seed=args.seed,
+                      workers=args.workers, episode_steps=args.episode_steps, progress=not args.no_progress,
+                      format=args.format, minari_id=args.minari_id)
+    if args.format == "minari":
+        for task, dataset_id in written.items():
+            print(f"{task}: {dataset_id}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import harmodt_fast as hf
+
+    folder = hf.export(args.run, args.folder)
+    print(f"exported {args.run} to {folder}: config.json, model.safetensors, tasks.safetensors")
     return 0
 
 
@@ -174,11 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPUs available)")
     p.add_argument("--episode-steps", type=int, default=500, help="steps per episode (at most 500)")
+    p.add_argument("--format", default="harmodt_fast", choices=["harmodt_fast", "minari"],
+                   help="minari: also write one Minari dataset per task (pip install 'harmodt_fast[minari]')")
+    p.add_argument("--minari-id", default="harmodt_fast/{task}-v0", help="Minari dataset id template")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("evaluate", help="roll a trained model out in Meta-World: per-task success, JSON report, plots")
-    p.add_argument("checkpoint", help="a checkpoint file or a run folder holding checkpoint.pt")
+    p.add_argument("checkpoint", help="a checkpoint file, a run folder holding checkpoint.pt or an export folder")
     p.add_argument("--tasks", default=None, help="default: the checkpoint's tasks; a task set or comma-separated names")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task, goal variants 0..episodes-1")
     p.add_argument("--seed", type=int, default=0, help="Meta-World MT1 seed of the goal-variant list")
@@ -196,8 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("export", help="write a run as config.json + safetensors files (loadable without pickle)")
+    p.add_argument("run", help="a run folder or a checkpoint file")
+    p.add_argument("folder", help="the export folder")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("train", help="train HarmoDT (or a baseline) on an offline dataset; resumes a run folder")
-    p.add_argument("data", help="dataset folder (harmodt-fast collect output, or the MTDiff layout)")
+    p.add_argument("data", help="dataset folder (harmodt-fast collect output, the MTDiff layout or a Minari "
+                                "dataset folder) or minari:<dataset_id>")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl (resumed if present)")
     p.add_argument("--preset", default="demo", help="tiny, demo, paper or large")
     p.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")

@@ -57,7 +57,9 @@ class HarmoDTConfig:
     eval_episodes: int = 10
     eval_max_steps: int = 500  # steps per evaluation episode (Meta-World's 500; fewer only for quick checks)
     eval_workers: int | None = None  # environment worker processes of periodic evaluations (None: one per CPU)
-    tensorboard: bool = False  # also write the logged scalars as TensorBoard events under <out>/tensorboard
+    # loggers mirroring metrics.jsonl: "tensorboard", "wandb", a list of them or None (harmodt_fast/loggers.py)
+    logger: str | tuple[str, ...] | None = None
+    tensorboard: bool = False  # older spelling of logger="tensorboard", still accepted
     # returns-to-go and evaluation
     rtg_scale: float = 1000.0
     target_return: float = 4500.0
@@ -68,6 +70,9 @@ class HarmoDTConfig:
         if self.tasks is not None:
             self.tasks = tuple(self.tasks)
             self.num_tasks = len(self.tasks)
+        from harmodt_fast.loggers import parse_loggers
+
+        self.logger = parse_loggers(self.logger, self.tensorboard)  # unknown name -> ValueError naming it
         checks = [
             (self.num_tasks >= 1, f"num_tasks must be >= 1, got {self.num_tasks}"),
             (self.hidden > 0 and self.heads > 0 and self.hidden % self.heads == 0,
@@ -130,6 +135,7 @@ class HarmoDTConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks) if self.tasks is not None else None
+        d["logger"] = list(self.logger) if self.logger is not None else None
         return d
 
     @classmethod

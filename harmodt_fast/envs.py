@@ -48,6 +48,14 @@ def make_env(task: str, goal_index: int = 0, seed: int = 0):
     return env
 
 
+def make_gym_env(task: str, goal_index: int = 0, seed: int = 0, render_mode=None):
+    """make_env as a gymnasium entry point by module path ("harmodt_fast.envs:make_gym_env"): Meta-World's own
+    entry points are lambdas, which a serialised EnvSpec (a Minari dataset's) cannot name."""
+    env = make_env(task, goal_index, seed)
+    env.render_mode = render_mode
+    return env
+
+
 def scripted_policy(task: str):
     """Meta-World's scripted expert for `task`; `.get_action(obs) -> action [4]`."""
     _require_metaworld()

@@ -12,17 +12,9 @@ How it runs (read top to bottom: API, checkpoint and tasks, environments, rollou
   AsyncVectorEnv steps the groups in worker processes (observations come back through shared memory). Contiguous
   shares keep each worker to a few tasks, so it sets up few Meta-World benchmarks (about 0.4 s per task). Groups
   build their Meta-World environments on the first reset, inside the worker, while the model loads.
-- The model: one row per live episode, rows ordered by model task id, so the batch's task segments are contiguous
-  and ONE forward of the mixed-task masked model gives every episode's action. The context window (the last K steps
-  of states, actions, returns-to-go, timesteps and the padding mask) lives in preallocated [rows, 2K, ...] tensors
-  on the model's device: a step writes one column and the model reads a [rows, K] view of them; every K steps the
-  last K-1 columns move to the front (one copy per K steps instead of a shift per step). No per-task model copies:
-  the masks stay packed inside the one model.
-- Unseen tasks (not in the checkpoint; `unseen=True`): the consensus mask (a weight is kept if at least
-  `merge_threshold` trained tasks keep it) is appended to the model's masks as one extra task id, whose segment
-  holds every unseen task's rows. An unseen task's prompt is the last prompt_len steps of one scripted-expert
-  episode on its last goal variant (the training prompts are the last steps of a task's best episode), and its
-  states are normalised with the mean of the trained tasks' statistics.
+- The model: hf.load_policy's Policy (harmodt_fast/policy.py), one row per live episode, asked once per step for
+  every live episode's action (one forward of the mixed-task masked model); unseen tasks (`unseen=True`) go
+  through the consensus mask, as described there.
 - Determinism: a Meta-World environment with a fixed goal variant resets to the same state, and the model runs in
   eval mode, so a seed gives the same report on every run, whatever the number of workers or `max_envs`.
 - Memory: a Meta-World environment takes about 20 MB; `max_envs` caps how many are open at once (episodes then run
@@ -30,8 +22,6 @@ How it runs (read top to bottom: API, checkpoint and tasks, environments, rollou
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -43,12 +33,9 @@ import numpy as np
 import torch
 
 from harmodt_fast._io import atomic_write
-from harmodt_fast.batch import Batch, Prompt, offsets_from_counts
-from harmodt_fast.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, prompt_from_dict
-from harmodt_fast.config import HarmoDTConfig
+from harmodt_fast.checkpoint import CheckpointError, read_run
 from harmodt_fast.envs import MAX_EPISODE_STEPS, goal_variants, make_env, scripted_policy
-from harmodt_fast.masks import TaskMasks
-from harmodt_fast.tasks import resolve_tasks
+from harmodt_fast.policy import pick_device, policy_from_checkpoint, task_order
 
 try:
     import gymnasium as gym
@@ -58,7 +45,6 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     ) from exc
 
 OBS_DIM, ACT_DIM = 39, 4
-_PROMPT_FIELDS = [f.name for f in dataclasses.fields(Prompt)]
 
 
 # ---- the API -------------------------------------------------------------------------------------------------------
@@ -69,8 +55,8 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
              max_envs: int | None = None, progress: bool = False) -> dict:
     """Rolls out a trained model in Meta-World by the paper's protocol and returns the report (a JSON-able dict).
 
-    checkpoint_or_result: a checkpoint file, a run folder holding checkpoint.pt, an object with a `.checkpoint`
-        path (what hf.train returns) or a loaded checkpoint dict.
+    checkpoint_or_result: a checkpoint file, a run folder holding checkpoint.pt, an export folder (hf.export), an
+        object with a `.checkpoint` path (what hf.train returns) or a loaded checkpoint dict.
     tasks: None (the checkpoint's tasks), a task-set name ("MT10"), a comma-separated string or a list of names.
         A task the checkpoint was not trained on is an error unless `unseen=True`: then it is evaluated with the
         consensus mask of `merge_threshold` (default: the checkpoint config's, which defaults to half the trained
@@ -92,44 +78,21 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     wall0 = time.perf_counter()
     ckpt, source = _load(checkpoint_or_result)
     trained = list(ckpt["tasks"])
-    requested = list(trained) if tasks is None else resolve_tasks(tasks)
-    new = [t for t in requested if t not in trained]
-    if new and not unseen:
-        raise ValueError(f"{source}: tasks {new} are not in the checkpoint's task list {trained}; pass "
-                         f"unseen=True (--unseen) to evaluate them with the consensus mask of the trained tasks")
+    requested, order, new, threshold = task_order(ckpt, tasks, unseen, merge_threshold, source)
     _check_counts(episodes, max_episode_steps)
     torch.manual_seed(seed)
-    dev = _pick_device(device)
-    config = HarmoDTConfig.from_dict(ckpt["config"])
+    dev = pick_device(device)
     from harmodt_fast.ops._dispatch import check_backend
 
-    check_backend(config.backend if backend is None else backend, dev)  # before any environment starts
-    if precision is not None:
-        config = dataclasses.replace(config, precision=precision)
-    threshold = None
-    if new:
-        threshold = int(config.consensus_threshold if merge_threshold is None else merge_threshold)
-        if not 1 <= threshold <= len(trained):
-            raise ValueError(f"merge threshold must be in 1..{len(trained)} (the trained tasks), got {threshold}")
-    # Rows must be ordered by model task id: trained tasks in checkpoint order, then the unseen ones (one segment).
-    order = [t for t in trained if t in requested] + new
-    task_ids = [trained.index(t) if t in trained else len(trained) for t in order]
+    check_backend(ckpt["config"].get("backend", "auto") if backend is None else backend, dev)  # before any env starts
 
     def make_policy():  # runs while the workers build their environments
-        model, _ = model_from_checkpoint(ckpt, device=dev)
-        if backend is not None:
-            for layer in model.masked_layers().values():
-                layer.backend = backend
-        if new:
-            _append_consensus_mask(model, threshold)
-        mean, std = _state_stats(ckpt, order, trained)
-        prompt = _prompts(ckpt, config, order, trained, mean, std, seed) if config.use_prompt else None
-        return ModelPolicy(model, config, task_ids, mean, std, prompt,
-                           config.target_return if target_return is None else float(target_return),
-                           _autocast_dtype(config, dev))
+        return policy_from_checkpoint(ckpt, order, dev, new=new, threshold=threshold, target_return=target_return,
+                                      precision=precision, backend=backend, seed=seed)
 
+    envs = [_environment(t, ckpt, source) for t in order]
     stats = rollout(order, episodes, make_policy, seed=seed, max_episode_steps=max_episode_steps, workers=workers,
-                    max_envs=max_envs, progress=progress)
+                    max_envs=max_envs, progress=progress, envs=envs)
     policy = stats.pop("policy")
     wall = time.perf_counter() - wall0
 
@@ -142,9 +105,9 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
 
         masked_backend = ops.last_backend("masked_linear")
     report.update({
-        "checkpoint": source, "step": int(ckpt.get("step", 0)), "method": config.method,
+        "checkpoint": source, "step": int(ckpt.get("step", 0)), "method": policy.config.method,
         "unseen_tasks": new, "merge_threshold": threshold,
-        "target_return": policy.target_return, "rtg_scale": config.rtg_scale,
+        "target_return": policy.target_return, "rtg_scale": policy.config.rtg_scale,
         "device": str(dev), "precision": "bf16" if policy.amp_dtype == torch.bfloat16 else "fp32",
         "masked_linear_backend": masked_backend,
         "wall_s": wall, "model_time_share": stats["model_s"] / wall,
@@ -156,43 +119,34 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     return report
 
 
-# ---- checkpoint, tasks, masks and prompts --------------------------------------------------------------------------
+# ---- the checkpoint ------------------------------------------------------------------------------------------------
 def _load(source) -> tuple[dict, str]:
-    """(checkpoint dict, a name for messages) from a path, a run folder, a TrainResult or a loaded dict; checks
-    that the checkpoint's parts agree with each other."""
-    if isinstance(source, dict):
-        ckpt, name = source, "checkpoint dict"
-    else:
-        path = getattr(source, "checkpoint", source)
-        if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"evaluate() takes a checkpoint path, a run folder, a TrainResult or a checkpoint dict, "
-                             f"got {type(source).__name__}")
-        ckpt, name = load_checkpoint(os.fspath(path)), os.fspath(path)
-    missing = [k for k in ("config", "model", "tasks", "state_mean", "state_std") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{name}: checkpoint lacks {missing}")
-    tasks, cfg = list(ckpt["tasks"]), ckpt["config"]
-    T = len(tasks)
-    S = cfg.get("state_dim", OBS_DIM)
-    problems = []
-    if cfg.get("num_tasks") != T:
-        problems.append(f"config.num_tasks is {cfg.get('num_tasks')} but the task list has {T} names")
-    if cfg.get("tasks") is not None and list(cfg["tasks"]) != tasks:
-        problems.append(f"config.tasks {list(cfg['tasks'])} differs from the task list {tasks}")
-    for key in ("state_mean", "state_std"):
-        if tuple(ckpt[key].shape) != (T, S):
-            problems.append(f"{key} has shape {tuple(ckpt[key].shape)}, expected ({T}, {S})")
-    if (S, cfg.get("act_dim", ACT_DIM)) != (OBS_DIM, ACT_DIM):
-        problems.append(f"state/action dims {S}/{cfg.get('act_dim')} are not Meta-World's {OBS_DIM}/{ACT_DIM}")
-    prompts = ckpt.get("eval_prompts")
-    if prompts is not None:
-        for f in _PROMPT_FIELDS:
-            if f not in prompts or prompts[f].shape[0] != T:
-                shape = tuple(prompts[f].shape) if f in prompts else "missing"
-                problems.append(f"eval_prompts[{f!r}] is {shape}, expected one row per task ({T})")
-    if problems:
-        raise CheckpointError(f"{name}: inconsistent checkpoint: " + "; ".join(problems))
+    """(checkpoint dict, a name for messages), checked (checkpoint.read_run), for Meta-World's dimensions."""
+    ckpt, name = read_run(source)
+    cfg = ckpt["config"]
+    if (cfg.get("state_dim"), cfg.get("act_dim")) != (OBS_DIM, ACT_DIM):
+        raise CheckpointError(f"{name}: inconsistent checkpoint: state/action dims {cfg.get('state_dim')}/"
+                              f"{cfg.get('act_dim')} are not Meta-World's {OBS_DIM}/{ACT_DIM}")
     return ckpt, name
+
+
+def _environment(task: str, ckpt: dict, name: str):
+    """What EnvGroup builds for a task: its Meta-World name, or ("spec", EnvSpec JSON) of the environment a Minari
+    dataset recorded for it (a Meta-World one of ours is used by its task name, with the usual goal variants)."""
+    from harmodt_fast.tasks import TASK_SETS
+
+    if task in TASK_SETS["MT50"]:
+        return task
+    spec_json = (ckpt.get("task_envs") or {}).get(task)
+    if spec_json is None:
+        raise ValueError(f"{name}: task {task!r} has no environment: it is not a Meta-World task name and the "
+                         f"checkpoint holds no environment for it (only Minari datasets that record one give it)")
+    from harmodt_fast.data.minari_data import ENTRY_POINT
+
+    spec = gym.envs.registration.EnvSpec.from_json(spec_json)
+    if spec.entry_point == ENTRY_POINT and spec.kwargs.get("task") in TASK_SETS["MT50"]:
+        return spec.kwargs["task"]
+    return ("spec", spec_json)
 
 
 def _check_counts(episodes: int, max_episode_steps: int) -> None:
@@ -202,95 +156,13 @@ def _check_counts(episodes: int, max_episode_steps: int) -> None:
         raise ValueError(f"max_episode_steps must be an integer in 1..{MAX_EPISODE_STEPS}, got {max_episode_steps!r}")
 
 
-def _pick_device(device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    return dev
-
-
-def _autocast_dtype(config, device: torch.device):
-    from harmodt_fast.trainer import autocast_dtype  # the trainer's rule, so a run evaluates as it trained
-
-    return autocast_dtype(config, device)
-
-
-def _append_consensus_mask(model, threshold: int) -> None:
-    """Gives the model one more task id, T, whose mask is the consensus of the T trained masks."""
-    masks = model.task_masks()
-    if masks is None:  # prompt-dt / mtdt: no masks, every task already uses all shared weights
-        return
-    consensus = masks.consensus(threshold)
-    model.set_masks(TaskMasks(masks.shapes, {
-        n: torch.cat([masks.packed(n), consensus.packed(n).to(masks.packed(n).device)]) for n in masks.names
-    }))
-
-
-def _state_stats(ckpt, order, trained) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task normalisation [len(order), 39]; unseen tasks get the mean of the trained tasks' statistics."""
-    mean_all, std_all = ckpt["state_mean"].float(), ckpt["state_std"].float()
-    rows = [(mean_all[trained.index(t)], std_all[trained.index(t)]) if t in trained
-            else (mean_all.mean(0), std_all.mean(0)) for t in order]
-    return torch.stack([m for m, _ in rows]), torch.stack([s for _, s in rows])
-
-
-def _prompts(ckpt, config, order, trained, mean, std, seed) -> Prompt:
-    """One prompt row per task of `order` ([len(order), prompt_len, ...])."""
-    stored = prompt_from_dict(ckpt.get("eval_prompts"))
-    if stored is None and any(t in trained for t in order):
-        raise CheckpointError("the checkpoint's method uses prompts but it has no eval_prompts")
-    rows = []
-    for i, task in enumerate(order):
-        if task in trained:
-            j = trained.index(task)
-            rows.append(Prompt(**{f: getattr(stored, f)[j : j + 1] for f in _PROMPT_FIELDS}))
-        else:
-            rows.append(demo_prompt(task, config, mean[i], std[i], seed))
-    return Prompt(**{f: torch.cat([getattr(r, f) for r in rows]) for f in _PROMPT_FIELDS})
-
-
-def demo_prompt(task: str, config, mean: torch.Tensor, std: torch.Tensor, seed: int = 0) -> Prompt:
-    """A [1, prompt_len] prompt for a task without stored prompts: the last prompt_len steps of one scripted-expert
-    episode on the task's last goal variant, returns-to-go from that episode, states normalised by mean/std."""
-    Kp = config.prompt_len
-    variant = len(goal_variants(task, seed)) - 1
-    env, expert = make_env(task, variant, seed), scripted_policy(task)
-    obs, _ = env.reset()
-    states, actions, rewards = [], [], []
-    for _ in range(MAX_EPISODE_STEPS):
-        action = np.clip(expert.get_action(obs), -1.0, 1.0)
-        states.append(obs)
-        actions.append(action)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        rewards.append(reward)
-        if terminated or truncated:
-            break
-    env.close()
-    n = len(rewards)
-    rtg = np.cumsum(np.asarray(rewards)[::-1])[::-1] / config.rtg_scale
-    lo, k = max(0, n - Kp), min(Kp, n)
-    pad = Kp - k  # left padding, as in training batches
-    p_states = torch.zeros(1, Kp, OBS_DIM)
-    p_states[0, pad:] = (torch.as_tensor(np.asarray(states[lo:]), dtype=torch.float32) - mean) / std
-    p_actions = torch.zeros(1, Kp, ACT_DIM)
-    p_actions[0, pad:] = torch.as_tensor(np.asarray(actions[lo:]), dtype=torch.float32)
-    p_rtg = torch.zeros(1, Kp, 1)
-    p_rtg[0, pad:, 0] = torch.as_tensor(rtg[lo:].copy(), dtype=torch.float32)
-    p_steps = torch.zeros(1, Kp, dtype=torch.int64)
-    p_steps[0, pad:] = torch.arange(lo, n).clamp(max=config.max_ep_len - 1)
-    p_mask = torch.zeros(1, Kp, dtype=torch.bool)
-    p_mask[0, pad:] = True
-    return Prompt(p_states, p_actions, p_rtg, p_steps, p_mask)
-
-
 # ---- environments: groups of Meta-World environments, stepped by gymnasium's vector env ----------------------------
 class EnvGroup(gym.Env):
     """Several Meta-World environments as one gymnasium environment (one worker process's share of the episodes).
 
     slots: one (task, goal_indices) per environment: goal_indices[w] is the goal variant of its episode in wave w
-    (None: no episode in that wave); padding slots are (None, ()). Observation [n, 39], action [n, 4].
+    (None: no episode in that wave); padding slots are (None, ()). task: a Meta-World name, or ("spec", EnvSpec
+    JSON) for another gymnasium environment (goal variant g: reset seed g). Observation [n, 39], action [n, 4].
     reset(options={"wave": w}) starts wave w; step() steps the slots whose episode is running and reports per slot
     in info: "reward", "success" and "done". The group itself never terminates, so the vector env never resets it
     behind our back.
@@ -318,6 +190,11 @@ class EnvGroup(gym.Env):
             if goal is None:
                 self._obs[i] = 0.0
                 continue
+            if isinstance(task, tuple):  # a recorded gymnasium environment: goal variant g is reset seed g
+                if self._envs[i] is None:
+                    self._envs[i] = gym.make(gym.envs.registration.EnvSpec.from_json(task[1]))
+                self._obs[i] = self._envs[i].reset(seed=goal)[0]
+                continue
             if self._envs[i] is None:
                 self._envs[i] = make_env(task, goal, self.seed)
             else:  # same task, next goal variant: no new MuJoCo model
@@ -331,7 +208,7 @@ class EnvGroup(gym.Env):
         reward, success, done = np.zeros(n), np.zeros(n, dtype=bool), ~self._running
         for i in np.flatnonzero(self._running):
             obs, r, terminated, truncated, info = self._envs[i].step(action[i])
-            self._obs[i], reward[i], success[i] = obs, r, bool(info["success"])
+            self._obs[i], reward[i], success[i] = obs, r, bool(info.get("success", False))
             self._steps[i] += 1
             if terminated or truncated or self._steps[i] >= self.max_episode_steps:
                 self._running[i], done[i] = False, True
@@ -382,14 +259,15 @@ def make_vector_env(tasks, groups, max_episode_steps: int, seed: int, workers: i
 
 # ---- the rollout loop ----------------------------------------------------------------------------------------------
 def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: int = MAX_EPISODE_STEPS,
-            workers: int | None = None, max_envs: int | None = None, progress: bool = False) -> dict:
+            workers: int | None = None, max_envs: int | None = None, progress: bool = False, envs=None) -> dict:
     """Runs `episodes` episodes of every task (goal variants 0..episodes-1) with `policy`; all tasks' environments
     step together and the policy is asked once per step for the actions of every live episode.
 
-    policy: .start(row_tasks) at the start of a wave (the task position of each row, non-decreasing);
-    .act(obs [R, 39] float64, live bool [R]) -> actions [R, 4] (rows not live are ignored);
-    .observe(rewards [R], live) after every step. Or a function that returns such a policy: it is called while
+    policy: a Policy (harmodt_fast/policy.py) or anything with its interface: .reset(row_task_names) at the start
+    of a wave (rows in task order); .act(obs [R, 39] float64, live bool [R]) -> actions [R, 4] (rows not live are
+    ignored); .observe(rewards [R]) after every step (0 for rows not live). Or a function that returns such a policy: it is called while
     the workers build their environments, so loading a model overlaps with that.
+    envs: what each task's environments are built from (EnvGroup's slot tasks; None: the task names).
     Returns per-episode arrays [T, E] ("success", "returns", "lengths"), counters, timings and the policy.
     """
     tasks = list(tasks)
@@ -407,7 +285,7 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
     forwards = max_rows = 0
 
     t0 = time.perf_counter()
-    vec = make_vector_env(tasks, groups, max_episode_steps, seed, workers)
+    vec = make_vector_env(tasks if envs is None else list(envs), groups, max_episode_steps, seed, workers)
     try:
         if workers and not hasattr(policy, "act"):
             vec.reset_async(seed=seed, options={"wave": 0})  # the workers build every environment meanwhile
@@ -425,7 +303,7 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
             row_ep = np.array([e for _, e, _ in rows])
             slot = np.array([s for _, _, s in rows])
             live = np.ones(len(rows), dtype=bool)
-            policy.start(row_task)
+            policy.reset([tasks[t] for t in row_task])
             for _ in range(max_episode_steps):
                 flat_obs = obs.reshape(-1, OBS_DIM)[slot]
                 t1 = time.perf_counter()
@@ -441,7 +319,7 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
                 returns[row_task, row_ep] += reward
                 success[row_task, row_ep] |= live & info["success"].reshape(-1)[slot]
                 lengths[row_task, row_ep] += live
-                policy.observe(reward, live)
+                policy.observe(reward)
                 live &= ~info["done"].reshape(-1)[slot]
                 bar.update(1)
                 if not live.any():
@@ -478,110 +356,22 @@ def _progress_bar(total: int, enabled: bool):
 
 
 # ---- policies ------------------------------------------------------------------------------------------------------
-class ModelPolicy:
-    """The model behind the rollout loop: one forward per step for every live row, context in preallocated tensors.
-
-    task_ids[i]: the model task id of task position i (non-decreasing in i); state_mean/state_std [n, 39] and
-    prompt ([n, prompt_len, ...] or None) per task position.
-    """
-
-    def __init__(self, model, config, task_ids, state_mean, state_std, prompt, target_return, amp_dtype=None):
-        self.model, self.config = model.eval(), config
-        self.device = next(model.parameters()).device
-        self.task_ids = torch.as_tensor(task_ids, dtype=torch.int64)
-        if bool((self.task_ids.diff() < 0).any()):
-            raise ValueError(f"task ids must be non-decreasing (rows grouped by task), got {task_ids}")
-        self.num_segments = int(self.task_ids.max()) + 1
-        self.mean, self.std = state_mean.to(self.device), state_std.to(self.device)
-        self.prompt = prompt.to(self.device) if prompt is not None else None
-        self.target_return = float(target_return)
-        if not math.isfinite(self.target_return):
-            raise ValueError(f"target_return must be finite, got {target_return}")
-        self.amp_dtype = amp_dtype
-
-    def start(self, row_tasks) -> None:
-        K, dev = self.config.context, self.device
-        rows = torch.as_tensor(np.asarray(row_tasks), dtype=torch.int64)
-        R = rows.numel()
-        self.row_tasks = rows.to(dev)
-        self.row_ids = self.task_ids[rows]  # CPU: task offsets are host data
-        self.all_offsets = offsets_from_counts(torch.bincount(self.row_ids, minlength=self.num_segments))
-        self.row_mean, self.row_std = self.mean[self.row_tasks], self.std[self.row_tasks]
-        self.row_prompt = None
-        if self.prompt is not None:
-            self.row_prompt = Prompt(**{f: getattr(self.prompt, f)[self.row_tasks] for f in _PROMPT_FIELDS})
-        # 2K columns: the window [pos-K+1, pos] slides right; at the end the last K-1 columns move to the front.
-        self.states = torch.zeros(R, 2 * K, self.config.state_dim, device=dev)
-        self.actions = torch.zeros(R, 2 * K, self.config.act_dim, device=dev)
-        self.rtg = torch.zeros(R, 2 * K, 1, device=dev)
-        self.timesteps = torch.zeros(R, 2 * K, dtype=torch.int64, device=dev)
-        self.mask = torch.zeros(R, 2 * K, dtype=torch.bool, device=dev)
-        self.current_rtg = torch.full((R,), self.target_return / self.config.rtg_scale, device=dev)
-        self.pos, self.t = K - 1, 0
-
-    @torch.inference_mode()
-    def act(self, obs: np.ndarray, live: np.ndarray) -> np.ndarray:
-        K, p = self.config.context, self.pos
-        state = torch.as_tensor(obs, dtype=torch.float32).to(self.device, non_blocking=True)
-        self.states[:, p] = (state - self.row_mean) / self.row_std
-        self.actions[:, p] = 0.0  # the action being predicted: a zero placeholder, as in training's last step
-        self.rtg[:, p, 0] = self.current_rtg
-        self.timesteps[:, p] = min(self.t, self.config.max_ep_len - 1)
-        self.mask[:, p] = True
-        window = slice(p - K + 1, p + 1)
-        fields = [self.states[:, window], self.actions[:, window], self.rtg[:, window], self.timesteps[:, window],
-                  self.mask[:, window]]
-        prompt, offsets, idx = self.row_prompt, self.all_offsets, None
-        if not live.all():  # finished episodes leave the batch; rows stay grouped by task
-            idx_cpu = torch.from_numpy(np.flatnonzero(live))
-            idx = idx_cpu.to(self.device)
-            fields = [f[idx] for f in fields]
-            offsets = offsets_from_counts(torch.bincount(self.row_ids[idx_cpu], minlength=self.num_segments))
-            if prompt is not None:
-                prompt = Prompt(**{f: getattr(prompt, f)[idx] for f in _PROMPT_FIELDS})
-        batch = Batch(*fields, task_offsets=offsets, prompt=prompt)
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-               else contextlib.nullcontext())
-        with amp:
-            pred = self.model(batch)[:, -1].float()
-        if not bool(torch.isfinite(pred).all()):
-            raise FloatingPointError("the model predicted non-finite actions: the checkpoint's weights or the "
-                                     "state statistics are broken")
-        if idx is None:
-            self.actions[:, p] = pred
-        else:
-            self.actions[idx, p] = pred
-        out = np.zeros((live.shape[0], ACT_DIM), dtype=np.float32)
-        out[live] = pred.cpu().numpy()
-        return out
-
-    def observe(self, rewards: np.ndarray, live: np.ndarray) -> None:
-        K = self.config.context
-        self.current_rtg -= torch.as_tensor(rewards, dtype=torch.float32).to(self.device) / self.config.rtg_scale
-        self.t += 1
-        self.pos += 1
-        if self.pos == 2 * K:  # the next window would run off the end: keep the last K-1 steps, at the front
-            for buf in (self.states, self.actions, self.rtg, self.timesteps, self.mask):
-                buf[:, : K - 1] = buf[:, K + 1 :]
-            self.pos = K - 1
-
-
 class ScriptedPolicy:
-    """Meta-World's scripted experts behind the same interface: the oracle that checks the rollout machinery."""
+    """Meta-World's scripted experts behind the Policy interface: the oracle that checks the rollout machinery."""
 
     def __init__(self, tasks):
-        self.experts = [scripted_policy(t) for t in tasks]
+        self.experts = {t: scripted_policy(t) for t in tasks}
 
-    def start(self, row_tasks) -> None:
-        self.row_tasks = np.asarray(row_tasks)
+    def reset(self, tasks) -> None:
+        self.row_experts = [self.experts[t] for t in tasks]
 
     def act(self, obs: np.ndarray, live: np.ndarray) -> np.ndarray:
         out = np.zeros((obs.shape[0], ACT_DIM), dtype=np.float32)
         for r in np.flatnonzero(live):
-            out[r] = np.clip(self.experts[self.row_tasks[r]].get_action(obs[r]), -1.0, 1.0)
+            out[r] = np.clip(self.row_experts[r].get_action(obs[r]), -1.0, 1.0)
         return out
 
-    def observe(self, rewards, live) -> None:
+    def observe(self, rewards) -> None:
         pass
 
 

@@ -143,11 +143,11 @@ def agreement_heatmap(agreement, tasks, path: str) -> str:
 def plot_all(report: dict, checkpoint, out_dir: str, metrics_path: str | None = None) -> dict:
     """Draws every figure the inputs allow into out_dir. checkpoint: a path, a run folder or a loaded checkpoint
     dict (for the masks and the stored task agreement). Returns {figure name: path, or the reason it was skipped}."""
-    from harmodt_fast.checkpoint import load_checkpoint, model_from_checkpoint
+    from harmodt_fast.checkpoint import model_from_checkpoint, read_run
 
     os.makedirs(out_dir, exist_ok=True)
     out = {"success_bars": success_bars(report, os.path.join(out_dir, "success_per_task.png"))}
-    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(os.fspath(checkpoint))
+    ckpt = checkpoint if isinstance(checkpoint, dict) else read_run(os.fspath(checkpoint))[0]  # or an export
     if metrics_path is None and not isinstance(checkpoint, dict):
         path = os.fspath(checkpoint)
         metrics_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),

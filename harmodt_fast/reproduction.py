@@ -154,11 +154,33 @@ def summarise_run(run_dir: str, steps: int) -> dict:
     tasks = list(final["per_task"])
     return {
         "final_success": final["mean_success"], "best_success": best["mean_success"], "best_step": best["step"],
+        **_training_diagnostics(os.path.join(run_dir, "metrics.jsonl")),
         "per_task": {t: {"final": final["per_task"][t]["success_rate"], "best": best["per_task"][t]["success_rate"]}
                      for t in tasks},
         "curve": [[e["step"], e["mean_success"]] for e in evals],
         "evaluation_files": [e["_file"] for e in evals],
     }
+
+
+def _training_diagnostics(metrics_path: str) -> dict:
+    """From the run's log: the last training loss and, for HarmoDT, what its mask updates saw (the share of
+    entries whose task gradient conflicts with the mean, the masks' mean pairwise overlap, the flips made)."""
+    if not os.path.isfile(metrics_path):
+        return {}
+    losses, updates = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            entry = json.loads(line)
+            if "loss" in entry:
+                losses.append(entry["loss"])
+            if "mask_update" in entry:
+                updates.append(entry["mask_update"])
+    out = {"final_loss": losses[-1] if losses else None}
+    if updates:
+        out.update({"mask_updates": len(updates), "flips": sum(u["flips"] for u in updates),
+                    "mean_conflict_fraction": float(np.mean([u["conflict_fraction"] for u in updates])),
+                    "final_mean_overlap": updates[-1]["mean_overlap"]})
+    return out
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -257,12 +279,19 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
                         if r["quality"] == quality and r["method"] == method]
                 cells.append(f"{100 * np.mean(vals):.0f}")
             lines.append(f"| {task.removesuffix('-v3')} | " + " | ".join(cells) + " |")
-    lines += ["", "## Runs", "", "| quality | method | seed | final | best | best step | curve (step: success) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Runs", "",
+              "Per run: success (%), the last training loss (action MSE), and for HarmoDT what its mask updates saw: "
+              "the flips made, the mean share of entries whose task gradient conflicts with the mean gradient "
+              "(a_t < 0), and the masks' mean pairwise overlap (Jaccard) at the last update.", "",
+              "| quality | method | seed | final | best | best step | curve (step: success) | loss | flips | "
+              "conflict | overlap |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:
         curve = ", ".join(f"{s}: {100 * v:.0f}" for s, v in r["curve"])
+        loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
+        masks = (f"{r['flips']} | {r['mean_conflict_fraction']:.3f} | {r['final_mean_overlap']:.3f}"
+                 if "flips" in r else "- | - | -")
         lines.append(f"| {r['quality']} | {r['method']} | {r['seed']} | {100 * r['final_success']:.0f} | "
-                     f"{100 * r['best_success']:.0f} | {r['best_step']} | {curve} |")
+                     f"{100 * r['best_success']:.0f} | {r['best_step']} | {curve} | {loss} | {masks} |")
     if figures:
         lines += ["", "## Figures", ""]
         for name, path in figures.items():

@@ -40,6 +40,7 @@ from harmodt_fast.checkpoint import (
     save_atomic,
 )
 from harmodt_fast.config import HarmoDTConfig
+from harmodt_fast.loggers import Loggers
 from harmodt_fast.masks import TaskMasks, flip_count
 from harmodt_fast.model import HarmoDT
 from harmodt_fast.tasks import resolve_tasks
@@ -75,7 +76,7 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 # config fields that only change logging, not the training trajectory: a resumed run may change them
 # (the backend and compile too: they compute the same step, to rounding)
 _NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "eval_max_steps",
-                          "eval_workers", "tensorboard", "extra", "backend", "compile"}
+                          "eval_workers", "logger", "tensorboard", "extra", "backend", "compile"}
 
 
 @dataclass
@@ -115,6 +116,7 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     dist_info, device = init_distributed(_pick_device(device))
     sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed + 7919 * dist_info.rank)
     trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info)
+    trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate in
     return trainer.run(stop_at=stop_at, progress=progress)
 
 
@@ -198,10 +200,11 @@ class Trainer:
         self.history: list[dict] = []
         self.task_agreement: torch.Tensor | None = None
         self._unused: dict[str, torch.Tensor] = {}
-        self._tensorboard = _tensorboard_writer(self.out) if config.tensorboard and dist.main else None
+        self.task_envs: dict[str, str] = {}  # task -> gymnasium EnvSpec JSON, for tasks without a Meta-World name
         if os.path.exists(self.ckpt_path):
             self._resume(load_checkpoint(self.ckpt_path))
         self._refresh_unused()
+        self._loggers = Loggers(config.logger if dist.main else None, self.out, config)  # after a refused resume
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None, progress: bool = True) -> TrainResult:
@@ -252,6 +255,7 @@ class Trainer:
                                     f"the checkpoint in {self.out} resumes it")
         if cfg.eval_every and self.step == cfg.steps and self._evaluation_missing():
             self._evaluate()
+        self._loggers.close()
         return TrainResult(self.ckpt_path, list(self.history), self.model.task_masks(), cfg, self.out, self.step,
                            self.metrics_path)
 
@@ -435,10 +439,7 @@ class Trainer:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(entry, default=_json_default) + "\n")
-        if self._tensorboard is not None:
-            for tag, value in _scalars(entry):
-                self._tensorboard.add_scalar(tag, value, entry["step"])
-            self._tensorboard.flush()
+        self._loggers.log(entry)
 
     def save(self) -> str:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -465,6 +466,7 @@ class Trainer:
             "rng": rngs,
             "history": self.history,
             "task_agreement": self.task_agreement,
+            "task_envs": self.task_envs,
         }
         save_atomic(state, self.ckpt_path)
         self._barrier()
@@ -503,26 +505,6 @@ class Trainer:
         with open(self.metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
-
-
-def _tensorboard_writer(out: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from exc
-    return SummaryWriter(os.path.join(out, "tensorboard"))
-
-
-def _scalars(entry: dict, prefix: str = ""):
-    """(tag, number) pairs of a log entry, nested dicts flattened into 'a/b' tags; the step itself is skipped."""
-    for key, value in entry.items():
-        if key == "step" and not prefix:
-            continue
-        tag = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _scalars(value, tag + "/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield tag, float(value)
 
 
 def _progress(start: int, end: int, enabled: bool):

@@ -13,7 +13,8 @@ from harmodt_fast.data.dataset import MANIFEST
 
 TASKS = ["reach-v3", "drawer-close-v3"]
 E, STEPS = 4, 30
-FILES = ("observations", "actions", "rewards", "dones", "success", "episode_starts", "goal_index", "expert_prob")
+FILES = ("observations", "actions", "rewards", "dones", "success", "episode_starts", "goal_index", "expert_prob",
+         "final_observations")
 
 
 def _arrays(path):

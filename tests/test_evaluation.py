@@ -192,7 +192,7 @@ def test_unseen_task_uses_the_consensus_mask(tiny_ckpt):
     both = {n: (masks.to_dense(n, 0) & masks.to_dense(n, 1))[None] for n in masks.names}
     model.set_masks(hf.TaskMasks.from_dense(both))
     mean, std = ckpt["state_mean"].mean(0), ckpt["state_std"].mean(0)
-    from harmodt_fast.evaluation import demo_prompt
+    from harmodt_fast.policy import demo_prompt
 
     prompt = demo_prompt(unseen, cfg, mean, std)
     assert prompt.states.shape == (1, cfg.prompt_len, 39) and bool(prompt.attention_mask.all())

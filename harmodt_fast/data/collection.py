@@ -100,7 +100,7 @@ class _TaskRunner:
                 break
         out_done[T - 1] = True
         return dict(observations=out_obs[:T], actions=out_act[:T], rewards=out_rew[:T], dones=out_done[:T],
-                    success=out_succ[:T], goal_index=g)
+                    success=out_succ[:T], goal_index=g, final_observation=obs.astype(np.float32))
 
 
 _RUNNERS: dict[str, _TaskRunner] = {}
@@ -135,6 +135,7 @@ def _collect_chunk(job: dict) -> dict:
     arrays["lengths"] = lengths
     arrays["goal_index"] = np.array([e["goal_index"] for e in eps], np.int32)
     arrays["expert_prob"] = np.array([e["expert_prob"] for e in eps], np.float32)
+    arrays["final_observations"] = np.stack([e["final_observation"] for e in eps])
     _save_npz_atomic(os.path.join(job["folder"], f"{lo:06d}-{hi:06d}.npz"), arrays)
     return {"task": task, "episodes": hi - lo, "steps": int(lengths.sum()), "seconds": seconds}
 
@@ -199,6 +200,9 @@ def _merge_task(out: str, task: str, partial: str, episodes: int) -> tuple[dict,
         "goal_index": np.concatenate([z["goal_index"] for z in loaded]).astype(np.int32),
         "expert_prob": np.concatenate([z["expert_prob"] for z in loaded]).astype(np.float32),
     }
+    if all("final_observations" in z.files for z in loaded):  # chunks of older versions lack it
+        # the observation after each episode's last action (Minari episodes hold it)
+        small["final_observations"] = np.concatenate([z["final_observations"] for z in loaded]).astype(np.float32)
     specs = {"observations": ((N, STATE_DIM), np.float32), "actions": ((N, ACT_DIM), np.float32),
              "rewards": ((N,), np.float32), "dones": ((N,), bool), "success": ((N,), bool)}
     files = {}
@@ -261,9 +265,11 @@ def format_table(stats: dict) -> str:
 
 def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", seed: int = 0,
             workers: int | None = None, episode_steps: int = 500, chunk_episodes: int | None = None,
-            progress: bool = True, verbose: bool = True) -> str:
+            progress: bool = True, verbose: bool = True, format: str = "harmodt_fast",
+            minari_id: str = "harmodt_fast/{task}-v0"):
     """Collects a dataset folder from Meta-World's scripted experts (rule: this module's docstring) and returns
-    its path.
+    its path; with format="minari" it also writes every task as the Minari dataset `minari_id.format(task=...)`
+    (under MINARI_DATASETS_PATH) and returns {task: "minari:<id>"}, which hf.load_dataset reads.
 
     tasks: a task-set name ("MT5"), a comma-separated string or a list of v3 names.
     episode_steps: steps per episode (the env's limit is 500; fewer gives short episodes, e.g. for tests).
@@ -274,6 +280,14 @@ def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", s
     what is missing; a finished folder is returned as it is. Different arguments for an existing folder are a
     ValueError.
     """
+    if format not in ("harmodt_fast", "minari"):
+        raise ValueError(f"unknown format {format!r}; expected 'harmodt_fast' or 'minari'")
+    if format == "minari":
+        from harmodt_fast.data.minari_data import export_minari
+
+        folder = collect(tasks, out, episodes_per_task, quality, seed, workers, episode_steps, chunk_episodes,
+                         progress, verbose)
+        return export_minari(folder, minari_id)
     tasks = resolve_tasks(tasks)
     if quality not in QUALITIES:
         raise ValueError(f"unknown quality {quality!r}; expected one of {QUALITIES}")

@@ -6,6 +6,7 @@ files (loadable with `np.load(..., mmap_mode="r")`, so a 50M-transition MT50 dat
     dones [N] bool                  success [N] bool         (N = all transitions of the task, episodes back to back)
     episode_starts [E + 1] int64   (episode e is rows episode_starts[e]:episode_starts[e+1])
     goal_index [E] int32            expert_prob [E] float32  (how each episode was collected)
+    final_observations [E, 39] float32  (the observation after each episode's last action; older datasets lack it)
 The manifest lists every data file with its sha256; a file is hashed again when it is read, so damage anywhere in
 it is a DatasetError, not training data.
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harmodt_fast._io import read_json_format
 from harmodt_fast.tasks import to_v3
 
 FORMAT = "harmodt_fast-dataset/1"
@@ -149,7 +151,7 @@ class Dataset:
         """The task's transitions as flat arrays (read, checked and cached on first use)."""
         task = self._task_name(task)
         if task not in self._data:
-            data = self._read_ours(task) if self.kind == "harmodt_fast" else self._read_mtdiff(task)
+            data = self._read(task)
             if self.max_episodes is not None and data.num_episodes > self.max_episodes:
                 data = _first_episodes(data, self.max_episodes)
             self._data[task] = data
@@ -165,6 +167,9 @@ class Dataset:
             lo, hi = int(starts[e]), int(starts[e + 1])
             out.append({f: getattr(d, f)[lo:hi] for f in STEP_FIELDS})
         return out
+
+    def _read(self, task: str) -> TaskData:
+        return self._read_ours(task) if self.kind == "harmodt_fast" else self._read_mtdiff(task)
 
     def num_episodes(self, task: str) -> int:
         return self.arrays(task).num_episodes
@@ -282,14 +287,7 @@ def read_checked_npy(root: str, rel: str, entry: dict | None, verify: bool = Tru
 
 def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, MANIFEST)
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{mpath}: cannot be read as JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DatasetError(f"{mpath}: not a harmodt_fast dataset manifest (format "
-                           f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r})")
+    manifest = read_json_format(mpath, FORMAT, "harmodt_fast dataset manifest", DatasetError)
     for key in ("tasks", "files"):
         if key not in manifest:
             raise DatasetError(f"{mpath}: no {key!r} entry")
@@ -301,19 +299,24 @@ def _numeric_key(fname: str):
     return int(stem)
 
 
-def load_dataset(path: str, verify: bool = True, max_episodes: int | None = None) -> Dataset:
-    """Opens a dataset folder: ours (has manifest.json) or the MTDiff layout (`{task}/{i}.npz`).
+def load_dataset(path, verify: bool = True, max_episodes: int | None = None) -> Dataset:
+    """Opens a dataset folder: ours (has manifest.json) or the MTDiff layout (`{task}/{i}.npz`); or Minari data:
+    "minari:<dataset_id>", a Minari dataset folder, or {task_name: dataset_id or folder} (minari_data.py).
 
     Files are read, checked and cached per task on first use (`ds.episodes(task)` / `ds.arrays(task)`).
     verify: hash every file of our format against the manifest when it is read (sha256, ~1.7 GB/s).
     max_episodes: keep only the first n episodes of every task (the MTDiff "sub-optimal" split is the first half
     of each replay buffer).
     """
+    if max_episodes is not None and max_episodes < 1:
+        raise ValueError(f"max_episodes must be >= 1, got {max_episodes}")
+    from harmodt_fast.data.minari_data import is_minari_source, load_minari
+
+    if is_minari_source(path):
+        return load_minari(path, max_episodes)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DatasetError(f"{path}: no such dataset folder")
-    if max_episodes is not None and max_episodes < 1:
-        raise ValueError(f"max_episodes must be >= 1, got {max_episodes}")
     if os.path.exists(os.path.join(path, MANIFEST)):
         manifest = read_manifest(path)
         return Dataset(path, "harmodt_fast", manifest["tasks"], manifest, verify, max_episodes)

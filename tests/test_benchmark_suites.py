@@ -1,0 +1,26 @@
+"""The pytest-benchmark suites in benchmarks/ run in their quick mode (tiny shapes), so they never rot: every
+benchmark runs, times something and reports its FLOPs and bytes."""
+import json
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "test_bench_suites.py")
+
+
+def test_benchmark_suites_run_in_quick_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HARMODT_BENCH_QUICK": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", BENCH, "--benchmark-enable", "--benchmark-min-rounds=2",
+         "--benchmark-max-time=0.01", "--benchmark-warmup=off", f"--benchmark-json={out}", "-p", "no:cacheprovider"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = {b["name"]: b for b in json.loads(out.read_text())["benchmarks"]}
+    assert set(results) == {"test_bench_sampler", "test_bench_harmony_update", "test_bench_evaluation_step"}
+    for name, b in results.items():
+        assert b["stats"]["rounds"] >= 2 and b["stats"]["median"] > 0, name
+        assert b["extra_info"]["quick"] is True and b["extra_info"]["bytes"] > 0, name
+        assert b["extra_info"]["flops"] >= 0, name
+    assert results["test_bench_harmony_update"]["extra_info"]["flops"] > 0
+    assert results["test_bench_evaluation_step"]["extra_info"]["flops"] > 0

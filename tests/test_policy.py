@@ -1,0 +1,138 @@
+"""hf.load_policy in a plain loop against hf.evaluate's rollout, on a model trained by hf.train on collected data;
+pickle-free exports; checkpoints that would run code are refused before anything runs."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import harmodt_fast as hf
+from harmodt_fast.checkpoint import CheckpointError, load_checkpoint
+from harmodt_fast.envs import make_env
+
+TASKS = ["reach-v3", "button-press-v3"]
+STEPS = 12  # tiny context K=5: the policy's 2K window wraps twice
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("policy")
+    data = hf.collect(TASKS, root / "data", episodes_per_task=3, quality="expert", seed=0, workers=1,
+                      episode_steps=30, progress=False, verbose=False)
+    return hf.train(data, root / "run", preset="tiny", steps=6, mask_interval=3, log_every=3, progress=False,
+                    precision="fp32", device="cpu")
+
+
+def plain_loop(policy, tasks, goals, steps=STEPS, batched=True):
+    """Meta-World environments stepped by hand; returns (actions [steps, n, 4], returns [n])."""
+    envs = [make_env(t, g) for t, g in zip(tasks, goals)]
+    obs = np.stack([env.reset()[0] for env in envs])
+    policy.reset(list(tasks) if batched else tasks[0])
+    actions, returns = [], np.zeros(len(envs))
+    for _ in range(steps):
+        a = policy.act(obs) if batched else policy.act(obs[0])[None]
+        actions.append(a)
+        stepped = [env.step(np.clip(a[i].astype(np.float64), -1, 1)) for i, env in enumerate(envs)]
+        obs = np.stack([s[0] for s in stepped])
+        rewards = np.array([s[1] for s in stepped])
+        returns += rewards
+        policy.observe(rewards if batched else rewards[0])
+    return np.stack(actions), returns
+
+
+def test_policy_in_a_plain_loop_matches_evaluate(run):
+    report = hf.evaluate(run, episodes=2, max_episode_steps=STEPS, workers=0, precision="fp32", device="cpu")
+    policy = hf.load_policy(run, device="cpu", precision="fp32")
+    assert policy.tasks == TASKS
+    with pytest.raises(RuntimeError, match=r"reset\(tasks\) before act"):
+        policy.act(np.zeros((1, 39)))
+    # environments in an order that is not the model's task order: the policy regroups its rows inside
+    tasks, goals = ["button-press-v3", "reach-v3", "button-press-v3", "reach-v3"], [0, 0, 1, 1]
+    actions, returns = plain_loop(policy, tasks, goals)
+    for i, (task, goal) in enumerate(zip(tasks, goals)):
+        assert returns[i] == pytest.approx(report["per_task"][task]["returns"][goal], rel=1e-5, abs=1e-5), (task, goal)
+    # one environment at a time gives the same actions as its row of the batch
+    single, single_returns = plain_loop(policy, tasks[1:2], goals[1:2], batched=False)
+    np.testing.assert_allclose(single[:, 0], actions[:, 1], rtol=1e-4, atol=1e-5)
+    assert single_returns[0] == pytest.approx(returns[1], rel=1e-5)
+    with pytest.raises(ValueError, match=r"door-open-v3.*not one this policy acts on"):
+        policy.reset(["door-open-v3"])
+    policy.reset(TASKS)
+    with pytest.raises(ValueError, match=r"observations have shape \(3, 39\), expected \(2, 39\)"):
+        policy.act(np.zeros((3, 39)))
+
+
+def test_export_loads_without_pickle_and_acts_the_same(run, tmp_path, monkeypatch):
+    folder = hf.export(run, tmp_path / "export")
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "tasks.safetensors"]
+    meta = json.loads(open(os.path.join(folder, "config.json")).read())
+    assert meta["tasks"] == TASKS and meta["config"]["method"] == "harmodt" and meta["step"] == 6
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    ckpt = load_checkpoint(run.checkpoint)
+    assert weights.keys() == ckpt["model"].keys() and any("masks_packed" in k for k in weights)
+    for k, v in ckpt["model"].items():
+        assert torch.equal(weights[k], v), k
+
+    # reading the export must not unpickle anything
+    def no_pickle(*a, **k):
+        raise AssertionError("an export was read through pickle")
+
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    exported = hf.load_policy(folder, device="cpu", precision="fp32")
+    monkeypatch.undo()  # Meta-World itself unpickles its goal variants
+    a, ra = plain_loop(exported, TASKS, [0, 1])
+    b, rb = plain_loop(hf.load_policy(run, device="cpu", precision="fp32"), TASKS, [0, 1])
+    np.testing.assert_array_equal(a, b)
+    report = hf.evaluate(folder, episodes=1, max_episode_steps=4, workers=0, precision="fp32")
+    assert report["tasks"] == TASKS and report["env_steps"] == 8
+
+    from harmodt_fast.cli import main
+
+    assert main(["export", run.out, str(tmp_path / "cli-export")]) == 0
+    out = tmp_path / "report.json"
+    assert main(["evaluate", str(tmp_path / "cli-export"), "--episodes", "1", "--max-steps", "4", "--workers", "0",
+                 "--no-plots", "--no-progress", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["per_task"] == report["per_task"]
+
+    os.unlink(os.path.join(folder, "tasks.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tasks\.safetensors: missing"):
+        hf.load_policy(folder)
+
+
+def test_our_checkpoints_load_with_weights_only(run):
+    ckpt = torch.load(run.checkpoint, weights_only=True)  # the resume state too (sampler, RNG, history)
+    assert ckpt["step"] == 6 and ckpt["sampler"][0]["tasks"] == TASKS
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(run, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = load_checkpoint(run.checkpoint)
+    ckpt["extra_object"] = _Payload(str(marker))
+    bad = tmp_path / "run" / "checkpoint.pt"
+    bad.parent.mkdir()
+    torch.save(ckpt, bad)
+    assert not marker.exists()
+    for reader in (load_checkpoint, hf.load_policy, lambda p: hf.evaluate(p, episodes=1, workers=0)):
+        with pytest.raises(CheckpointError, match=r"checkpoint\.pt: refused: .*would run code"):
+            reader(str(bad))
+        assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        hf.export(str(bad.parent), tmp_path / "export")
+    assert not marker.exists() and not (tmp_path / "export").exists()
+    # the same file through plain pickle would have run it: the test's payload is real
+    torch.load(bad, weights_only=False)
+    assert marker.exists()
