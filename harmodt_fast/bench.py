@@ -20,9 +20,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-import harmodt_fast as hf
+from harmodt_fast import ops
+from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.batch import SyntheticSampler
-from harmodt_fast.trainer import Trainer, _pick_device
+from harmodt_fast.runtime import pick_device
+from harmodt_fast.trainer import Trainer
 
 
 def _time(fn, device: torch.device, seconds: float) -> float:
@@ -41,8 +43,8 @@ def _time(fn, device: torch.device, seconds: float) -> float:
 
 def run_bench(preset: str = "paper", num_tasks: int = 50, seconds: float = 3.0, device: str = "auto",
               out: str | None = None, verbose: bool = True) -> dict:
-    dev = _pick_device(device)
-    cfg = hf.HarmoDTConfig.from_preset(preset, num_tasks=num_tasks)
+    dev = pick_device(device)
+    cfg = HarmoDTConfig.from_preset(preset, num_tasks=num_tasks)
     rows = []
 
     def report(row):
@@ -60,7 +62,7 @@ def run_bench(preset: str = "paper", num_tasks: int = 50, seconds: float = 3.0, 
         x.requires_grad_()
         w = (torch.randn(n_out, n_in, generator=gen) * 0.02).to(dev).requires_grad_()
         b = torch.zeros(n_out, device=dev, requires_grad=True)
-        masks = hf.ops.pack_masks(torch.rand(num_tasks, n_out * n_in, generator=gen) < cfg.density).to(dev)
+        masks = ops.pack_masks(torch.rand(num_tasks, n_out * n_in, generator=gen) < cfg.density).to(dev)
         dy = torch.randn(x.shape[0], x.shape[1], n_out, generator=gen).to(dev)
         flops = 6.0 * x.shape[0] * x.shape[1] * n_in * n_out  # forward + dX + dW
 
@@ -69,11 +71,11 @@ def run_bench(preset: str = "paper", num_tasks: int = 50, seconds: float = 3.0, 
 
         timings = {
             "dense F.linear": _time(run(lambda: F.linear(x, w, b)), dev, seconds),
-            "masked (auto)": _time(run(lambda: hf.ops.masked_linear(x, w, b, masks, offsets)), dev, seconds),
+            "masked (auto)": _time(run(lambda: ops.masked_linear(x, w, b, masks, offsets)), dev, seconds),
         }
-        picked = hf.ops.last_backend("masked_linear")
+        picked = ops.last_backend("masked_linear")
         timings["materialise per task (torch)"] = _time(
-            run(lambda: hf.ops.masked_linear(x, w, b, masks, offsets, backend="torch")), dev, seconds)
+            run(lambda: ops.masked_linear(x, w, b, masks, offsets, backend="torch")), dev, seconds)
         for path, sec in timings.items():
             report({"what": f"linear {n_in}->{n_out} x {x.shape[0] * x.shape[1]} rows", "path": path,
                     "backend": picked if path == "masked (auto)" else "", "ms": sec * 1e3,
@@ -81,16 +83,16 @@ def run_bench(preset: str = "paper", num_tasks: int = 50, seconds: float = 3.0, 
 
     # full training steps
     for schedule in ("mixed", "round-robin"):
-        step_cfg = hf.HarmoDTConfig.from_preset(preset, num_tasks=num_tasks, schedule=schedule)
+        step_cfg = HarmoDTConfig.from_preset(preset, num_tasks=num_tasks, schedule=schedule)
         trainer = Trainer(step_cfg, SyntheticSampler(step_cfg, device=dev), tempfile.mkdtemp(), dev, "synthetic")
         sec = _time(trainer._train_step, dev, seconds)
         seqs = cfg.batch_per_task * (num_tasks if schedule == "mixed" else 1)
         report({"what": f"train step ({schedule})", "path": f"precision {trainer.amp_dtype or torch.float32}",
-                "backend": hf.ops.last_backend("masked_linear"), "ms": sec * 1e3, "sequences_per_s": seqs / sec})
+                "backend": ops.last_backend("masked_linear"), "ms": sec * 1e3, "sequences_per_s": seqs / sec})
         if schedule == "mixed" and step_cfg.use_masks:
             sec = _time(trainer._mask_update, dev, seconds)
             report({"what": "mask update (1 backward + harmony_update)", "path": "",
-                    "backend": hf.ops.last_backend("harmony_update"), "ms": sec * 1e3})
+                    "backend": ops.last_backend("harmony_update"), "ms": sec * 1e3})
 
     result = {
         "preset": preset, "num_tasks": num_tasks, "batch_per_task": cfg.batch_per_task, "tokens": tokens,

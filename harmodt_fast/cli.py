@@ -9,13 +9,15 @@ import sys
 def _cmd_info(args) -> int:
     import torch
 
-    import harmodt_fast as hf
+    from harmodt_fast import ops
     from harmodt_fast._ext import extension_error, extension_origin
+    from harmodt_fast.config import HarmoDTConfig
+    from harmodt_fast.model import HarmoDT
 
     overrides = {"num_tasks": args.tasks} if args.tasks else {}
-    cfg = hf.HarmoDTConfig.from_preset(args.preset, **overrides)
+    cfg = HarmoDTConfig.from_preset(args.preset, **overrides)
     with torch.device("meta"):
-        model = hf.HarmoDT(cfg.__class__(**{**cfg.to_dict(), "method": "prompt-dt"}))
+        model = HarmoDT(cfg.__class__(**{**cfg.to_dict(), "method": "prompt-dt"}))
     from harmodt_fast.masks import masked_weight_shapes
     from harmodt_fast.ops.packing import words_for
 
@@ -30,7 +32,7 @@ def _cmd_info(args) -> int:
         "mask_bytes_packed": mask_bytes,
         "mask_bytes_float32_published": masked * 4 * cfg.num_tasks,
         "tokens_per_sequence": cfg.tokens_per_sequence,
-        "backends": hf.ops.available_backends(),
+        "backends": ops.available_backends(),
         "cpp_extension": extension_origin() or extension_error(),
         "torch": torch.__version__,
     }
@@ -55,9 +57,9 @@ def _cmd_collect(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    import harmodt_fast as hf
+    from harmodt_fast.checkpoint import export
 
-    folder = hf.export(args.run, args.folder)
+    folder = export(args.run, args.folder)
     print(f"exported {args.run} to {folder}: config.json, model.safetensors, tasks.safetensors")
     return 0
 
@@ -65,16 +67,15 @@ def _cmd_export(args) -> int:
 def _cmd_evaluate(args) -> int:
     import os
 
-    import harmodt_fast as hf
     from harmodt_fast.checkpoint import CheckpointError
-    from harmodt_fast.evaluation import format_table, save_report
+    from harmodt_fast.evaluation import evaluate, format_table, save_report
 
     try:
-        report = hf.evaluate(args.checkpoint, tasks=args.tasks, episodes=args.episodes, seed=args.seed,
-                             target_return=args.target_return, max_episode_steps=args.max_steps,
-                             unseen=args.unseen, merge_threshold=args.merge_threshold, device=args.device,
-                             precision=args.precision, workers=args.workers, max_envs=args.max_envs,
-                             progress=not args.no_progress)
+        report = evaluate(args.checkpoint, tasks=args.tasks, episodes=args.episodes, seed=args.seed,
+                          target_return=args.target_return, max_episode_steps=args.max_steps,
+                          unseen=args.unseen, merge_threshold=args.merge_threshold, device=args.device,
+                          precision=args.precision, workers=args.workers, max_envs=args.max_envs,
+                          progress=not args.no_progress)
     except CheckpointError as exc:
         print(f"harmodt-fast evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -125,10 +126,10 @@ def _parse_overrides(pairs) -> dict:
 
 
 def _cmd_train(args) -> int:
-    import harmodt_fast as hf
+    from harmodt_fast.trainer import train
 
-    result = hf.train(args.data, args.out, preset=args.preset, steps=args.steps, device=args.device,
-                      stop_at=args.stop_at, progress=not args.no_progress, **_parse_overrides(args.set))
+    result = train(args.data, args.out, preset=args.preset, steps=args.steps, device=args.device,
+                   stop_at=args.stop_at, progress=not args.no_progress, **_parse_overrides(args.set))
     last = result.history[-1] if result.history else {}
     print(f"step {result.step}  loss {last.get('loss', float('nan')):.4f}  checkpoint {result.checkpoint}")
     if result.masks is not None:

@@ -15,8 +15,9 @@ def run_demo(root: str = "harmodt_demo", episodes_per_task: int = 40, steps: int
              eval_episodes: int = 10, seed: int = 0, workers: int | None = None, device: str = "auto",
              tasks="MT5", episode_steps: int = 500) -> dict:
     """Returns the evaluation report. episode_steps shortens collected and evaluated episodes (for tests)."""
-    import harmodt_fast as hf
-    from harmodt_fast.evaluation import format_table, save_report
+    from harmodt_fast.data import collect
+    from harmodt_fast.evaluation import evaluate, format_table, save_report
+    from harmodt_fast.trainer import train
     from harmodt_fast.tasks import resolve_tasks
 
     task_names = resolve_tasks(tasks)
@@ -24,12 +25,12 @@ def run_demo(root: str = "harmodt_demo", episodes_per_task: int = 40, steps: int
     data = os.path.join(root, f"data-{len(task_names)}tasks-near-optimal-{episodes_per_task}ep-{episode_steps}steps-seed{seed}")
     out = os.path.join(root, "run")
     print(f"[1/3] dataset: {data}")
-    hf.collect(task_names, data, episodes_per_task=episodes_per_task, quality="near-optimal", seed=seed,
+    collect(task_names, data, episodes_per_task=episodes_per_task, quality="near-optimal", seed=seed,
                workers=workers, episode_steps=episode_steps)
     print(f"[2/3] training the demo preset into {out}")
-    result = hf.train(data, out, preset="demo", steps=steps, device=device, seed=seed)
+    result = train(data, out, preset="demo", steps=steps, device=device, seed=seed)
     print(f"[3/3] evaluating {len(task_names)} tasks x {eval_episodes} episodes")
-    report = hf.evaluate(result, episodes=eval_episodes, seed=seed, device=device, progress=True,
+    report = evaluate(result, episodes=eval_episodes, seed=seed, device=device, progress=True,
                          max_episode_steps=episode_steps)
     print(format_table(report))
     save_report(report, os.path.join(out, "eval_report.json"))

@@ -35,7 +35,8 @@ import torch
 from harmodt_fast._io import atomic_write
 from harmodt_fast.checkpoint import CheckpointError, read_run
 from harmodt_fast.envs import MAX_EPISODE_STEPS, goal_variants, make_env, scripted_policy
-from harmodt_fast.policy import pick_device, policy_from_checkpoint, task_order
+from harmodt_fast.policy import policy_from_checkpoint, task_order
+from harmodt_fast.runtime import pick_device, progress_bar
 
 try:
     import gymnasium as gym
@@ -295,7 +296,7 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
             obs, _ = vec.reset(seed=seed, options={"wave": 0})
             policy = policy if hasattr(policy, "act") else policy()
         setup_s = time.perf_counter() - t0
-        bar = _progress_bar(waves * max_episode_steps, progress)
+        bar = progress_bar(waves * max_episode_steps, "evaluate", progress)
         for w, rows in enumerate(wave_rows):
             if w > 0:
                 obs, _ = vec.reset(seed=seed, options={"wave": w})
@@ -334,25 +335,6 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
             "rollout_s": rollout_s, "model_s": model_s, "env_s": env_s, "model_calls": forwards,
             "max_rows_per_call": max_rows, "waves": waves, "workers": len(groups) if workers else 0, "seed": seed,
             "max_episode_steps": max_episode_steps, "policy": policy}
-
-
-def _progress_bar(total: int, enabled: bool):
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc="evaluate", unit="step")
-        except ImportError:
-            pass
-
-    class _Silent:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-
-    return _Silent()
 
 
 # ---- policies ------------------------------------------------------------------------------------------------------

@@ -205,10 +205,3 @@ def masked_weight_shapes(model_or_shapes) -> dict[str, tuple[int, ...]]:
             raise ValueError(f"{type(model_or_shapes).__name__} has no masked layers (masked_layers()) to mask")
         return shapes
     return {str(n): tuple(int(d) for d in s) for n, s in dict(model_or_shapes).items()}
-
-
-def flip_count(step: int, total_steps: int, eta_min: int = 0, eta_max: int = 100) -> int:
-    """Flips per mask update: a raised-cosine bump, eta_min at the start and end, eta_max at mid-training."""
-    phase = 2.0 * math.pi * step / max(1, total_steps)
-    value = eta_max + 0.5 * (eta_min - eta_max) * (1.0 + math.cos(phase))
-    return int(math.floor(value + 0.5))

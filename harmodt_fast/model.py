@@ -8,8 +8,6 @@ norms and heads are shared and unmasked.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -32,6 +32,7 @@ from harmodt_fast.batch import Batch, Prompt, offsets_from_counts
 from harmodt_fast.checkpoint import CheckpointError, model_from_checkpoint, prompt_from_dict, read_run
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.masks import TaskMasks
+from harmodt_fast.runtime import autocast_dtype, pick_device
 
 _PROMPT_FIELDS = [f.name for f in dataclasses.fields(Prompt)]
 
@@ -101,20 +102,9 @@ def policy_from_checkpoint(ckpt: dict, order, device: torch.device, *, new=(), t
     mean, std = _state_stats(ckpt, order, trained)
     prompt = _prompts(ckpt, config, order, trained, mean, std, seed) if config.use_prompt else None
     task_ids = [trained.index(t) if t in trained else len(trained) for t in order]
-    from harmodt_fast.trainer import autocast_dtype  # the trainer's rule, so a run acts as it trained
-
     return Policy(model, config, order, task_ids, mean, std, prompt,
                   config.target_return if target_return is None else float(target_return),
                   autocast_dtype(config, device))
-
-
-def pick_device(device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    return dev
 
 
 # ---- masks, normalisation and prompts -----------------------------------------------------------------------------

@@ -1,22 +1,11 @@
-"""The bi-level HarmoDT trainer, top to bottom.
-
-Inner level, every step: one mixed batch with `batch_per_task` sequences of every task (rows grouped by task);
-the loss is the mean of the per-task action MSEs, so the gradient of weight W is (1/T) Σ_t M_t ⊙ G_t and each task
-moves only the entries of its own mask. AdamW with linear warm-up, global gradient-norm clip; weights that no task
-uses are left exactly as they are (no decay, no momentum drift). `schedule="round-robin"` instead trains one task
-per step, in turn, as the published code does.
-
-Outer level, every `mask_interval` steps (method "harmodt"): every task's gradient from ONE backward pass over a
-mixed batch (the masked layers add each task's dY_tᵀX_t into a [T, P] buffer), per-task norm clip, then
-`hf.ops.harmony_update` with k flips from the raised-cosine schedule (or a share of each task's active weights).
+"""The training loop around HarmoDT's steps (harmodt_fast/method.py): batches, the inner step, mask updates every
+`mask_interval` steps, logs, periodic evaluation, checkpoints, signals and data-parallel processes.
 
 Everything a resumed run needs is in the checkpoint, written atomically; a run killed between checkpoints resumes
-from the last one and, on the CPU, reproduces the uninterrupted run exactly.
-
-Data-parallel over processes: under `torchrun --nproc_per_node=N -m harmodt_fast train ...` (WORLD_SIZE > 1) every
-process samples its own mixed batch (sampler seed + 7919 * rank), gradients and the per-task gradients of a mask
-update are averaged across processes, rank 0 writes logs and checkpoints (with every rank's sampler and RNG state),
-and each checkpoint verifies that all ranks hold the same parameters and masks.
+from the last one and, on the CPU, reproduces the uninterrupted run exactly. Under torchrun (WORLD_SIZE > 1)
+every process samples its own mixed batch (sampler seed + 7919 * rank), gradients and the per-task gradients of a
+mask update are averaged across processes, rank 0 writes logs and checkpoints (with every rank's sampler and RNG
+state), and each checkpoint verifies that all ranks hold the same parameters and masks.
 """
 from __future__ import annotations
 
@@ -39,38 +28,14 @@ from harmodt_fast.checkpoint import (
     prompt_to_dict,
     save_atomic,
 )
+from harmodt_fast import method
 from harmodt_fast.config import HarmoDTConfig
+from harmodt_fast.distributed import Distributed, init_distributed
 from harmodt_fast.loggers import Loggers
-from harmodt_fast.masks import TaskMasks, flip_count
+from harmodt_fast.masks import TaskMasks
 from harmodt_fast.model import HarmoDT
+from harmodt_fast.runtime import autocast_dtype, pick_device, progress_bar
 from harmodt_fast.tasks import resolve_tasks
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a data-parallel run (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
-    """Joins the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed(), device
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world), device
 
 
 # config fields that only change logging, not the training trajectory: a resumed run may change them
@@ -107,13 +72,13 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     config = HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset / field / value -> ValueError
     if stop_at is not None and not 0 < stop_at <= config.steps:
         raise ValueError(f"stop_at must be in 1..{config.steps}, got {stop_at}")
-    ops.check_backend(config.backend, _pick_device(device))  # before loading data or building anything
+    ops.check_backend(config.backend, pick_device(device))  # before loading data or building anything
     out = _prepare_out(out)
     dataset = _load(data)
     config = _bind_tasks(config, dataset)
     from harmodt_fast.data import MultiTaskSampler
 
-    dist_info, device = init_distributed(_pick_device(device))
+    dist_info, device = init_distributed(pick_device(device))
     sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed + 7919 * dist_info.rank)
     trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info)
     trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate in
@@ -155,26 +120,6 @@ def _bind_tasks(config: HarmoDTConfig, dataset) -> HarmoDTConfig:
     return HarmoDTConfig.from_dict({**config.to_dict(), "tasks": list(tasks)})
 
 
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    return dev
-
-
-def autocast_dtype(config: HarmoDTConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16) unless fp32 is asked for."""
-    if config.precision == "fp32":
-        return None
-    if config.precision == "bf16" or device.type == "cuda":
-        return torch.bfloat16
-    native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or getattr(
-        torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return torch.bfloat16 if native else None
-
-
 class Trainer:
     """One training run. `sampler` gives mixed batches (`.sample()`, `.sample(task=t)`) and the per-task
     normalisation and prompts the checkpoint keeps (the MultiTaskSampler of harmodt_fast.data)."""
@@ -199,11 +144,11 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.task_agreement: torch.Tensor | None = None
-        self._unused: dict[str, torch.Tensor] = {}
+        self._unused: dict[str, torch.Tensor] = {}  # entries no task uses (refreshed after each mask update)
         self.task_envs: dict[str, str] = {}  # task -> gymnasium EnvSpec JSON, for tasks without a Meta-World name
         if os.path.exists(self.ckpt_path):
             self._resume(load_checkpoint(self.ckpt_path))
-        self._refresh_unused()
+        self._unused = method.unused_entries(self.model)
         self._loggers = Loggers(config.logger if dist.main else None, self.out, config)  # after a refused resume
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -220,10 +165,10 @@ class Trainer:
             in_main_thread = False
         if self._evaluation_missing():  # killed during the evaluation that followed the last checkpoint
             self._evaluate()
-        bar = _progress(self.step, end, progress and self.dist.main)
+        bar = progress_bar(end, "train", progress and self.dist.main, initial=self.step)
         t_last, rows_since = time.perf_counter(), 0
         try:
-            while self.step < end and not self._should_stop(stop["signal"] is not None):
+            while self.step < end and not self.dist.any(stop["signal"] is not None, self.device):
                 loss, per_task, rows = self._train_step()
                 self.step += 1
                 rows_since += rows
@@ -262,146 +207,43 @@ class Trainer:
     def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimiser step; returns (loss, per-task losses) as device tensors and the rows trained on."""
         cfg = self.config
-        lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        task = self.step % cfg.num_tasks if cfg.schedule == "round-robin" else None
+            group["lr"] = method.learning_rate(cfg, self.step)
+        task = method.step_task(cfg, self.step)
         batch = self.sampler.sample(task=task) if task is not None else self.sampler.sample()
-        self.model.train()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            losses = self._task_losses(batch)
-        loss = losses.sum() if cfg.schedule == "round-robin" else losses.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.dist.world > 1:
-            self._average_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None])
-            reported = torch.cat([loss.detach().float().view(1), losses.detach().float()])
-            self._average_across_ranks([reported])
-            loss, losses = reported[0], reported[1:]
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        layers = self._layers
-        frozen = self._frozen_entries(task)
-        # torch.where with precomputed masks, not weight[mask] (a nonzero: a host sync per layer)
-        kept = {n: layers[n].weight.detach().clone() for n in frozen}
-        self.optimizer.step()
-        with torch.no_grad():  # frozen entries stay exactly as they were (no decay, no momentum drift)
-            for name, f in frozen.items():
-                weight = layers[name].weight
-                weight.copy_(torch.where(f, kept[name], weight))
-        # tensors, read back by the caller only on log steps
-        return loss.detach(), losses.detach(), batch.num_rows
+        frozen = method.frozen_entries(self.model, task, self._unused)
+        loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen, losses_fn=self._task_losses,
+                                         amp_dtype=self.amp_dtype,
+                                         reduce_grads=self._reduce_grads if self.dist.world > 1 else None)
+        return loss, losses, batch.num_rows
+
+    def _reduce_grads(self, loss, losses):
+        """Data-parallel: gradients and the reported losses become their means over the ranks."""
+        self.dist.average([p.grad for p in self.model.parameters() if p.grad is not None])
+        reported = torch.cat([loss.detach().float().view(1), losses.detach().float()])
+        self.dist.average([reported])
+        return reported[0], reported[1:]
 
     # ---- the outer level: harmony mask update ----------------------------------------------------------------
     def _mask_update(self) -> dict:
-        cfg, model = self.config, self.model
-        layers = self._layers
-        sizes = [layer.weight.numel() for layer in layers.values()]
-        grads = torch.zeros(cfg.num_tasks, sum(sizes), device=self.device)
-        start = 0
-        for layer, n in zip(layers.values(), sizes):  # each layer writes into its slice of one [T, P] buffer
-            layer.task_grads = grads[:, start : start + n].view(cfg.num_tasks, *layer.weight.shape)
-            start += n
-        try:
-            batch = self.sampler.sample()
-            model.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                losses = model.task_losses(batch)
-            losses.sum().backward()  # one backward: every task's gradient of its own loss
-        finally:
-            for layer in layers.values():
-                layer.task_grads = None
-            model.zero_grad(set_to_none=True)
-        if self.dist.world > 1:
-            self._average_across_ranks([grads])
-        norms = grads.norm(dim=1, keepdim=True)
-        grads.mul_(torch.clamp(cfg.task_grad_clip / (norms + 1e-6), max=1.0))
-        masks = model.task_masks()
-        if cfg.flip_fraction > 0:
-            k = [int(round(cfg.flip_fraction * c)) for c in masks.active_counts().tolist()]
-        else:
-            k = flip_count(self.step, cfg.steps, cfg.eta_min, cfg.eta_max)
-        weight_flat = torch.cat([layer.weight.detach().flatten() for layer in layers.values()]).float()
-        old_flat = masks.flat_packed()
-        new_flat, stats = ops.harmony_update(weight_flat, grads, old_flat, k, cfg.gamma, cfg.score)
-        new_masks = masks.with_flat_packed(new_flat)
-        model.set_masks(new_masks)
-        self._refresh_unused()
+        cfg = self.config
+        grads = method.task_gradients(self.model, self.sampler.sample(), losses_fn=self.model.task_losses,
+                                      amp_dtype=self.amp_dtype)  # [T, P]
+        self.dist.average([grads])
+        method.clip_per_task(grads, cfg.task_grad_clip)
+        _, info = method.harmony_mask_update(self.model, grads, cfg, self.step)
+        self._unused = method.unused_entries(self.model)
         self.task_agreement = ops.task_agreement(grads).cpu()
-        overlap = new_masks.overlap()
-        off_diag = overlap[~torch.eye(cfg.num_tasks, dtype=torch.bool)]
-        return {
-            "k": k if isinstance(k, int) else sum(k),
-            "flips": int(stats["pruned"].sum()),
-            "mean_agreement": float(stats["mean_agreement"].mean()),
-            "conflict_fraction": float(stats["conflict_fraction"].mean()),
-            "mean_overlap": float(off_diag.mean()) if off_diag.numel() else 1.0,
-            "density": new_masks.density(),
-            "backend": ops.last_backend("harmony_update"),
-        }
+        return info
 
     # ---- data parallel ------------------------------------------------------------------------------------------
-    def _average_across_ranks(self, tensors: list[torch.Tensor]) -> None:
-        """In place: each tensor becomes its mean over the ranks (one all-reduce of a flat buffer)."""
-        import torch.distributed as dist
-
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        dist.all_reduce(flat)
-        flat /= self.dist.world
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-    def _should_stop(self, local: bool) -> bool:
-        """A signal stops every rank at the same step (a rank that left early would hang the others)."""
-        if self.dist.world == 1:
-            return local
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _gather(self, obj) -> list:
-        if self.dist.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.dist.world
-        dist.all_gather_object(out, obj)
-        return out
-
     def _check_ranks_in_sync(self) -> None:
         sums = [float(t.double().sum()) for t in self.model.state_dict().values() if t.is_floating_point()]
         masks = self.model.task_masks()
         fingerprint = (sums, masks.flat_packed().sum().item() if masks is not None else 0)
-        every = self._gather(fingerprint)
+        every = self.dist.gather(fingerprint)
         if any(f != every[0] for f in every):
             raise RuntimeError(f"data-parallel ranks hold different parameters or masks at step {self.step}")
-
-    @property
-    def _layers(self):
-        return self.model.masked_layers()
-
-    def _frozen_entries(self, task: int | None) -> dict[str, torch.Tensor]:
-        """Per masked layer, the entries this step must not move: with one task per step (round-robin) every
-        entry outside that task's mask, as published; with all tasks in the step the entries no task uses."""
-        if task is None or not self.config.use_masks:
-            return self._unused
-        masks = self.model.task_masks()
-        return {n: ~masks.to_dense(n, task).to(self.device) for n in masks.names}
-
-    def _refresh_unused(self) -> None:
-        """Per masked layer, the entries no task uses (only layers that have any)."""
-        self._unused = {}
-        masks = self.model.task_masks()
-        if masks is None:
-            return
-        for name in masks.names:
-            unused = ~masks.to_dense(name).any(0).to(self.device)
-            if unused.any():
-                self._unused[name] = unused
 
     # ---- evaluation, logs, checkpoints -------------------------------------------------------------------------
     def _evaluate(self) -> None:
@@ -417,7 +259,7 @@ class Trainer:
             self._log({"step": self.step, "eval": {
                 "mean_success": report["mean_success"], "file": os.path.basename(path),
                 "per_task": {t: r["success_rate"] for t, r in report["per_task"].items()}}})
-        self._barrier()
+        self.dist.barrier()
 
     def _evaluation_path(self) -> str:
         return os.path.join(self.out, f"evaluation_step{self.step}.json")
@@ -428,12 +270,6 @@ class Trainer:
         due = cfg.eval_every and self.step > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
         return bool(due) and not os.path.exists(self._evaluation_path())
 
-    def _barrier(self) -> None:
-        if self.dist.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def _log(self, entry: dict) -> None:
         if not self.dist.main:
             return
@@ -443,12 +279,12 @@ class Trainer:
 
     def save(self) -> str:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        samplers = self._gather(self.sampler.state_dict())
-        rngs = self._gather({"torch": torch.get_rng_state(), "cuda": cuda_rng})
+        samplers = self.dist.gather(self.sampler.state_dict())
+        rngs = self.dist.gather({"torch": torch.get_rng_state(), "cuda": cuda_rng})
         if self.dist.world > 1:
             self._check_ranks_in_sync()
         if not self.dist.main:
-            self._barrier()
+            self.dist.barrier()
             return self.ckpt_path
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -469,7 +305,7 @@ class Trainer:
             "task_envs": self.task_envs,
         }
         save_atomic(state, self.ckpt_path)
-        self._barrier()
+        self.dist.barrier()
         return self.ckpt_path
 
     def _resume(self, ckpt: dict) -> None:
@@ -505,20 +341,6 @@ class Trainer:
         with open(self.metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
-
-
-def _progress(start: int, end: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        enabled = False
-    if not enabled:
-        class _Null:
-            def update(self, n): ...
-            def set_postfix(self, **kw): ...
-            def close(self): ...
-        return _Null()
-    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _json_default(obj):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import harmodt_fast as hf
-from harmodt_fast.masks import erk_densities, flip_count
+from harmodt_fast.masks import erk_densities
+from harmodt_fast.method import flip_count
 
 SHAPES = {"qkv": (96, 32), "proj": (32, 32), "fc": (128, 32), "out": (32, 128), "ln": (32,), "bias": (96,)}
 

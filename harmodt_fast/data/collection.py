@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import time
 import zlib
 
@@ -30,6 +29,7 @@ from harmodt_fast.data.dataset import (
     ACT_DIM, FORMAT, MANIFEST, STATE_DIM, STEP_FIELDS, DatasetError, file_sha256, read_manifest,
 )
 from harmodt_fast._io import atomic_write
+from harmodt_fast.runtime import progress_bar
 from harmodt_fast.tasks import resolve_tasks
 
 QUALITIES = ("expert", "near-optimal", "sub-optimal")
@@ -350,7 +350,7 @@ def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", s
     total = E * len(tasks)
     done = total - sum(j["hi"] - j["lo"] for j in jobs)
     steps = seconds = 0.0
-    bar = _progress(total, done, progress)
+    bar = progress_bar(total, "collect", progress, initial=done, unit="ep")
     try:
         if jobs and (workers == 1 or len(jobs) == 1):
             for job in jobs:
@@ -400,21 +400,3 @@ def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", s
         if seconds:
             print(f"collected {int(steps)} env steps at {steps / seconds:.0f} steps/s per worker")
     return out
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return _NoBar()
-    return tqdm(total=total, initial=initial, unit="ep", desc="collect", file=sys.stderr, dynamic_ncols=True)

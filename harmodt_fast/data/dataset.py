@@ -299,9 +299,9 @@ def _numeric_key(fname: str):
     return int(stem)
 
 
-def load_dataset(path, verify: bool = True, max_episodes: int | None = None) -> Dataset:
-    """Opens a dataset folder: ours (has manifest.json) or the MTDiff layout (`{task}/{i}.npz`); or Minari data:
-    "minari:<dataset_id>", a Minari dataset folder, or {task_name: dataset_id or folder} (minari_data.py).
+def load_folder(path, verify: bool = True, max_episodes: int | None = None) -> Dataset:
+    """Opens a dataset folder: ours (has manifest.json) or the MTDiff layout (`{task}/{i}.npz`). (Minari data
+    comes in through harmodt_fast.data.load_dataset.)
 
     Files are read, checked and cached per task on first use (`ds.episodes(task)` / `ds.arrays(task)`).
     verify: hash every file of our format against the manifest when it is read (sha256, ~1.7 GB/s).
@@ -310,10 +310,6 @@ def load_dataset(path, verify: bool = True, max_episodes: int | None = None) -> 
     """
     if max_episodes is not None and max_episodes < 1:
         raise ValueError(f"max_episodes must be >= 1, got {max_episodes}")
-    from harmodt_fast.data.minari_data import is_minari_source, load_minari
-
-    if is_minari_source(path):
-        return load_minari(path, max_episodes)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DatasetError(f"{path}: no such dataset folder")

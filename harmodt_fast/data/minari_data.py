@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 
 from harmodt_fast.data.dataset import (
-    ACT_DIM, STATE_DIM, Dataset, DatasetError, TaskData, file_sha256, load_dataset, read_checked_npy,
+    ACT_DIM, STATE_DIM, Dataset, DatasetError, TaskData, file_sha256, load_folder, read_checked_npy,
     validate_episode_arrays,
 )
 
@@ -166,7 +166,7 @@ def export_minari(dataset, dataset_id: str = "harmodt_fast/{task}-v0", tasks=Non
     import gymnasium as gym
     from minari.data_collector import EpisodeBuffer
 
-    ds = load_dataset(dataset) if not isinstance(dataset, Dataset) else dataset
+    ds = load_folder(dataset) if not isinstance(dataset, Dataset) else dataset
     if ds.kind != "harmodt_fast":
         raise DatasetError(f"{ds.path}: only datasets collected by hf.collect can be exported to Minari (they keep "
                            f"each episode's last observation); this one is {ds.kind}")

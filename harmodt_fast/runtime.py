@@ -1,0 +1,44 @@
+"""Where and how things run: the device, the autocast precision, progress bars. The bottom of the package: it
+imports nothing of ours, so every module can use it."""
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(device="auto") -> torch.device:
+    """"auto": CUDA when there is one, else the CPU; asking for CUDA without one is a ValueError."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    return dev
+
+
+def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16) unless fp32 is asked for; the same
+    rule for training and evaluation, so a run acts as it trained."""
+    if config.precision == "fp32":
+        return None
+    if config.precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if native else None
+
+
+class _NoBar:
+    def update(self, n=1): ...
+    def set_postfix(self, **kw): ...
+    def close(self): ...
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "step"):
+    """A tqdm bar, or a silent stand-in with the same methods when disabled (or tqdm is missing)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            return _NoBar()
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    return _NoBar()
