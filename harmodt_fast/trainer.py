@@ -148,6 +148,8 @@ class Trainer:
         self.task_envs: dict[str, str] = {}  # task -> gymnasium EnvSpec JSON, for tasks without a Meta-World name
         if os.path.exists(self.ckpt_path):
             self._resume(load_checkpoint(self.ckpt_path))
+        else:  # a run killed before its first checkpoint starts over: so does its log
+            self._truncate_metrics(0)
         self._unused = method.unused_entries(self.model)
         self._loggers = Loggers(config.logger if dist.main else None, self.out, config)  # after a refused resume
 

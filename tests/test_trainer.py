@@ -141,3 +141,11 @@ def test_tensorboard_events_mirror_the_log(tmp_path):
     logged = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
     assert [e.step for e in events.Scalars("loss")] == [l["step"] for l in logged]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([l["loss"] for l in logged], rel=1e-6)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_log(tmp_path):
+    config = cfg()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')  # what a killed run left behind
+    run(config, tmp_path)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl") if "loss" in line]
+    assert steps == sorted(set(steps)) and steps[0] == 1
