@@ -10,8 +10,9 @@ and, when a `task_grads` buffer [T, out, in] is passed, the per-task dense gradi
 of each task's effective weight, at active and inactive entries alike) are added into it: the mask update needs
 them and gets them from this one backward pass.
 
-This file holds the argument checks shared by all backends and the plain-PyTorch reference, which defines the
-semantics; the Triton kernels live in harmodt_fast.kernels.
+This file holds the argument checks shared by all backends and the per-task loop behind two of them: "torch",
+the plain-PyTorch reference that defines the semantics, and "cpp", the CPU fast path whose mask expansion is C++
+(csrc/masked_linear.cpp). The "triton" backend is kernels/masked_linear.py.
 """
 from __future__ import annotations
 
@@ -92,24 +93,53 @@ def task_mask(masks_packed: torch.Tensor, task: int, shape: torch.Size, dtype: t
     return unpack_masks_torch(masks_packed[task : task + 1], numel).view(shape).to(dtype)
 
 
-class _MaskedLinearTorch(torch.autograd.Function):
+class _PerTaskMasks:
+    """How a per-task backend expands task t's mask: into W ⊙ M_t for the matmuls, and into dW += M_t ⊙ G."""
+
     @staticmethod
-    def forward(ctx, x2d, weight, bias, masks_packed, row_offsets, task_grads):
+    def weight(weight, masks_packed, t):
+        return weight * task_mask(masks_packed, t, weight.shape, weight.dtype)
+
+    @staticmethod
+    def accumulate(dw, g, masks_packed, t):
+        dw += task_mask(masks_packed, t, g.shape, g.dtype) * g
+
+
+class _CppMasks:
+    """The same from the packed bits in one C++ pass each (torch.ops.harmodt_fast.*): no dense mask exists."""
+
+    @staticmethod
+    def weight(weight, masks_packed, t):
+        return torch.ops.harmodt_fast.masked_weight(weight, masks_packed[t])
+
+    @staticmethod
+    def accumulate(dw, g, masks_packed, t):
+        torch.ops.harmodt_fast.masked_accumulate_(dw, g, masks_packed[t])
+
+
+class _MaskedLinearPerTask(torch.autograd.Function):
+    """One matmul per task segment with that task's masked weight: the reference semantics ("torch", with
+    _PerTaskMasks) and the CPU fast path ("cpp", with _CppMasks; the GEMMs go to MKL / oneDNN)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, masks_packed, row_offsets, task_grads, masks):
         y = x2d.new_empty(x2d.shape[0], weight.shape[0])
         for t in range(len(row_offsets) - 1):
             lo, hi = row_offsets[t], row_offsets[t + 1]
             if hi > lo:
-                w_t = weight * task_mask(masks_packed, t, weight.shape, weight.dtype)
-                y[lo:hi] = x2d[lo:hi] @ w_t.t()
-        if bias is not None:
-            y += bias
+                w_t = masks.weight(weight, masks_packed, t)
+                if bias is not None:
+                    torch.addmm(bias, x2d[lo:hi], w_t.t(), out=y[lo:hi])
+                else:
+                    torch.mm(x2d[lo:hi], w_t.t(), out=y[lo:hi])
         ctx.save_for_backward(x2d, weight, masks_packed)
-        ctx.row_offsets, ctx.has_bias, ctx.task_grads = row_offsets, bias is not None, task_grads
+        ctx.row_offsets, ctx.has_bias, ctx.task_grads, ctx.masks = row_offsets, bias is not None, task_grads, masks
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, masks_packed = ctx.saved_tensors
+        masks, dy = ctx.masks, dy.contiguous()
         dx = torch.zeros_like(x2d) if ctx.needs_input_grad[0] else None
         # Σ_t over tasks accumulates in fp32 (fp64 for fp64 weights): bf16 sums would lose bits per task
         dw = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) \
@@ -119,25 +149,32 @@ class _MaskedLinearTorch(torch.autograd.Function):
             lo, hi = offsets[t], offsets[t + 1]
             if hi == lo:
                 continue
-            m_t = task_mask(masks_packed, t, weight.shape, weight.dtype)
             if dx is not None:
-                dx[lo:hi] = dy[lo:hi] @ (weight * m_t)
+                torch.mm(dy[lo:hi], masks.weight(weight, masks_packed, t), out=dx[lo:hi])
             if dw is not None or ctx.task_grads is not None:
                 g_t = dy[lo:hi].t() @ x2d[lo:hi]
                 if dw is not None:
-                    dw += m_t * g_t
+                    masks.accumulate(dw, g_t.to(dw.dtype), masks_packed, t)
                 if ctx.task_grads is not None:
                     ctx.task_grads[t] += g_t.float()
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw.to(weight.dtype) if dw is not None else None, db, None, None, None
+        return dx, dw.to(weight.dtype) if dw is not None else None, db, None, None, None, None
 
 
 def masked_linear_torch(x2d, weight, bias, masks_packed, row_offsets, task_grads=None):
-    return _MaskedLinearTorch.apply(x2d, weight, bias, masks_packed, row_offsets, task_grads)
+    return _MaskedLinearPerTask.apply(x2d, weight, bias, masks_packed, row_offsets, task_grads, _PerTaskMasks)
+
+
+def masked_linear_cpp(x2d, weight, bias, masks_packed, row_offsets, task_grads=None):
+    from harmodt_fast._ext import load_extension
+
+    if load_extension() is None:  # the dispatch only selects this backend when the extension loaded
+        raise RuntimeError("the C++ extension is not available")
+    return _MaskedLinearPerTask.apply(x2d, weight, bias, masks_packed, row_offsets, task_grads, _CppMasks)
 
 
 register("masked_linear", "torch", "harmodt_fast.ops.masked_linear:masked_linear_torch")
-register("masked_linear", "cpp", "harmodt_fast.ops.masked_linear_cpu:masked_linear_cpp")
+register("masked_linear", "cpp", "harmodt_fast.ops.masked_linear:masked_linear_cpp")
 register("masked_linear", "triton", "harmodt_fast.kernels.masked_linear:masked_linear_triton")
 
 

@@ -1,5 +1,6 @@
-// CPU helpers of the "cpp" masked_linear backend: expand one task's packed mask into W ⊙ M_t, and accumulate
-// M_t ⊙ G into dW, each in one pass over the weight (the bits are expanded in registers; no dense mask exists).
+// CPU helpers of the "cpp" masked_linear backend (harmodt_fast/ops/masked_linear.py): expand one task's packed
+// mask into W ⊙ M_t, and accumulate M_t ⊙ G into dW, each in one pass over the weight (the bits are expanded in
+// registers; no dense mask exists).
 // Registered with TORCH_LIBRARY_FRAGMENT, so they are torch.ops.harmodt_fast.* once the extension is loaded.
 #include <torch/extension.h>
 
