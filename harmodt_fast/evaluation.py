@@ -6,12 +6,13 @@ info["success"] is ever true. Per task: success rate, mean return, mean length; 
 Every task acts through its own mask and its own prompt; the return-to-go target is configurable (published: 4500,
 scale 1000, both from the checkpoint's config unless overridden).
 
-How it runs (read top to bottom: API, checkpoint and tasks, environments, rollout loop, policies, report):
+How it runs (read top to bottom: API, checkpoint, environments, rollout loop, the scripted oracle, report):
 - Environments: the episodes' environments are dealt in equal contiguous shares (task-major) into one group per
   worker; a group (EnvGroup) is one gymnasium environment holding several Meta-World environments, and gymnasium's
   AsyncVectorEnv steps the groups in worker processes (observations come back through shared memory). Contiguous
   shares keep each worker to a few tasks, so it sets up few Meta-World benchmarks (about 0.4 s per task). Groups
-  build their Meta-World environments on the first reset, inside the worker, while the model loads.
+  build their Meta-World environments on the first reset, inside the worker, while the model loads. A task
+  without a Meta-World name (trained on a Minari dataset) runs in the gymnasium environment its dataset recorded.
 - The model: hf.load_policy's Policy (harmodt_fast/policy.py), one row per live episode, asked once per step for
   every live episode's action (one forward of the mixed-task masked model); unseen tasks (`unseen=True`) go
   through the consensus mask, as described there.

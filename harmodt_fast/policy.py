@@ -65,11 +65,14 @@ def task_order(ckpt: dict, tasks, unseen: bool, merge_threshold: int | None, nam
     else:
         from harmodt_fast.tasks import resolve_tasks
 
-        names = [tasks] if isinstance(tasks, str) and (tasks in trained) else tasks
-        names = [t for t in names.split(",") if t] if isinstance(names, str) and "," in names else names
-        # trained names pass as they are (they need not be Meta-World's: e.g. Minari datasets' task names)
+        if isinstance(tasks, str):
+            names = [tasks] if tasks in trained else tasks.split(",")
+        else:
+            names = list(tasks)
+        # trained names pass as they are (they need not be Meta-World's: e.g. Minari datasets' task names); others
+        # are Meta-World names or task sets ("MT10")
         requested = []
-        for t in [names] if isinstance(names, str) else list(names):
+        for t in filter(None, (n.strip() for n in names)):
             requested += [t] if t in trained else resolve_tasks(t)
         if len(set(requested)) != len(requested):
             raise ValueError(f"duplicate task names in {requested}")

@@ -57,6 +57,22 @@ def test_collect_as_minari_round_trips(exported):
     assert theirs.fingerprint == hf.load_dataset(ids).fingerprint != one.fingerprint
 
 
+def test_export_needs_the_final_observations(exported, tmp_path):
+    import json
+    import shutil
+
+    from harmodt_fast.data.minari_data import export_minari
+
+    folder, _ = exported
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if "final_observations" not in k}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"reach-v3: no final_observations\.npy .*collect it again"):
+        export_minari(old, "test/old-{task}-v0")
+
+
 def test_recover_environment_gives_the_meta_world_env(exported):
     _, ids = exported
     env = minari.load_dataset(ids["button-press-v3"].removeprefix("minari:")).recover_environment()

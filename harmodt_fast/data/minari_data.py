@@ -175,7 +175,10 @@ def export_minari(dataset, dataset_id: str = "harmodt_fast/{task}-v0", tasks=Non
     out = {}
     for task in tasks or ds.tasks:
         rel = f"{task}/final_observations.npy"
-        final = read_checked_npy(ds.path, rel, ds.manifest["files"].get(rel), ds.verify)
+        if rel not in ds.manifest["files"]:
+            raise DatasetError(f"{os.path.join(ds.path, task)}: no final_observations.npy (collected by an older "
+                               f"version); collect it again to export it to Minari")
+        final = read_checked_npy(ds.path, rel, ds.manifest["files"][rel], ds.verify)
         d = ds.arrays(task)
         spec = env_spec(task)
         env = gym.make(spec)
