@@ -44,6 +44,26 @@ def resolve_tasks(tasks) -> list[str]:
     return names
 
 
+def task_names(tasks) -> list[str]:
+    """Like resolve_tasks, but names that are not Meta-World's are kept as they are (datasets may name any
+    tasks); Meta-World names of older versions become their v3 names."""
+    if isinstance(tasks, str):
+        if tasks in TASK_SETS:
+            return list(TASK_SETS[tasks])
+        tasks = [t for t in tasks.split(",") if t]
+    names = []
+    for t in tasks:
+        try:
+            names.append(to_v3(str(t)))
+        except ValueError:
+            names.append(str(t))
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate task names in {names}")
+    if not names:
+        raise ValueError("no tasks given")
+    return names
+
+
 def to_v3(name: str) -> str:
     """A Meta-World task name as it appears in older data ("reach-v2", "reach-v1", "reach") -> its v3 name.
 

@@ -35,7 +35,7 @@ from harmodt_fast.loggers import Loggers
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.model import HarmoDT
 from harmodt_fast.runtime import autocast_dtype, pick_device, progress_bar
-from harmodt_fast.tasks import resolve_tasks
+from harmodt_fast.tasks import task_names
 
 
 # config fields that only change logging, not the training trajectory: a resumed run may change them
@@ -64,7 +64,8 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     once this many steps are done, to be resumed later.
     """
     if "tasks" in overrides and overrides["tasks"] is not None:
-        overrides["tasks"] = tuple(resolve_tasks(overrides["tasks"]))
+        overrides["tasks"] = tuple(task_names(overrides["tasks"]))  # any names: the dataset says which exist
+    explicit_dims = {k: overrides[k] for k in ("state_dim", "act_dim") if k in overrides}
     if steps is not None:
         if int(steps) <= 0:
             raise ValueError(f"steps must be > 0, got {steps}")
@@ -75,7 +76,7 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     ops.check_backend(config.backend, pick_device(device))  # before loading data or building anything
     out = _prepare_out(out)
     dataset = _load(data)
-    config = _bind_tasks(config, dataset)
+    config = _bind_tasks(config, dataset, explicit_dims)
     from harmodt_fast.data import MultiTaskSampler
 
     dist_info, device = init_distributed(pick_device(device))
@@ -106,18 +107,23 @@ def _load(data):
     return load_dataset(data)
 
 
-def _bind_tasks(config: HarmoDTConfig, dataset) -> HarmoDTConfig:
-    """Fills config.tasks from the dataset when not given; checks names and dimensions before any work."""
+def _bind_tasks(config: HarmoDTConfig, dataset, explicit_dims: dict) -> HarmoDTConfig:
+    """Fills config.tasks from the dataset when not given, and the state and action dimensions from the data
+    (every task must agree); checks names and explicitly given dimensions before any work."""
     tasks = config.tasks or tuple(dataset.tasks)
     missing = [t for t in tasks if t not in dataset.tasks]
     if missing:
         raise ValueError(f"task(s) {missing} are not in the dataset (it has {list(dataset.tasks)})")
-    first = dataset.episodes(tasks[0])[0]
-    state_dim, act_dim = first["observations"].shape[1], first["actions"].shape[1]
-    if (state_dim, act_dim) != (config.state_dim, config.act_dim):
-        raise ValueError(f"dataset dims (state {state_dim}, action {act_dim}) do not match the model "
-                         f"(state_dim {config.state_dim}, act_dim {config.act_dim})")
-    return HarmoDTConfig.from_dict({**config.to_dict(), "tasks": list(tasks)})
+    if hasattr(dataset, "dims"):
+        state_dim, act_dim = dataset.dims(tasks)
+    else:  # a dataset-like object of the user's: its first episode decides
+        first = dataset.episodes(tasks[0])[0]
+        state_dim, act_dim = first["observations"].shape[1], first["actions"].shape[1]
+    data_dims = {"state_dim": int(state_dim), "act_dim": int(act_dim)}
+    wrong = {k: v for k, v in explicit_dims.items() if v != data_dims[k]}
+    if wrong:
+        raise ValueError(f"dataset dims (state {state_dim}, action {act_dim}) do not match the model's {wrong}")
+    return HarmoDTConfig.from_dict({**config.to_dict(), **data_dims, "tasks": list(tasks)})
 
 
 class Trainer:

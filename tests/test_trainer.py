@@ -99,8 +99,8 @@ def test_bad_arguments_fail_before_work(tmp_path):
         hf.train(str(tmp_path / "none"), tmp_path / "o", steps=0)
     with pytest.raises(ValueError, match="unknown method"):
         hf.train(str(tmp_path / "none"), tmp_path / "o", method="dt")
-    with pytest.raises(ValueError, match="unknown Meta-World task"):
-        hf.train(str(tmp_path / "none"), tmp_path / "o", tasks=["reach-v9"])
+    with pytest.raises(ValueError, match="duplicate task names"):
+        hf.train(str(tmp_path / "none"), tmp_path / "o", tasks=["reach-v2", "reach-v3"])
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match="cannot write to the output folder"):

@@ -28,7 +28,7 @@ from harmodt_fast.tasks import to_v3
 
 FORMAT = "harmodt_fast-dataset/1"
 MANIFEST = "manifest.json"
-STATE_DIM = 39
+STATE_DIM = 39  # Meta-World's dimensions: what collection writes; loaded data may have others
 ACT_DIM = 4
 STEP_FIELDS = ("observations", "actions", "rewards", "dones", "success")
 EPISODE_FIELDS = ("episode_starts", "goal_index", "expert_prob")
@@ -97,10 +97,11 @@ def _check_finite(name: str, array: np.ndarray) -> None:
 
 def validate_episode_arrays(name: str, obs, actions, rewards, dones, success=None) -> None:
     """Shape, length and finiteness checks shared by both layouts; `name` is the file named in errors."""
-    if obs.ndim != 2 or obs.shape[1] != STATE_DIM:
-        raise DatasetError(f"{name}: observations have shape {tuple(obs.shape)}, expected [T, {STATE_DIM}]")
-    if actions.ndim != 2 or actions.shape[1] != ACT_DIM:
-        raise DatasetError(f"{name}: actions have shape {tuple(actions.shape)}, expected [T, {ACT_DIM}]")
+    # any dimensions (the data decides; every task of a dataset must agree, see Dataset.dims)
+    if obs.ndim != 2 or obs.shape[1] < 1:
+        raise DatasetError(f"{name}: observations have shape {tuple(obs.shape)}, expected [T, state_dim]")
+    if actions.ndim != 2 or actions.shape[1] < 1:
+        raise DatasetError(f"{name}: actions have shape {tuple(actions.shape)}, expected [T, act_dim]")
     T = len(obs)
     if T == 0:
         raise DatasetError(f"{name}: empty episode (0 steps)")
@@ -146,6 +147,16 @@ class Dataset:
         if v3 not in self.tasks:
             raise KeyError(f"task {task!r} is not in the dataset {self.path} (tasks: {self.tasks})")
         return v3
+
+    def dims(self, tasks=None) -> tuple[int, int]:
+        """(state_dim, act_dim) of the data; DatasetError naming the tasks when they disagree."""
+        seen = {}
+        for task in tasks or self.tasks:
+            data = self.arrays(task)
+            seen[task] = (int(data.observations.shape[1]), int(data.actions.shape[1]))
+        if len(set(seen.values())) > 1:
+            raise DatasetError(f"{self.path}: tasks disagree on (state dim, action dim): {seen}")
+        return next(iter(seen.values()))
 
     def arrays(self, task: str) -> TaskData:
         """The task's transitions as flat arrays (read, checked and cached on first use)."""
@@ -218,6 +229,11 @@ class Dataset:
                 raw = f.read()
             h.update(raw)
             episodes.append(_read_mtdiff_episode(fname, raw))
+            first, last = episodes[0], episodes[-1]
+            if (last[0].shape[1], last[1].shape[1]) != (first[0].shape[1], first[1].shape[1]):
+                raise DatasetError(f"{fname}: observations have shape {tuple(last[0].shape)}, actions have shape "
+                                   f"{tuple(last[1].shape)}, but {files[0]} has state dim {first[0].shape[1]} and "
+                                   f"action dim {first[1].shape[1]}: the episodes of a task must agree")
         self._mtdiff_hashes[task] = h.hexdigest()
         lengths = np.array([len(e[0]) for e in episodes], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -327,8 +343,8 @@ def load_folder(path, verify: bool = True, max_episodes: int | None = None) -> D
             continue
         try:
             task = to_v3(entry)
-        except ValueError as exc:
-            raise DatasetError(f"{folder}: folder name is not a Meta-World task ({exc})") from None
+        except ValueError:  # not a Meta-World name: a task of its own, named by its folder
+            task = entry
         if task in sources:
             raise DatasetError(f"{folder}: a second folder for task {task}")
         bad = [f for f in npz if not re.fullmatch(r"\d+\.npz", os.path.basename(f))]
@@ -340,5 +356,5 @@ def load_folder(path, verify: bool = True, max_episodes: int | None = None) -> D
     from harmodt_fast.tasks import TASK_SETS
 
     order = {t: i for i, t in enumerate(TASK_SETS["MT50"])}  # the paper's order, as hf.TASK_SETS lists tasks
-    tasks = sorted(sources, key=order.__getitem__)
+    tasks = sorted(sources, key=lambda t: (order.get(t, len(order)), t))  # then other names, sorted
     return Dataset(path, "mtdiff", tasks, None, verify, max_episodes, sources)

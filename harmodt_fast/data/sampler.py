@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from harmodt_fast.batch import Batch, Prompt, offsets_from_counts
-from harmodt_fast.data.dataset import ACT_DIM, STATE_DIM, STEP_FIELDS, DatasetError, TaskData
+from harmodt_fast.data.dataset import STEP_FIELDS, DatasetError, TaskData
 
 _BLOCK = 1 << 20  # rows per host->device copy while building
 
@@ -77,9 +77,6 @@ class MultiTaskSampler:
         if missing:
             raise DatasetError(f"task(s) {missing} are not in the dataset {getattr(dataset, 'path', '')!s} "
                                f"(it has {list(dataset.tasks)})")
-        if config.state_dim != STATE_DIM or config.act_dim != ACT_DIM:
-            raise ValueError(f"the data has state dim {STATE_DIM} and action dim {ACT_DIM}; the config says "
-                             f"{config.state_dim} and {config.act_dim}")
         if prompt_episodes is not None and prompt_episodes < 1:
             raise ValueError(f"prompt_episodes must be >= 1, got {prompt_episodes}")
         self.tasks = tasks
@@ -88,11 +85,19 @@ class MultiTaskSampler:
         hold_out = Kp > 0
 
         datas = [_task_data(dataset, t) for t in tasks]
+        dims = {t: (int(d.observations.shape[1]), int(d.actions.shape[1])) for t, d in zip(tasks, datas)}
+        if len(set(dims.values())) > 1:
+            raise DatasetError(f"{getattr(dataset, 'path', 'the dataset')}: tasks disagree on (state dim, action "
+                               f"dim): {dims}")
+        self.state_dim, self.act_dim = S, A = dims[tasks[0]]
+        if (config.state_dim, config.act_dim) != (S, A):
+            raise ValueError(f"the data has state dim {S} and action dim {A}; the config says "
+                             f"{config.state_dim} and {config.act_dim}")
         sizes = [d.num_transitions for d in datas]
         N = int(sum(sizes))
         dev = self.device
-        self._obs = torch.empty((N, STATE_DIM), dtype=torch.float32, device=dev)
-        self._act = torch.empty((N, ACT_DIM), dtype=torch.float32, device=dev)
+        self._obs = torch.empty((N, S), dtype=torch.float32, device=dev)
+        self._act = torch.empty((N, A), dtype=torch.float32, device=dev)
         self._rtg = torch.empty((N,), dtype=torch.float32, device=dev)
         means, stds = [], []
         train_start, train_end, train_len = [], [], []
@@ -185,8 +190,8 @@ class MultiTaskSampler:
         flat = idx.reshape(-1)
         weight = valid.reshape(-1).to(torch.float32)
         rows = idx.shape
-        states = self._take(self._obs, flat, weight).view(*rows, STATE_DIM)
-        actions = self._take(self._act, flat, weight).view(*rows, ACT_DIM)
+        states = self._take(self._obs, flat, weight).view(*rows, self.state_dim)
+        actions = self._take(self._act, flat, weight).view(*rows, self.act_dim)
         rtg = self._take(self._rtg[:, None], flat, weight).view(*rows, 1)
         steps = (idx - ep_start[:, None]).clamp_(max=self.config.max_ep_len - 1) * valid
         return states, actions, rtg, steps, valid
