@@ -491,8 +491,11 @@ def _compiled_task_losses(model: HarmoDT, config: HarmoDTConfig):
     cfg = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, limit_name, max(getattr(cfg, limit_name), config.num_tasks + 8))
+    # the Triton attention draws its dropout seed on the host (an .item()), which breaks the graph once per block
+    device = next(model.parameters()).device
+    seeded = config.use_masks and config.dropout > 0 and ops.runs_fused("masked_attention", config.backend, device)
     # HARMODT_FAST_COMPILE_BACKEND: another torch.compile backend (e.g. aot_eager: traces, no code generation)
-    compiled = torch.compile(model.task_losses, dynamic=False, fullgraph=True,
+    compiled = torch.compile(model.task_losses, dynamic=False, fullgraph=not seeded,
                              backend=os.environ.get("HARMODT_FAST_COMPILE_BACKEND", "inductor"))
 
     def task_losses(batch):

@@ -143,3 +143,20 @@ def test_auto_picks_cpp_on_cpu(rng, cpp_ext):
     x, w, b, dense, offsets = random_case(rng, [3, 2], 8, 6, dtype=torch.float32)
     hf.ops.masked_linear(x, w, b, hf.ops.pack_masks(dense.flatten(1)), offsets)
     assert hf.ops.last_backend("masked_linear") == "cpp"
+
+
+def test_backend_decision_is_made_once(rng, monkeypatch):
+    """Availability (an import, an extension load) is checked on the first call only, not in every op of a step."""
+    from harmodt_fast.ops import _dispatch
+
+    x, w, b, dense, offsets = random_case(rng, [3, 2], 8, 6, dtype=torch.float32)
+    packed = hf.ops.pack_masks(dense.flatten(1), backend="torch")
+    checked = []
+    real = _dispatch.backend_unavailable_reason
+    monkeypatch.setattr(_dispatch, "_decisions", {})
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason", lambda *a: checked.append(a) or real(*a))
+    before = hf.ops.call_counts().get(("masked_linear", "torch"), 0)
+    for _ in range(3):
+        hf.ops.masked_linear(x, w, b, packed, offsets, backend="torch")
+    assert len(checked) == 1 and hf.ops.last_backend("masked_linear") == "torch"
+    assert hf.ops.call_counts()[("masked_linear", "torch")] == before + 3
