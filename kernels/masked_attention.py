@@ -251,7 +251,8 @@ def _fused_configs():
                   for k, w, s in [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)]])
 
 
-@triton.autotune(configs=_fused_configs(), key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL"])
+@triton.autotune(configs=_fused_configs(),
+                 key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL", "HAS_BIAS", "ALIGNED", "TF32"])
 @triton.jit
 def _qkv_attn_kernel(
     x_ptr, w_ptr, m_ptr, b_ptr, soffs_ptr, mbits_ptr, out_ptr, L, H, HEADS, D, W_WORDS, T, qk_scale, smb, WPR,
