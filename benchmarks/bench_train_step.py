@@ -1,17 +1,28 @@
-"""Training-step throughput, side by side in one run: our mixed-task step (fp32 and bf16 autocast), our
-round-robin schedule (one task per step), and the re-implemented published procedure; plus one mask update
-(ours: one backward + hf.ops.harmony_update; published: one backward per task + top-k).
+"""Training-step throughput, every path side by side on ONE device in one run:
 
-    python benchmarks/bench_train_step.py --preset paper --tasks 50 --out benchmarks/results
+    ours (eager)             the trainer's step, masked ops on backend "auto" (triton on CUDA, cpp on CPU)
+    ours (compiled)          the same with compile=True (torch.compile of the forward and loss)
+    plain PyTorch (eager)    the trainer's step with backend="torch" (W ⊙ M_t built per task segment)
+    plain PyTorch (compiled) the same with compile=True
+    unmasked prompt-dt       method="prompt-dt" at the same batch: the dense ceiling
+    published procedure      the re-implemented published step (benchmarks/published_baseline.py), one task per
+                             step, on the same device
+plus one mask update each way (ours: one backward + hf.ops.harmony_update; published: one backward per task +
+top-k). Every path trains on device-resident batches built before timing (nothing is copied from the host inside
+a timed step) and the device is synchronised before and after every timed region. Each row also reports, from
+one step under torch.profiler, the kernel launches per step and the host time (until the step returns) against
+the device time (kernels' summed duration).
 
-Batches are synthetic with the real shapes (hf.batch.SyntheticSampler): throughput does not depend on the values.
+    python benchmarks/bench_train_step.py --device cuda --preset paper --tasks 50 --out benchmarks/results
+
 FLOPs: ~2.4 GFLOP per sequence forward+backward at the paper preset (75 tokens), so a step over MT50 x 8
-sequences is ~0.96 TFLOP; on this 2-core CPU (0.17-0.33 TFLOP/s fp32) that is seconds per step.
+sequences is ~0.96 TFLOP: the floor on an H200 (~990 dense bf16 TFLOP/s) is ~1 ms, ~400,000 sequences/s.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -27,99 +38,170 @@ from harmodt_fast.batch import SyntheticSampler  # noqa: E402
 from harmodt_fast.trainer import Trainer  # noqa: E402
 from published_baseline import PublishedProcedure  # noqa: E402
 
+ROWS = ("ours", "ours-compiled", "torch", "torch-compiled", "prompt-dt", "published", "mask-update")
 
-def timed(fn, min_steps: int, max_seconds: float) -> tuple[float, int]:
-    fn()  # warm-up
+
+class PrebuiltSampler(SyntheticSampler):
+    """SyntheticSampler whose batches are built on the device up front and then cycled: a timed step reads no
+    host data."""
+
+    def __init__(self, config, device, count: int = 4):
+        super().__init__(config, device=device)
+        self._mixed = itertools.cycle([super(PrebuiltSampler, self).sample() for _ in range(count)])
+        self._per_task = {t: super(PrebuiltSampler, self).sample(task=t) for t in range(config.num_tasks)}
+
+    def sample(self, task: int | None = None):
+        return next(self._mixed) if task is None else self._per_task[task]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, min_steps: int, max_seconds: float, warmup: int = 2) -> tuple[float, int]:
+    for _ in range(warmup):  # compiles, autotunes
+        fn()
+    sync(device)
     t0, n = time.perf_counter(), 0
-    while n < min_steps or (time.perf_counter() - t0 < max_seconds and n < 50):
+    while n < min_steps or (time.perf_counter() - t0 < max_seconds and n < 200):
         fn()
         n += 1
-        if time.perf_counter() - t0 > max_seconds and n >= 1:
-            break
+    sync(device)
     return (time.perf_counter() - t0) / n, n
+
+
+def profile(fn, device) -> dict:
+    """Kernel launches, host time and device time of one call of `fn` (already warm)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with torch_profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        host = time.perf_counter() - t0
+        sync(device)
+    events = prof.events()
+    if device.type != "cuda":
+        return {"host_ms": host * 1e3}
+    launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    device_ms = sum(e.device_time for e in kernels) / 1e3 if kernels and hasattr(kernels[0], "device_time") else \
+        sum(e.cuda_time for e in kernels) / 1e3
+    return {"launches": launches, "host_ms": host * 1e3, "device_ms": device_ms}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda: every path runs on this one device")
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--tasks", type=int, default=50)
-    ap.add_argument("--seconds", type=float, default=30.0, help="time budget per measurement")
+    ap.add_argument("--seconds", type=float, default=10.0, help="time budget per measurement")
+    ap.add_argument("--min-steps", type=int, default=2, help="timed steps at least (a dry run: 1)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra config override for every path (as the train CLI's --set)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--skip-published-mask-update", action="store_true")
     args = ap.parse_args(argv)
+    from harmodt_fast.cli import _parse_overrides
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    wanted = set(args.rows.split(","))
+    unknown = wanted - set(ROWS)
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; expected some of {ROWS}")
+    extra = _parse_overrides(args.set)
     torch.manual_seed(0)
+    base_cfg = hf.HarmoDTConfig.from_preset(args.preset, num_tasks=args.tasks, **extra)
+    seqs = base_cfg.batch_per_task * base_cfg.num_tasks
+    sampler = PrebuiltSampler(base_cfg, device)
     rows = []
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def trainer(**kw):
-        cfg = hf.HarmoDTConfig.from_preset(args.preset, num_tasks=args.tasks, **kw)
-        return Trainer(cfg, SyntheticSampler(cfg, device=device), tempfile.mkdtemp(), device, "synthetic"), cfg
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(rows, args, base_cfg, device)
 
-    for label, kw in [("ours mixed fp32", dict(precision="fp32")),
-                      ("ours mixed bf16 autocast", dict(precision="bf16")),
-                      ("ours round-robin fp32", dict(precision="fp32", schedule="round-robin"))]:
-        tr, cfg = trainer(**kw)
-        sec, n = timed(tr._train_step, 2, args.seconds)
-        seqs = cfg.batch_per_task * (1 if cfg.schedule == "round-robin" else cfg.num_tasks)
-        rows.append({"path": label, "s_per_step": sec, "steps_timed": n, "sequences_per_s": seqs / sec})
-        print(rows[-1], flush=True)
-        if label == "ours mixed fp32":
-            mask_sec, mask_n = timed(tr._mask_update, 1, args.seconds)
-            rows.append({"path": "ours mask update (1 backward + harmony_update)", "s_per_update": mask_sec,
-                         "updates_timed": mask_n, "harmony_backend": hf.ops.last_backend("harmony_update")})
-            print(rows[-1], flush=True)
-
-    cfg = hf.HarmoDTConfig.from_preset(args.preset, num_tasks=args.tasks)
-    sampler = SyntheticSampler(cfg)
-    for label, amp in [("fp32", None), ("bf16 autocast", torch.bfloat16)]:
-        pub = PublishedProcedure(cfg, amp_dtype=amp)
+    paths = [("ours", "ours (eager)", {}), ("ours-compiled", "ours (compiled)", dict(compile=True)),
+             ("torch", "plain PyTorch (eager)", dict(backend="torch")),
+             ("torch-compiled", "plain PyTorch (compiled)", dict(backend="torch", compile=True)),
+             ("prompt-dt", "unmasked prompt-dt (dense ceiling)", dict(method="prompt-dt"))]
+    ours_trainer = None
+    for key, label, kw in paths:
+        if key not in wanted:
+            continue
+        cfg = hf.HarmoDTConfig.from_dict({**base_cfg.to_dict(), **kw})
+        tr = Trainer(cfg, sampler, tempfile.mkdtemp(), device, "synthetic")
+        sec, n = timed(tr._train_step, device, args.min_steps, args.seconds, args.warmup)
+        record({"path": label, "s_per_step": sec, "steps_timed": n, "sequences_per_s": seqs / sec,
+                "masked_linear_backend": hf.ops.last_backend("masked_linear") if cfg.use_masks else None,
+                **profile(tr._train_step, device)})
+        if key == "ours":
+            ours_trainer = tr
+    if "mask-update" in wanted:
+        tr = ours_trainer or Trainer(base_cfg, sampler, tempfile.mkdtemp(), device, "synthetic")
+        sec, n = timed(tr._mask_update, device, 1, args.seconds, min(args.warmup, 1))
+        record({"path": "ours mask update (1 backward + harmony_update)", "s_per_update": sec, "updates_timed": n,
+                "harmony_backend": hf.ops.last_backend("harmony_update")})
+    if "published" in wanted:
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        pub = PublishedProcedure(base_cfg, amp_dtype=amp, device=device)
         state = {"t": 0}
 
         def pub_step():
-            t = state["t"] % cfg.num_tasks
+            t = state["t"] % base_cfg.num_tasks
             state["t"] += 1
             pub.train_step(sampler.sample(task=t), t)
 
-        sec, n = timed(pub_step, 2, args.seconds)
-        rows.append({"path": f"published procedure (re-implemented) {label}", "s_per_step": sec, "steps_timed": n,
-                     "sequences_per_s": cfg.batch_per_task / sec})
-        print(rows[-1], flush=True)
-    if not args.skip_published_mask_update:
-        batches = [sampler.sample(task=t) for t in range(cfg.num_tasks)]
-        t0 = time.perf_counter()
-        pub.mask_update(batches, k=100)
-        rows.append({"path": "published mask update (T backwards + top-k)", "s_per_update": time.perf_counter() - t0,
-                     "updates_timed": 1})
-        print(rows[-1], flush=True)
+        sec, n = timed(pub_step, device, args.min_steps, args.seconds, args.warmup)
+        record({"path": f"published procedure (re-implemented), {'bf16' if amp else 'fp32'}", "s_per_step": sec,
+                "steps_timed": n, "sequences_per_s": base_cfg.batch_per_task / sec, **profile(pub_step, device)})
+        if "mask-update" in wanted:
+            batches = [sampler.sample(task=t) for t in range(base_cfg.num_tasks)]
+            sync(device)
+            t0 = time.perf_counter()
+            pub.mask_update(batches, k=100)
+            sync(device)
+            record({"path": "published mask update (T backwards + top-k)", "s_per_update": time.perf_counter() - t0,
+                    "updates_timed": 1})
+    path = write(rows, args, base_cfg, device)
+    print("wrote", path)
+    return 0
 
-    base = {p: next(r for r in rows if r["path"] == f"published procedure (re-implemented) {p}")["sequences_per_s"]
-            for p in ("fp32", "bf16 autocast")}
+
+def write(rows, args, cfg, device) -> str:
+    """Rewrites the .json and .md tables (after every row, so a run cut short keeps what it measured)."""
+    pub = next((r for r in rows if r["path"].startswith("published procedure")), None)
+    dense = next((r for r in rows if r["path"].startswith("unmasked prompt-dt")), None)
     for r in rows:
         if "sequences_per_s" in r:
-            r["x_published_fp32"] = r["sequences_per_s"] / base["fp32"]
-            r["x_published_bf16"] = r["sequences_per_s"] / base["bf16 autocast"]
-    meta = {
-        "benchmark": "train_step", "preset": args.preset, "num_tasks": args.tasks,
-        "batch_per_task": cfg.batch_per_task, "tokens_per_sequence": cfg.tokens_per_sequence,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_train_step.py " + " ".join(argv or sys.argv[1:]),
-        "rows": rows,
-    }
+            r["x_published"] = r["sequences_per_s"] / pub["sequences_per_s"] if pub else None
+            r["x_dense"] = r["sequences_per_s"] / dense["sequences_per_s"] if dense else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+    meta = {"benchmark": "train_step", "preset": args.preset, "num_tasks": cfg.num_tasks,
+            "batch_per_task": cfg.batch_per_task, "tokens_per_sequence": cfg.tokens_per_sequence, "device": name,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:]), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"train_step_{device.type}_{args.preset}_T{args.tasks}_{meta['date'][:10]}")
+    stem = os.path.join(args.out, f"train_step_{device.type}_{args.preset}_T{cfg.num_tasks}_{meta['date'][:10]}")
     with open(stem + ".json", "w") as f:
         json.dump(meta, f, indent=2)
+    fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"  # noqa: E731
     with open(stem + ".md", "w") as f:
-        f.write(f"# Training step, {args.preset} preset, {args.tasks} tasks x {cfg.batch_per_task} sequences\n\n")
-        f.write(f"{meta['device']}, torch {meta['torch']}, {meta['date']}\n\n"
-                "| path | s/step or update | sequences/s | x published fp32 | x published bf16 |\n|---|---|---|---|---|\n")
+        f.write(f"# Training step, {args.preset} preset, {cfg.num_tasks} tasks x {cfg.batch_per_task} sequences\n\n"
+                f"{name}, torch {meta['torch']}, {meta['date']}\n\n| path | ms/step or update | sequences/s | "
+                "x published | x dense | launches | host ms | device ms |\n|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             sec = r.get("s_per_step", r.get("s_per_update"))
-            f.write(f"| {r['path']} | {sec:.3f} | {r.get('sequences_per_s', float('nan')):.1f} | "
-                    f"{r.get('x_published_fp32', float('nan')):.2f} | {r.get('x_published_bf16', float('nan')):.2f} |\n")
-    print("wrote", stem + ".json")
+            f.write(f"| {r['path']} | {fmt(sec * 1e3, '.2f')} | {fmt(r.get('sequences_per_s'), '.0f')} | "
+                    f"{fmt(r.get('x_published'), '.2f')} | {fmt(r.get('x_dense'), '.2f')} | "
+                    f"{fmt(r.get('launches'), 'd')} | {fmt(r.get('host_ms'), '.2f')} | "
+                    f"{fmt(r.get('device_ms'), '.2f')} |\n")
+    return stem + ".json"
 
 
 def test_train_step_tiny(benchmark):
@@ -130,4 +212,4 @@ def test_train_step_tiny(benchmark):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,18 +25,20 @@ def _applies(name: str) -> bool:
 
 
 class PublishedProcedure:
-    def __init__(self, config: hf.HarmoDTConfig, seed: int = 0, amp_dtype: torch.dtype | None = None):
+    def __init__(self, config: hf.HarmoDTConfig, seed: int = 0, amp_dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
         unmasked = hf.HarmoDTConfig.from_dict({**config.to_dict(), "method": "prompt-dt"})
         torch.manual_seed(seed)
         self.config = config
+        self.device = torch.device(device)  # model, masks and autocast all on it: compared on the same device as ours
         self.amp_dtype = amp_dtype  # None: fp32 as published; bf16 gives the baseline the same CPU speed-up as ours
-        self.model = hf.HarmoDT(unmasked)
+        self.model = hf.HarmoDT(unmasked).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         density = erk_densities(shapes, config.density)
         gen = torch.Generator().manual_seed(seed)
         self.masks = [
-            {n: (torch.rand(shapes[n], generator=gen) < density[n]).float() for n in shapes}
+            {n: (torch.rand(shapes[n], generator=gen) < density[n]).float().to(self.device) for n in shapes}
             for _ in range(config.num_tasks)
         ]
 
@@ -53,7 +55,8 @@ class PublishedProcedure:
     def train_step(self, batch: hf.Batch, task: int) -> float:
         masks = self.masks[task]
         original = self._load_masked(task)
-        with torch.autocast("cpu", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
             loss = self.model.task_losses(batch)[task]
         self.optimizer.zero_grad()
         loss.backward()

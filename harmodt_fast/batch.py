@@ -48,7 +48,7 @@ class Batch:
         """Task id of every row, [B] int64 on the rows' device (no host-to-device copy per step)."""
         if self.row_tasks is not None and self.row_tasks.device == self.states.device:
             return self.row_tasks
-        return _task_ids(tuple(self.task_offsets.tolist()), self.states.device)
+        return _task_ids(tuple(int(o) for o in self.task_offsets), self.states.device)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {

@@ -206,7 +206,7 @@ class HarmoDT(nn.Module):
         preds = self(batch) if action_preds is None else action_preds
         valid = batch.attention_mask.to(preds.dtype)
         sq = ((preds.float() - batch.actions.float()) ** 2).sum(-1) * valid  # [B, K]
-        num_tasks = batch.task_offsets.numel() - 1
+        num_tasks = len(batch.task_offsets) - 1  # a tensor, or host ints under torch.compile
         ids = batch.task_ids
         err = torch.zeros(num_tasks, device=preds.device).index_add_(0, ids, sq.sum(1))
         count = torch.zeros(num_tasks, device=preds.device).index_add_(0, ids, valid.float().sum(1))

@@ -144,9 +144,7 @@ class Trainer:
         self.fingerprint = fingerprint
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.amp_dtype = autocast_dtype(config, device)
-        # dynamic=False: the offsets are ints the graph specialises on (round-robin: one graph per task, cached)
-        self._task_losses = torch.compile(self.model.task_losses, dynamic=False) if config.compile \
-            else self.model.task_losses
+        self._task_losses = _compiled_task_losses(self.model, config) if config.compile else self.model.task_losses
         self.step = 0
         self.history: list[dict] = []
         self.task_agreement: torch.Tensor | None = None
@@ -349,6 +347,32 @@ class Trainer:
         with open(self.metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
+
+
+def _compiled_task_losses(model: HarmoDT, config: HarmoDTConfig):
+    """model.task_losses under torch.compile. The task offsets enter the graph as host ints (the masked ops need
+    them on the host), so each distinct offsets gets its own graph: one for the mixed schedule, one per task for
+    round-robin; the recompile limit is raised to hold them all."""
+    import dataclasses
+
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, limit_name, max(getattr(cfg, limit_name), config.num_tasks + 8))
+    # the Triton attention draws its dropout seed on the host (an .item()), which breaks the graph once per block
+    device = next(model.parameters()).device
+    seeded = config.use_masks and config.dropout > 0 and ops.runs_fused("masked_attention", config.backend, device)
+    # HARMODT_FAST_COMPILE_BACKEND: another torch.compile backend (e.g. aot_eager: traces, no code generation)
+    compiled = torch.compile(model.task_losses, dynamic=False, fullgraph=not seeded,
+                             backend=os.environ.get("HARMODT_FAST_COMPILE_BACKEND", "inductor"))
+
+    def task_losses(batch):
+        # offsets and row task ids are settled outside the graph (reading a tensor's values would break it)
+        return compiled(dataclasses.replace(batch, task_offsets=tuple(int(o) for o in batch.task_offsets),
+                                            row_tasks=batch.task_ids))
+
+    return task_losses
 
 
 def _json_default(obj):

@@ -251,7 +251,8 @@ def _fused_configs():
                   for k, w, s in [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)]])
 
 
-@triton.autotune(configs=_fused_configs(), key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL"])
+@triton.autotune(configs=_fused_configs(),
+                 key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL", "HAS_BIAS", "ALIGNED", "TF32"])
 @triton.jit
 def _qkv_attn_kernel(
     x_ptr, w_ptr, m_ptr, b_ptr, soffs_ptr, mbits_ptr, out_ptr, L, H, HEADS, D, W_WORDS, T, qk_scale, smb, WPR,
@@ -322,11 +323,13 @@ def pack_attention_mask(mask3: Optional[torch.Tensor]) -> Optional[torch.Tensor]
     bit j of word w of row i = key 32w + j: the form the kernels read."""
     if mask3 is None:
         return None
-    from harmodt_fast.ops.packing import pack_masks
+    from harmodt_fast.ops.packing import pack_masks, pack_masks_torch
 
     m = mask3[:1] if mask3.shape[0] > 1 and mask3.stride(0) == 0 else mask3
     nb, L = m.shape[0], m.shape[-1]
-    return pack_masks(m.reshape(nb * L, L).contiguous()).view(nb, L, -1)
+    # under torch.compile the torch packing, which traces (the cpp one is opaque to dynamo and breaks the graph)
+    pack = pack_masks_torch if torch.compiler.is_compiling() else pack_masks
+    return pack(m.reshape(nb * L, L).contiguous()).view(nb, L, -1)
 
 
 def _mask_args(mbits, L):

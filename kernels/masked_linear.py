@@ -63,7 +63,9 @@ def _prune_mm(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-@triton.autotune(configs=_mm_configs(), key=["R", "C", "M_BUCKET", "T", "CONTIG_R", "EPI", "ACT"],
+# every constexpr that changes the compiled code is in the key (else one variant's tuning is reused for another)
+@triton.autotune(configs=_mm_configs(),
+                 key=["R", "C", "M_BUCKET", "T", "CONTIG_R", "EPI", "ACT", "HAS_BIAS", "STORE_PRE", "ALIGNED", "TF32"],
                  prune_configs_by={"early_config_prune": _prune_mm})
 @triton.jit
 def _masked_mm_kernel(
@@ -128,7 +130,8 @@ def _dw_configs():
 
 
 @triton.autotune(configs=_dw_configs(), key=["N", "K", "M_BUCKET", "T", "BLOCK_N", "BLOCK_K", "TASK_SPLIT",
-                                             "HAS_TG"], restore_value=["tg_ptr"])
+                                             "HAS_TG", "HAS_DW", "HAS_DB", "ALIGNED", "TF32"],
+                 restore_value=["tg_ptr"])
 @triton.jit
 def _masked_dw_kernel(
     dy_ptr, x_ptr, m_ptr, offs_ptr, dw_ptr, db_ptr, tg_ptr,

@@ -52,7 +52,8 @@ def _chain_configs():
 
 
 @triton.autotune(configs=_chain_configs(), key=["D_IN", "D_MID", "D_OUT", "M_BUCKET", "T", "BACKWARD", "ACT",
-                                                "STORE_MID"])
+                                                "STORE_MID", "STORE_PRE", "HAS_B1", "HAS_B2", "ALIGNED1",
+                                                "ALIGNED2", "TF32"])
 @triton.jit
 def _masked_chain_kernel(
     a_ptr, w1_ptr, m1_ptr, w2_ptr, m2_ptr, offs_ptr, b1_ptr, b2_ptr, aux_ptr, mid_ptr, pre_ptr, out_ptr,

@@ -215,3 +215,25 @@ def test_swapped_operand_variant(counts, n_in, n_out, rng, monkeypatch):
     close(y, y_ref)
     for got, want in zip(grads, grads_ref):
         close(got, want)
+
+
+def test_every_code_changing_constexpr_is_in_the_autotune_key():
+    """A constexpr missing from the key lets one variant's tuned config (e.g. without bias) be reused for another
+    (with bias). Allowed outside the key: the tuned parameters themselves and constexprs fixed by key entries."""
+    import inspect
+
+    from harmodt_fast.kernels import masked_attention, masked_linear, masked_mlp
+
+    derived = {"BLOCK_T": "T", "BLOCK_OUT": "D_OUT", "CONTIG": "BACKWARD", "BLOCK_D": "D", "BLOCK_L": "L"}
+    kernels = {name: getattr(mod, name) for mod in (masked_linear, masked_mlp, masked_attention) for name in dir(mod)
+               if type(getattr(mod, name)).__name__ == "Autotuner"}
+    assert len(kernels) == 6
+    for name, kernel in kernels.items():
+        fn = kernel.fn
+        while hasattr(fn, "fn"):
+            fn = fn.fn
+        constexprs = {n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
+        tuned = {k for cfg in kernel.configs for k in cfg.kwargs}
+        missing = {c for c in constexprs - set(kernel.keys) - tuned
+                   if not (c in derived and (derived[c] in kernel.keys or name == "_qkv_attn_kernel"))}
+        assert not missing, f"{name}: constexprs {sorted(missing)} are not in the autotune key {kernel.keys}"

@@ -81,3 +81,29 @@ def test_model_training_with_dropout_runs_on_triton(rng):
     loss.backward()
     grad = model.blocks[0].attn.c_attn.weight.grad
     assert torch.isfinite(loss) and grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_attention_mask_is_packed_once_per_forward(rng, monkeypatch):
+    from harmodt_fast.kernels import masked_attention as kattn
+
+    packs = []
+    real = kattn.pack_attention_mask
+    monkeypatch.setattr(kattn, "pack_attention_mask", lambda m: packs.append(m.shape) or real(m))
+    cfg = hf.HarmoDTConfig.from_preset("tiny", num_tasks=2, layers=2, hidden=32, mlp_hidden=64, context=3,
+                                       backend="triton")
+    model = hf.HarmoDT(cfg).to(DEVICE).eval()
+    with torch.no_grad():
+        model(synthetic_batch(cfg, [1, 2], rng, device=DEVICE))
+    assert hf.ops.last_backend("masked_attention") == "triton"
+    assert len(packs) == 1  # two blocks, one packing
+
+
+def test_task_ids_are_built_once_per_offsets():
+    from harmodt_fast.batch import Batch
+
+    cfg = hf.HarmoDTConfig.from_preset("tiny", num_tasks=3)
+    a, b = (synthetic_batch(cfg, [2, 0, 3], torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert a.task_ids is b.task_ids  # same offsets: the same cached tensor, no per-step rebuild
+    assert a.task_ids.tolist() == [0, 0, 2, 2, 2]
+    rows = torch.tensor([1, 1, 1, 0, 0])
+    assert Batch(**{**a.__dict__, "row_tasks": rows}).task_ids is rows  # a sampler's own ids are used as they are

@@ -173,3 +173,20 @@ def test_cpp_ops_have_fake_kernels(rng, cpp_ext):
     bits = hf.ops.pack_masks(torch.rand(1, 7 * 13, generator=rng) < 0.5)[0]
     torch.library.opcheck(torch.ops.harmodt_fast.masked_weight, (w, bits))
     torch.library.opcheck(torch.ops.harmodt_fast.masked_accumulate_, (torch.zeros(7, 13), w, bits))
+
+
+def test_backend_decision_is_made_once(rng, monkeypatch):
+    """Availability (an import, an extension load) is checked on the first call only, not in every op of a step."""
+    from harmodt_fast.ops import _dispatch
+
+    x, w, b, dense, offsets = random_case(rng, [3, 2], 8, 6, dtype=torch.float32)
+    packed = hf.ops.pack_masks(dense.flatten(1), backend="torch")
+    checked = []
+    real = _dispatch.backend_unavailable_reason
+    monkeypatch.setattr(_dispatch, "_decisions", {})
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason", lambda *a: checked.append(a) or real(*a))
+    before = hf.ops.call_counts().get(("masked_linear", "torch"), 0)
+    for _ in range(3):
+        hf.ops.masked_linear(x, w, b, packed, offsets, backend="torch")
+    assert len(checked) == 1 and hf.ops.last_backend("masked_linear") == "torch"
+    assert hf.ops.call_counts()[("masked_linear", "torch")] == before + 3

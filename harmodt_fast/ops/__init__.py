@@ -5,6 +5,7 @@ from harmodt_fast.ops._dispatch import (
     check_backend,
     implemented_backends,
     last_backend,
+    runs_fused,
 )
 from harmodt_fast.ops.harmony import HarmonyStream, harmony_update, task_agreement
 from harmodt_fast.ops.masked_attention import masked_attention
@@ -16,6 +17,7 @@ __all__ = [
     "available_backends",
     "call_counts",
     "check_backend",
+    "runs_fused",
     "implemented_backends",
     "last_backend",
     "harmony_update",

@@ -103,7 +103,8 @@ def select(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
     """Pick the implementation of `op` for tensors on `device`; records the choice for `last_backend`."""
     hit = _decide(op, backend, device)
     _last[op] = hit[0]
-    _calls[(op, hit[0])] = _calls.get((op, hit[0]), 0) + 1
+    if not torch.compiler.is_compiling():  # a traced count would be a guard that fails on every call
+        _calls[(op, hit[0])] = _calls.get((op, hit[0]), 0) + 1
     return hit
 
 
@@ -137,7 +138,8 @@ def last_backend(op: str) -> str | None:
 
 
 def call_counts() -> dict[tuple[str, str], int]:
-    """Calls so far per (op, backend) (a copy): the difference over a run shows every backend that ran in it."""
+    """Calls so far per (op, backend) (a copy): the difference over a run shows every backend that ran in it.
+    Calls from inside a torch.compile'd graph are not counted."""
     return dict(_calls)
 
 
