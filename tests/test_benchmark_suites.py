@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "test_bench_suites.py")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+BENCH = os.path.join(BENCHMARKS, "test_bench_suites.py")
 
 
 def test_benchmark_suites_run_in_quick_mode(tmp_path):
@@ -24,3 +25,30 @@ def test_benchmark_suites_run_in_quick_mode(tmp_path):
         assert b["extra_info"]["flops"] >= 0, name
     assert results["test_bench_harmony_update"]["extra_info"]["flops"] > 0
     assert results["test_bench_evaluation_step"]["extra_info"]["flops"] > 0
+
+
+def test_op_and_train_step_suites_run_and_render(tmp_path):
+    """The masked-matmul and training-step suites run side by side in quick mode; the render script turns the
+    JSON into tables (one per group, ratios to ours) and a plot, and fills a README section."""
+    out = tmp_path / "ops.json"
+    env = {**os.environ, "HARMODT_BENCH_QUICK": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", os.path.join(BENCHMARKS, "test_bench_ops.py"), "--benchmark-enable",
+         "--benchmark-min-rounds=2", "--benchmark-max-time=0.01", "--benchmark-warmup=off",
+         f"--benchmark-json={out}", "-p", "no:cacheprovider"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    groups = {}
+    for b in json.loads(out.read_text())["benchmarks"]:
+        groups.setdefault(b["extra_info"]["group"], []).append(b["extra_info"]["impl"])
+    assert groups == {"masked_linear": ["ours", "dense", "materialise-per-task"], "train_step": ["ours", "published"]}
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- bench:begin -->\nold\n<!-- bench:end -->\ny\n")
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "render_benchmarks.py"), str(out),
+                           "--readme", str(readme)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = (tmp_path / "ops.md").read_text()
+    assert "**masked_linear**" in tables and "| materialise-per-task |" in tables and "**train_step**" in tables
+    assert (tmp_path / "ops.png").stat().st_size > 0
+    text = readme.read_text()
+    assert "old" not in text and "| published |" in text and text.startswith("x\n") and text.endswith("y\n")
