@@ -50,12 +50,22 @@ def _variants(full: bool):
                 BLOCK_M=64, BLOCK_R=32, BLOCK_C=64, SWAP=True), 4, 3)
     dw_sig = dict(dy_ptr=bf, x_ptr=bf, m_ptr="*i32", offs_ptr="*i32", dw_ptr="*fp32", db_ptr="*fp32", tg_ptr="*fp32",
                   M="i32", N="i32", K="i32", W_WORDS="i32", T="i32", ROWS_PER_SPLIT="i32", TASKS_PER_SPLIT="i32",
-                  M_BUCKET="i32")
+                  M_BUCKET="i32", TG_STRIDE="i32")
     for blocks, w, s in cfgs(kl._masked_dw_kernel, (dict(BLOCK_M=64), 8, 3)):
         for tile, split_tg in [((128, 128), False), ((64, 64), True)]:
             yield (f"masked_dw tile={tile} task_grads={split_tg} {blocks}", kl._masked_dw_kernel, dw_sig,
                    dict(TASK_SPLIT=split_tg, HAS_DW=True, HAS_DB=True, HAS_TG=split_tg, ALIGNED=True, TF32=False,
                         BLOCK_N=tile[0], BLOCK_K=tile[1], **blocks), w, s)
+    # fp32 (the CPU-default precision, and precision="fp32" on a GPU): TF32 and full-precision dots, the dW kernel
+    # with task grads; named "fp32 ..." since full-precision fp32 dots are not wgmma
+    as_fp32 = lambda sig: {k: ("*fp32" if v == bf else v) for k, v in sig.items()}  # noqa: E731
+    for tf32 in (True, False):
+        yield (f"fp32 masked_mm tf32={tf32}", kl._masked_mm_kernel, as_fp32(mm_sig),
+               dict(CONTIG_R=True, ALIGNED=True, HAS_BIAS=True, EPI=0, ACT=0, STORE_PRE=False, TF32=tf32, BLOCK_T=64,
+                    BLOCK_M=128, BLOCK_R=64, BLOCK_C=128, SWAP=True), 8, 3)
+    yield ("fp32 masked_dw task_grads=True", kl._masked_dw_kernel, as_fp32(dw_sig),
+           dict(TASK_SPLIT=True, HAS_DW=True, HAS_DB=True, HAS_TG=True, ALIGNED=True, TF32=False, BLOCK_N=64,
+                BLOCK_K=64, BLOCK_M=64), 8, 3)
     ch_sig = dict(a_ptr=bf, w1_ptr=bf, m1_ptr="*i32", w2_ptr=bf, m2_ptr="*i32", offs_ptr="*i32", b1_ptr=bf,
                   b2_ptr=bf, aux_ptr=bf, mid_ptr=bf, pre_ptr=bf, out_ptr=bf, M="i32", D_IN="i32", D_MID="i32",
                   D_OUT="i32", LD1="i32", LD2="i32", W1_WORDS="i32", W2_WORDS="i32", T="i32", M_BUCKET="i32")
