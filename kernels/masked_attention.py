@@ -3,20 +3,14 @@
     qkv = x·(W ⊙ M_t)ᵀ + b  for the sequences of each task t   (W: [3H, H], like GPT-2's c_attn)
     out = softmax(q·kᵀ/√D, masked) · v  per (sequence, head), heads back in [B, L, H] layout
 
-Sized for Decision Transformer sequences (tens to a few hundred tokens, head dim 32-128): one program holds a
-whole (sequence, head) — at L <= BLOCK the key loop runs once.
-- Inference (no gradient needed, no dropout, L <= FUSED_MAX_L): ONE kernel per (sequence, head) computes that
-  head's q, k, v straight from x and the masked weight rows (never writing qkv) and then the attention.
-- Training: `masked_mm` writes qkv [B*L, 3H] once; the attention kernels read q, k, v from it in place and write
-  the output (and d(qkv) in the backward) in their final layouts: no split, transpose or contiguous copies.
-  The attention mask is bit-packed once per call (1 bit per (query, key); a mask broadcast over the batch is
-  packed once), so a [BLOCK_M, BLOCK_N] tile of it is BLOCK_M*BLOCK_N/32 word loads.
-  The backward runs one program per (sequence, head): first dK, dV per key block, then dQ per query block,
-  recomputing the probabilities from the saved log-sum-exp (no atomics). The projection's backward is the
-  masked_linear backward (dX kernel, and dW/db/per-task gradients in one pass).
-Rows with no allowed key output 0 (scaled_dot_product_attention gives NaN there).
-Dropout on the attention probabilities uses a counter-based generator (tl.rand) keyed on (seed, sequence, head,
-query, key), so the backward regenerates the same keep-mask; `dropout_keep_mask` exposes it for tests.
+One program holds a whole (sequence, head): Decision Transformer sequences are short (tens to hundreds of tokens).
+Inference (no gradient, no dropout, L <= FUSED_MAX_L): ONE kernel computes q, k, v from x and the masked weight
+rows and then the attention, never writing qkv. Training: `masked_mm` writes qkv once; the attention kernels read
+it in place and write their outputs in final layouts (no split/transpose copies); the attention mask is bit-packed
+once per call; the backward (dK, dV per key block, then dQ per query block) recomputes the probabilities from the
+saved log-sum-exp, with no atomics. Rows with no allowed key output 0 (scaled_dot_product_attention gives NaN).
+Dropout uses a counter-based generator keyed on (seed, sequence, head, query, key), so the backward regenerates
+the keep-mask; `dropout_keep_mask` exposes it for tests.
 """
 from __future__ import annotations
 

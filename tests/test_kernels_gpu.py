@@ -16,6 +16,7 @@ import harmodt_fast as hf
 from harmodt_fast.batch import synthetic_batch
 from harmodt_fast.ops.masked_attention import masked_attention_torch
 from harmodt_fast.ops.masked_linear import masked_linear_torch
+from helpers import dt_mask
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -124,19 +125,13 @@ def test_gpu_masked_mlp_bf16(hidden, mlp, act, rng):
     assert rel_err(y_inf, y_ref.detach()) < 2 * BOUND[torch.bfloat16]
 
 
-def dt_mask(rng, B, L):
-    valid = torch.arange(L)[None, :] >= torch.randint(0, L // 2, (B, 1), generator=rng)  # left padding
-    m = (torch.ones(L, L, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(L, dtype=torch.bool)
-    return m[:, None].to(CUDA)
-
-
 @pytest.mark.parametrize("L,H,heads", [(75, 256, 8), (75, 1024, 16), (75, 1024, 8), (300, 256, 4)])
 def test_gpu_masked_attention_bf16(L, H, heads, rng):
     counts = counts_for(rng, TASKS, 8 if H == 256 and L == 75 else 2)
     B = sum(counts)
     x, w, b, packed, offsets = linear_case(rng, counts, H, 3 * H, torch.bfloat16)
     x = x.view(B, 1, H).expand(B, L, H).contiguous() + 0.5 * torch.randn(B, L, H, device=CUDA, dtype=x.dtype)
-    mask = dt_mask(rng, B, L)
+    mask = dt_mask(rng, B, L, CUDA)
     dy = torch.randn(B, L, H, generator=rng).to(CUDA, torch.bfloat16)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     tg = torch.zeros(len(counts), 3 * H, H, device=CUDA)
@@ -168,7 +163,7 @@ def test_gpu_attention_dropout_keep_rate_and_backward_consistency(rng):
     B, L, H, heads, p = 16, 75, 256, 8, 0.1
     x, w, b, packed, offsets = linear_case(rng, [8, 8], H, 3 * H, torch.float32)
     x = torch.randn(B, L, H, generator=rng).to(CUDA)
-    mask3 = attention_mask_3d(dt_mask(rng, B, L), B, L, CUDA)
+    mask3 = attention_mask_3d(dt_mask(rng, B, L, CUDA), B, L, CUDA)
     keep = kattn.dropout_keep_mask(77, B, heads, L, p, device=CUDA)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]

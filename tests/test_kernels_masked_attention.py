@@ -9,15 +9,9 @@ import torch
 import harmodt_fast as hf
 from harmodt_fast.kernels import masked_attention as kattn
 from harmodt_fast.ops.masked_attention import attention_mask_3d
+from helpers import close, dt_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def dt_mask(rng, B, L):
-    """HarmoDT's mask: causal, padded keys hidden, every token sees itself."""
-    valid = torch.rand(B, L, generator=rng) < 0.75
-    m = (torch.ones(L, L, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(L, dtype=torch.bool)
-    return m[:, None].to(DEVICE)
 
 
 def make_case(rng, counts, L, H, T=None):
@@ -40,11 +34,6 @@ def run(backend, leaves_in, packed, offsets, heads, dy=None, **kw):
     return ran, y.detach(), [t.grad for t in leaves]
 
 
-def close(got, want, tol=3e-5):
-    assert got is not None and not torch.isnan(got).any()
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
-
-
 CASES = [  # counts, L, H, heads, mask kind, causal
     ([2, 0, 1], 7, 32, 2, "dt", True),  # one block; empty task segment
     ([2, 1], 37, 64, 2, "dt", True),  # three query/key blocks, whole-word mask bits
@@ -56,7 +45,7 @@ CASES = [  # counts, L, H, heads, mask kind, causal
 
 def build_mask(kind, rng, B, L):
     if kind == "dt":
-        return dt_mask(rng, B, L)
+        return dt_mask(rng, B, L, DEVICE)
     if kind == "2d":
         m = torch.rand(L, L, generator=rng) < 0.6
         return (m | torch.eye(L, dtype=torch.bool)).to(DEVICE)
@@ -99,7 +88,7 @@ def test_dropout_matches_reference_with_the_kernels_keep_mask(rng):
     counts, L, H, heads, p, seed = [2, 1], 21, 32, 2, 0.3, 1234
     (x, w, b), packed, offsets = make_case(rng, counts, L, H)
     B, D = 3, H // heads
-    mask3 = attention_mask_3d(dt_mask(rng, B, L), B, L, x.device)
+    mask3 = attention_mask_3d(dt_mask(rng, B, L, DEVICE), B, L, x.device)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     y = kattn.masked_attention_triton(leaves[0], leaves[1], leaves[2], packed, offsets, heads, mask3, True, p,
                                       seed=seed)
@@ -123,7 +112,7 @@ def test_attention_ops_pass_opcheck(rng):
     (x, w, b), packed, offsets = make_case(rng, [2, 1], 9, 32)
     B, L, H, heads = 3, 9, 32, 2
     qkv = torch.randn(B * L, 3 * H, generator=rng).to(DEVICE)
-    mbits = kattn.pack_attention_mask(attention_mask_3d(dt_mask(rng, B, L), B, L, qkv.device))
+    mbits = kattn.pack_attention_mask(attention_mask_3d(dt_mask(rng, B, L, DEVICE), B, L, qkv.device))
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(kattn.attention_fwd_op, (qkv, mbits, B, L, heads, True, 0.0, 0), test_utils=checks)
     out, lse = kattn.attention_fwd_op(qkv, mbits, B, L, heads, True, 0.0, 0)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import harmodt_fast as hf
-from harmodt_fast.ops.masked_linear import masked_linear_torch
+from helpers import close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,12 +35,6 @@ def run(backend, x, w, b, packed, offsets, dy, task_grads=None, grads=(True, Tru
     if any(grads):
         y.backward(dy)
     return ran, y.detach(), [t.grad if t is not None else None for t in leaves]
-
-
-def close(got, want, tol=2e-5):
-    assert got is not None and want is not None
-    assert not torch.isnan(got).any()
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
 CASES = [

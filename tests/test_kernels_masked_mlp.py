@@ -6,6 +6,7 @@ import torch
 
 import harmodt_fast as hf
 from harmodt_fast.kernels import masked_mlp as kmlp
+from helpers import close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,11 +34,6 @@ def run(backend, leaves_in, m1, m2, offsets, act, dy, task_grads=(None, None), g
     if grad:
         y.backward(dy)
     return ran, y.detach(), [t.grad for t in leaves]
-
-
-def close(got, want, tol=2e-5):
-    assert not torch.isnan(got).any()
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
 CASES = [
