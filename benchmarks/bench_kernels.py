@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # the kernels can only run in the interpreter here (set before triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if importlib.util.find_spec("harmodt_fast") is None:  # not installed: the checkout this script sits in
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harmodt_fast as hf  # noqa: E402
 
 # H200 SXM ceilings (datasheet): dense bf16/fp16 tensor throughput and HBM3e bandwidth

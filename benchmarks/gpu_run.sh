@@ -24,7 +24,13 @@ fi
 OUT="${OUT:-benchmarks/results/gpu_run}"
 mkdir -p "$OUT"
 PY="$(command -v python || command -v python3)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# A pip-installed harmodt_fast (CI, a user's machine) carries its compiled C++ extension: use it rather than the
+# tree, which would compile the extension again on first use. A bare tree (the GPU machine) runs from the source.
+if (cd / && "$PY" -c "import harmodt_fast") 2>/dev/null; then
+  export PYTHONSAFEPATH=1 PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"  # no cwd on sys.path
+else
+  export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
