@@ -239,6 +239,17 @@ def _pct(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+def summary_table(report: dict) -> str:
+    """Mean success per quality and method, final and best, next to the paper's number (markdown)."""
+    lines = ["| quality | method | seeds | final | best | paper |", "| --- | --- | --- | --- | --- | --- |"]
+    paper = PAPER.get(report["suite"], {})
+    for quality, per_method in report["summary"].items():
+        for method, s in per_method.items():
+            lines.append(f"| {quality} | {method} | {len(s['seeds'])} | {_pct(s['final_mean'], s['final_std'])} | "
+                         f"{_pct(s['best_mean'], s['best_std'])} | {paper.get(quality, {}).get(method, '-')} |")
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict, figures: dict | None = None) -> str:
     b, summary = report["budget"], report["summary"]
     methods = list(next(iter(summary.values())))
@@ -263,12 +274,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
     lines += ["", "## Mean success over tasks (%), mean ± std over seeds", "",
               "final = the evaluation after the last step; best = the running best of the periodic evaluations "
               "(what the published code reports). std: sample standard deviation over seeds.", "",
-              "| quality | method | seeds | final | best | paper |", "| --- | --- | --- | --- | --- | --- |"]
-    paper = PAPER.get(report["suite"], {})
-    for quality, per_method in summary.items():
-        for method, s in per_method.items():
-            lines.append(f"| {quality} | {method} | {len(s['seeds'])} | {_pct(s['final_mean'], s['final_std'])} | "
-                         f"{_pct(s['best_mean'], s['best_std'])} | {paper.get(quality, {}).get(method, '-')} |")
+              summary_table(report)]
     for quality in summary:
         lines += ["", f"## Per task, {quality}: final success (%), mean over seeds", "",
                   "| task | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
