@@ -36,7 +36,7 @@ def markdown(report: dict) -> str:
         info = rows[0]["info"]
         shape = ", ".join(f"{k} {info[k]}" for k in ("device", "dtype", "tasks", "rows", "in", "out", "sequences")
                           if k in info)
-        lines += [f"**{group}** ({shape})", "", "| impl | median ms | TFLOP/s | GB/s | x first |",
+        lines += [f"**{group}** ({shape})", "", "| impl | median ms | TFLOP/s | GB/s | speed vs first |",
                   "| --- | --- | --- | --- | --- |"]
         for r in rows:
             lines.append(f"| {r['impl']} | {1e3 * r['median_s']:.3f} | {r['tflops']:.3f} | {r['gbs']:.2f} | "
