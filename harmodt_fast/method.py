@@ -41,8 +41,9 @@ def unused_entries(model) -> dict[str, torch.Tensor]:
     masks = model.task_masks()
     if masks is None:
         return {}
+    layers = model.masked_layers()
     unused = {n: ~masks.to_dense(n).any(0) for n in masks.names}
-    return {n: u.to(model.masked_layers()[n].weight.device) for n, u in unused.items() if bool(u.any())}
+    return {n: u.to(layers[n].weight.device) for n, u in unused.items() if bool(u.any())}
 
 
 def frozen_entries(model, task: int | None, unused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -117,8 +117,9 @@ def _check_same_budget(out: str, budget: dict) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        if old != json.loads(json.dumps(budget)):
-            diff = sorted(k for k in set(old) | set(budget) if old.get(k) != json.loads(json.dumps(budget)).get(k))
+        new = json.loads(json.dumps(budget))  # as it would read back (tuples become lists)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"{out} holds a suite with another budget (differs in {diff}); use another folder")
     else:
         _write_json(path, budget)

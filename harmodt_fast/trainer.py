@@ -73,13 +73,14 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     config = HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset / field / value -> ValueError
     if stop_at is not None and not 0 < stop_at <= config.steps:
         raise ValueError(f"stop_at must be in 1..{config.steps}, got {stop_at}")
-    ops.check_backend(config.backend, pick_device(device))  # before loading data or building anything
+    asked = pick_device(device)
+    ops.check_backend(config.backend, asked)  # before loading data or building anything
     out = _prepare_out(out)
     dataset = _load(data)
     config = _bind_tasks(config, dataset, explicit_dims)
     from harmodt_fast.data import MultiTaskSampler
 
-    dist_info, device = init_distributed(pick_device(device))
+    dist_info, device = init_distributed(asked)
     sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed + 7919 * dist_info.rank)
     trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info)
     trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate in

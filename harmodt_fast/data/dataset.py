@@ -119,6 +119,14 @@ def validate_episode_arrays(name: str, obs, actions, rewards, dones, success=Non
         _check_finite(f"{name}: {field}", arr)
 
 
+def common_dims(task_data: dict, where) -> tuple[int, int]:
+    """(state_dim, act_dim) shared by every task's TaskData; DatasetError naming the tasks when they disagree."""
+    seen = {t: (int(d.observations.shape[1]), int(d.actions.shape[1])) for t, d in task_data.items()}
+    if len(set(seen.values())) > 1:
+        raise DatasetError(f"{where}: tasks disagree on (state dim, action dim): {seen}")
+    return next(iter(seen.values()))
+
+
 class Dataset:
     """An offline multi-task dataset: `.tasks` (v3 names), `.episodes(task)`, `.arrays(task)`, `.fingerprint`."""
 
@@ -150,13 +158,7 @@ class Dataset:
 
     def dims(self, tasks=None) -> tuple[int, int]:
         """(state_dim, act_dim) of the data; DatasetError naming the tasks when they disagree."""
-        seen = {}
-        for task in tasks or self.tasks:
-            data = self.arrays(task)
-            seen[task] = (int(data.observations.shape[1]), int(data.actions.shape[1]))
-        if len(set(seen.values())) > 1:
-            raise DatasetError(f"{self.path}: tasks disagree on (state dim, action dim): {seen}")
-        return next(iter(seen.values()))
+        return common_dims({t: self.arrays(t) for t in tasks or self.tasks}, self.path)
 
     def arrays(self, task: str) -> TaskData:
         """The task's transitions as flat arrays (read, checked and cached on first use)."""

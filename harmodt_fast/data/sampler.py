@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from harmodt_fast.batch import Batch, Prompt, offsets_from_counts
-from harmodt_fast.data.dataset import STEP_FIELDS, DatasetError, TaskData
+from harmodt_fast.data.dataset import STEP_FIELDS, DatasetError, TaskData, common_dims
 
 _BLOCK = 1 << 20  # rows per host->device copy while building
 
@@ -85,11 +85,8 @@ class MultiTaskSampler:
         hold_out = Kp > 0
 
         datas = [_task_data(dataset, t) for t in tasks]
-        dims = {t: (int(d.observations.shape[1]), int(d.actions.shape[1])) for t, d in zip(tasks, datas)}
-        if len(set(dims.values())) > 1:
-            raise DatasetError(f"{getattr(dataset, 'path', 'the dataset')}: tasks disagree on (state dim, action "
-                               f"dim): {dims}")
-        self.state_dim, self.act_dim = S, A = dims[tasks[0]]
+        where = getattr(dataset, "path", "the dataset")
+        self.state_dim, self.act_dim = S, A = common_dims(dict(zip(tasks, datas)), where)
         if (config.state_dim, config.act_dim) != (S, A):
             raise ValueError(f"the data has state dim {S} and action dim {A}; the config says "
                              f"{config.state_dim} and {config.act_dim}")
