@@ -205,29 +205,31 @@ def render(out: str) -> None:
                   f"{m.get('git_commit', '?')[:10]}; device {sweep[0]['device']}.", "",
                   "## Sweep: time and peak extra memory against the task count", "",
                   f"Model: {sweep[0]['sweep_preset']} ({sweep[0]['masked_weights']:,} masked weights), one sequence "
-                  f"per task.", "",
+                  f"per task; {sweep[0]['machine'].get('torch_threads')} thread(s). Times: wall s (process CPU s); "
+                  f"the machine was shared with other work, so the CPU time is the steadier figure.", "",
                   "| T | step s | step GiB | whole update s | whole GiB | [T, P] buffer GiB | streamed s | streamed GiB "
                   "| G (tasks/pass) | same flips |", "|---|---|---|---|---|---|---|---|---|---|"]
         by = {(r["kind"], r["tasks"]): r for r in sweep}
         for T in sorted({r["tasks"] for r in sweep}):
             s, w, st = by.get(("step", T)), by.get(("update-whole", T)), by.get(("update-streamed", T))
             cell = lambda r, f: f(r) if r else "-"  # noqa: E731
+            secs = lambda r: f"{r['time_s']:.2f} ({r['cpu_s']:.2f})"  # noqa: E731
             lines.append(" | ".join([
-                f"| {T}", cell(s, lambda r: f"{r['time_s']:.2f}"), cell(s, lambda r: gib(r["peak_extra_bytes"])),
-                cell(w, lambda r: f"{r['time_s']:.2f}"), cell(w, lambda r: gib(r["peak_extra_bytes"])),
+                f"| {T}", cell(s, secs), cell(s, lambda r: gib(r["peak_extra_bytes"])),
+                cell(w, secs), cell(w, lambda r: gib(r["peak_extra_bytes"])),
                 cell(w or st, lambda r: gib(r["whole_buffer_bytes"])),
-                cell(st, lambda r: f"{r['time_s']:.2f}"), cell(st, lambda r: gib(r["peak_extra_bytes"])),
+                cell(st, secs), cell(st, lambda r: gib(r["peak_extra_bytes"])),
                 cell(st, lambda r: str(r["tasks_per_pass"])),
                 "yes" if w and st and w["flips"] == st["flips"] else "-"]) + " |")
     runs = [r for r in ok if r["kind"] == "run"]
     if runs:
         lines += ["", "## End-to-end runs (hf.train, synthetic tasks named scale-task-NNN)", "",
-                  "| run | tasks | masked weights | [T, P] buffer GiB | updates | G | wall s | peak extra GiB |",
+                  "| run | tasks | masked weights | [T, P] buffer GiB | updates | G | wall s (CPU s) | peak extra GiB |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in runs:
             ups = r["mask_updates"]
             lines.append(f"| {r['name']} | {r['tasks']} | {r['masked_weights']:,} | {gib(r['whole_buffer_bytes'])} | "
-                         f"{len(ups)} | {ups[0]['tasks_per_pass'] if ups else '-'} | {r['time_s']:.0f} | "
+                         f"{len(ups)} | {ups[0]['tasks_per_pass'] if ups else '-'} | {r['time_s']:.0f} ({r['cpu_s']:.0f}) | "
                          f"{gib(r['peak_extra_bytes'])} |")
         named = {r["name"]: r for r in runs}
         base = named.get("run-paper-T100-no-update")

@@ -133,10 +133,15 @@ class TaskMasks:
 
     def overlap(self) -> torch.Tensor:
         """T x T Jaccard similarity |M_i ∧ M_j| / |M_i ∨ M_j| over all masked weights (float64)."""
-        inter = torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64)
+        T = self.num_tasks
+        inter = torch.zeros(T, T, dtype=torch.float64)
+        words = max(1, (1 << 21) // (32 * T))  # unpacked in pieces of ~8 MB of floats, never a [T, layer] copy
         for name in self.names:
-            d = self.to_dense(name).reshape(self.num_tasks, -1).float().cpu()
-            inter += (d @ d.t()).double()  # exact: per-layer counts stay below 2**24
+            packed, n = self.packed(name), math.prod(self.shapes[name])
+            for w0 in range(0, packed.shape[1], words):
+                w1 = min(packed.shape[1], w0 + words)
+                d = unpack_masks(packed[:, w0:w1].contiguous(), min(n, 32 * w1) - 32 * w0).float().cpu()
+                inter += (d @ d.t()).double()  # exact: the counts of a piece stay below 2**24
         sizes = inter.diagonal().clone()
         union = sizes[:, None] + sizes[None, :] - inter
         return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))

@@ -167,3 +167,58 @@ def test_training_with_the_streamed_update(tmp_path):
     updates = [json.loads(l)["mask_update"] for l in open(tmp_path / "run" / "metrics.jsonl") if "mask_update" in l]
     assert updates and all(u["passes"] > 2 and u["tasks_per_pass"] < 4 for u in updates)
     assert abs(run.masks.density() - 0.8) < 0.01
+
+
+_PEAK_SCRIPT = r"""
+import ctypes, json, sys
+import torch
+from harmodt_fast import method
+from harmodt_fast.batch import SyntheticSampler
+from harmodt_fast.config import HarmoDTConfig
+from harmodt_fast.model import HarmoDT
+
+budget = float(sys.argv[1])
+cfg = HarmoDTConfig.from_preset("tiny", num_tasks=80, hidden=128, mlp_hidden=512, heads=4, batch_per_task=1,
+                                precision="fp32", backend="cpp", mask_update_memory_mb=budget)
+torch.manual_seed(0)
+model = HarmoDT(cfg)
+batch = SyntheticSampler(cfg).sample()
+P = sum(method.masked_sizes(model))
+def status(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+before = status("VmRSS")
+_, info, _ = method.mask_update(model, batch, cfg, 100, losses_fn=model.task_losses, amp_dtype=None)
+print(json.dumps({"peak": (status("VmHWM") - before) * 1024, "buffer": 4 * 80 * P, "info": info}))
+"""
+
+
+def test_the_streamed_update_peaks_far_below_the_whole_buffer(cpp_ext):
+    """Measured in fresh processes (peak RSS of the update call): the whole-buffer update needs at least its [T, P]
+    buffer; the streamed one, at a budget of a sixteenth of it, saves most of it (both pay the same fixed costs:
+    activations, the allocator's and the threads' first use)."""
+    import os
+    import subprocess
+    import sys
+
+    import harmodt_fast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(harmodt_fast.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get(
+        "PYTHONPATH")])))
+
+    def run(budget_mb):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(budget_mb)], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    whole = run(1e6)
+    buffer = whole["buffer"]
+    streamed = run(buffer / 16 / 2**20)
+    assert whole["info"]["passes"] == 1 and streamed["info"]["tasks_per_pass"] == 5
+    assert whole["peak"] >= buffer, (whole["peak"], buffer)
+    assert streamed["peak"] <= whole["peak"] - buffer / 2, (streamed["peak"], whole["peak"], buffer)
+    assert streamed["info"]["flips"] == whole["info"]["flips"] > 0
