@@ -42,9 +42,16 @@ def unused_entries(model) -> dict[str, torch.Tensor]:
     masks = model.task_masks()
     if masks is None:
         return {}
-    layers = model.masked_layers()
-    unused = {n: ~masks.to_dense(n).any(0) for n in masks.names}
-    return {n: u.to(layers[n].weight.device) for n, u in unused.items() if bool(u.any())}
+    unused = {}
+    for name, layer in model.masked_layers().items():
+        packed = masks.packed(name)
+        used = packed[0].clone()
+        for t in range(1, packed.shape[0]):  # OR over tasks on the packed words: no [T, out, in] bools
+            used |= packed[t]
+        never = ~ops.unpack_masks(used[None], layer.weight.numel()).view(layer.weight.shape)
+        if bool(never.any()):
+            unused[name] = never.to(layer.weight.device)
+    return unused
 
 
 def frozen_entries(model, task: int | None, unused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -290,10 +297,11 @@ def streamed_mask_update(model, batch, config: HarmoDTConfig, step: int, *, loss
         gathered = zip(*(dist.all_gather_tensor(getattr(cands, f)) for f in Candidates.__dataclass_fields__))
         cands = merge_candidates([Candidates(*fields) for fields in gathered], rows_state.k)
         dist.average([sample])
-    new_flat, stats = apply_candidates(packed, P, rows_state.k, cands)
-    new_masks = masks.with_flat_packed(new_flat)
-    model.set_masks(new_masks)
-    info = _update_info(new_masks, k, stats, rows_state.backend)
+    backend, ks = rows_state.backend, rows_state.k
+    del rows_state, packed  # the flat copy of the masks: the flips go straight into the layers' masks
+    stats = apply_candidates([layer.masks_packed for layer in model.masked_layers().values()], sizes, ks, cands)
+    new_masks = model.task_masks()
+    info = _update_info(new_masks, k, stats, backend)
     info.update(tasks_per_pass=group, passes=2 * -(-T // group))
     return new_masks, info, ops.task_agreement(sample)
 

@@ -48,7 +48,8 @@ def _rows_update(weight, grads, masks, k, score, backend, group, shards=1):
         ks = rows.k
         parts.append(rows.candidates())
     cands = merge_candidates(parts, ks) if shards > 1 else parts[0]
-    return apply_candidates(masks, P, ks, cands)
+    new = masks.clone()
+    return new, apply_candidates([new], [P], ks, cands)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ each task keeps only its best k prune and regrow candidates:
     for first, grads in groups:                      # grads [G, p]: tasks first..first+G-1, entries offset..
         rows.feed_rows(weight_chunk, grads, gbar_chunk, first, offset)
     cands = rows.candidates()                        # per task, best first (a Candidates)
-    new_packed, stats = apply_candidates(masks_packed, P, rows.k, cands)
+    stats = apply_candidates([masks_packed], [P], rows.k, cands)   # in place
 
 With the same ḡ and gradients this gives exactly the masks of `harmony_update` (same keys, same float64
 arithmetic, ties to the lower index). Data-parallel ranks each feed their shard of the entries and
@@ -216,29 +216,36 @@ def merge_candidates(parts: Sequence[Candidates], k: Sequence[int]) -> Candidate
     return Candidates(prune_v, prune_i, grow_v, grow_i, sum_a, neg)
 
 
-def apply_candidates(masks_packed: torch.Tensor, total_P: int, k: Sequence[int],
-                     cands: Candidates) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The new packed masks (each task's k best prune candidates off, its k best regrow candidates on) and the
-    statistics of `harmony_update`."""
-    T, P = masks_packed.shape[0], int(total_P)
-    new = masks_packed.clone()
-    if P % 32:
-        new[:, -1] &= (1 << (P % 32)) - 1  # bits past P are not entries: the output has them 0, like pack_masks
-    prune_i, grow_i = cands.prune_i.to(new.device), cands.grow_i.to(new.device)
-    for t in range(T):
-        kt = int(k[t])
-        if kt == 0:
-            continue
-        flips = torch.cat([prune_i[t, :kt], grow_i[t, :kt]])
-        if bool((flips < 0).any()):
-            raise RuntimeError(f"harmony_update: internal error, task {t} kept fewer than k={kt} candidates")
-        value = torch.cat([torch.zeros(kt, dtype=torch.bool, device=new.device),
-                           torch.ones(kt, dtype=torch.bool, device=new.device)])
-        words, where = torch.unique(flips // 32, return_inverse=True)
-        bits = unpack_masks_torch(new[t : t + 1, words], words.numel() * 32).view(words.numel(), 32)
-        bits[where, flips % 32] = value
-        new[t, words] = pack_masks_torch(bits.reshape(1, -1))[0]
-    kd = torch.tensor([float(v) for v in k], dtype=torch.float64)
+def apply_candidates(packed: Sequence[torch.Tensor], sizes: Sequence[int], k: Sequence[int],
+                     cands: Candidates) -> dict[str, torch.Tensor]:
+    """In place: each task's k best prune candidates off and its k best regrow candidates on, in the packed masks
+    of consecutive pieces of the entries (`packed[j]` int32 [T, ceil(sizes[j]/32)]: the model's layers, or one
+    flat tensor); returns the statistics of `harmony_update`. No copy of the masks is made."""
+    T, P = packed[0].shape[0], int(sum(sizes))
+    device = packed[0].device
+    kt = torch.tensor([int(v) for v in k], dtype=torch.int64)
+    K = int(kt.max()) if T else 0
+    take = (torch.arange(K)[None, :] < kt[:, None]).to(device)  # [T, K]: each task's first k columns
+    flips = torch.cat([cands.prune_i.to(device), cands.grow_i.to(device)], dim=1)  # [T, 2K]
+    on = torch.cat([torch.zeros(T, K, dtype=torch.bool), torch.ones(T, K, dtype=torch.bool)], dim=1).to(device)
+    chosen = torch.cat([take, take], dim=1)
+    if bool((flips[chosen] < 0).any()):
+        raise RuntimeError("harmony_update: internal error, a task kept fewer candidates than its k")
+    task = torch.arange(T, device=device)[:, None].expand_as(flips)[chosen]
+    index, on = flips[chosen], on[chosen]
+    start = 0
+    for masks, n in zip(packed, sizes):
+        here = (index >= start) & (index < start + n)
+        if bool(here.any()):
+            local = index[here] - start
+            flat = masks.view(-1)  # [T * W] words
+            word = task[here] * masks.shape[1] + local // 32
+            words, where = torch.unique(word, return_inverse=True)
+            bits = unpack_masks_torch(flat[words][None], words.numel() * 32).view(words.numel(), 32)
+            bits[where, local % 32] = on[here]
+            flat[words] = pack_masks_torch(bits.reshape(1, -1))[0]
+        start += n
+    kd = kt.double()
     denominator = float(max(P, 1))
     stats = torch.stack([kd, kd, cands.sum_a.cpu().double() / denominator, cands.neg.cpu().double() / denominator])
-    return new, _stats_dict(stats)
+    return _stats_dict(stats)
