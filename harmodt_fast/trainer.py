@@ -190,8 +190,9 @@ class Trainer:
             self._evaluate()
         bar = progress_bar(end, "train", progress and self.dist.main, initial=self.step)
         t_last, rows_since = time.perf_counter(), 0
+        stopped = False
         try:
-            while self.step < end and not self._stop_requested(stop["signal"] is not None):
+            while self.step < end and not (stopped := self._stop_requested(stop["signal"] is not None)):
                 loss, per_task, rows = self._train_step()
                 self.step += 1
                 rows_since += rows
@@ -218,9 +219,12 @@ class Trainer:
             if in_main_thread:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
+        # every rank stops alike, also for a signal after the last check (one more collective, once per run)
+        stopped = stopped or self.dist.any(stop["signal"] is not None, self.device)
         self.save()
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {self.step}; "
+        if stopped:
+            why = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another rank"
+            raise KeyboardInterrupt(f"training stopped by {why} at step {self.step}; "
                                     f"the checkpoint in {self.out} resumes it")
         if cfg.eval_every and self.step == cfg.steps and self._evaluation_missing():
             self._evaluate()

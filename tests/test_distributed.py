@@ -3,6 +3,7 @@ against one process on the same global batch, resumes on other process counts, t
 and the collectives of harmodt_fast/distributed.py."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -119,6 +120,40 @@ def test_world_size_not_dividing_the_batch_fails_before_work(dataset, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def _signalled_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """hf.train as under torchrun; rank 1 gets a SIGTERM during step 4."""
+    import torch.distributed as dist
+
+    from harmodt_fast.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    step = Trainer._train_step
+
+    def signalled(self):
+        if self.dist.rank == 1 and self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self)
+
+    Trainer._train_step = signalled
+    try:
+        hf.train(data, out, preset="tiny", steps=40, batch_per_task=2, mask_interval=4, progress=False)
+    except KeyboardInterrupt as exc:
+        assert "at step 10" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {rank} was not stopped")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(dataset, tmp_path):
+    """The ranks ask each other every 10 steps: a signal at step 4 on rank 1 stops both after step 10, with a
+    checkpoint."""
+    torch.multiprocessing.spawn(_signalled_worker, args=(2, _free_port(), str(dataset), str(tmp_path)), nprocs=2)
+    assert load_checkpoint(str(tmp_path))["step"] == 10
+
+
 def _collectives_worker(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
 
@@ -183,3 +218,30 @@ def test_one_process_collectives_are_the_identity():
     assert d.reduce_scatter_mean(x) is x and d.shard_range(5) == (0, 5)
     assert d.all_gather_tensor(x)[0] is x and len(d.all_gather_tensor(x)) == 1
     d.check_same("anything", b"x", step=0)
+
+
+def test_checkpoints_with_one_sampler_state_per_rank_still_load(tmp_path):
+    """Older checkpoints held a list of sampler states (one per rank): one of one loads as before; several load
+    rank 0's with a warning (their ranks drew their own batches, batch_per_task now means the global batch)."""
+    from harmodt_fast.batch import SyntheticSampler
+    from harmodt_fast.checkpoint import save_atomic
+    from harmodt_fast.trainer import Trainer
+
+    config = hf.HarmoDTConfig.from_preset("tiny", num_tasks=2, steps=4, mask_interval=2, precision="fp32")
+
+    def trainer(out):
+        return Trainer(config, SyntheticSampler(config, seed=0), str(out), torch.device("cpu"), "synthetic")
+
+    trainer(tmp_path / "new").run(stop_at=2, progress=False)
+    new = load_checkpoint(str(tmp_path / "new"))
+    assert isinstance(new["sampler"], dict)
+    for name, count in (("one", 1), ("two", 2)):
+        os.makedirs(tmp_path / name)
+        save_atomic({**new, "sampler": [new["sampler"]] * count, "rng": new["rng"] * count},
+                    str(tmp_path / name / "checkpoint.pt"))
+        if count == 1:
+            resumed = trainer(tmp_path / name)
+        else:
+            with pytest.warns(UserWarning, match="written by 2 processes.*rank 0's sampler"):
+                resumed = trainer(tmp_path / name)
+        assert resumed.step == 2 and resumed.run(progress=False).step == 4
