@@ -121,7 +121,8 @@ def test_world_size_not_dividing_the_batch_fails_before_work(dataset, tmp_path, 
 
 
 def _signalled_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    """hf.train as under torchrun; rank 1 gets a SIGTERM during step 4."""
+    """hf.train as under torchrun; rank 1 gets a SIGTERM during step 4. The masks are compared by hash after each
+    mask update (steps 4 and 8), as the mask update does."""
     import torch.distributed as dist
 
     from harmodt_fast.trainer import Trainer
@@ -137,10 +138,21 @@ def _signalled_worker(rank: int, world: int, port: int, data: str, out: str) -> 
         return step(self)
 
     Trainer._train_step = signalled
+    update = Trainer._mask_update
+    checked = []
+
+    def update_and_check(self):
+        info = update(self)
+        self._check_masks_in_sync()
+        checked.append(self.step)
+        return info
+
+    Trainer._mask_update = update_and_check
     try:
         hf.train(data, out, preset="tiny", steps=40, batch_per_task=2, mask_interval=4, progress=False)
     except KeyboardInterrupt as exc:
         assert "at step 10" in str(exc), str(exc)
+        assert checked == [4, 8]
     else:
         raise AssertionError(f"rank {rank} was not stopped")
     finally:
