@@ -30,11 +30,9 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -42,52 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 GRAD_SCALE = 1e-4
 
 
-# --- measurement, inside the worker ---------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _malloc_trim() -> None:
-    # free heap memory glibc keeps resident would absorb the op's allocations without raising the RSS: hand it
-    # back first, so that everything the op allocates and touches shows in VmHWM
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _measure(fn, device, repeats):
-    import torch
-
-    times, cpus, peaks, out = [], [], [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-            peaks.append(torch.cuda.max_memory_allocated() - before)
-        else:
-            _malloc_trim()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            before = _status_kb("VmRSS")
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-            peaks.append((_status_kb("VmHWM") - before) * 1024)
-    return times, cpus, max(peaks), out
+from measure import machine, measure as _measure  # noqa: E402  (shared with bench_scale.py)
 
 
 def _inputs(tasks: int, preset: str, device, dtype, seed: int = 0):
@@ -192,29 +145,6 @@ def run_case(args, case: str, dtype: str) -> dict:
     rec = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"    {rec['time_s']:.3f} s, peak extra {rec['peak_extra_bytes'] / 2**20:.1f} MiB", flush=True)
     return rec
-
-
-def machine() -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        with open("/proc/meminfo") as f:
-            info["mem_total_kb"] = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=HERE).stdout.strip()
-    except OSError:
-        pass
-    return info
 
 
 def main(argv=None):

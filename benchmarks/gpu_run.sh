@@ -4,14 +4,15 @@
 #   bash benchmarks/gpu_run.sh 1     # environment record; correctness at pinned kernel configs
 #                                    # (HARMODT_FAST_AUTOTUNE=0: one compile per kernel variant); the paper-shape
 #                                    # training step and mask update, every path on the GPU
-#   bash benchmarks/gpu_run.sh 2     # the autotuned kernel tables; the batched MT50 evaluation when the
-#                                    # Meta-World wheels travel in .whl/ (or metaworld is installed)
+#   bash benchmarks/gpu_run.sh 2     # the autotuned kernel tables; the scale sweep (large preset, T = 50, 160,
+#                                    # as far as its 60 s get); the batched MT50 evaluation when the Meta-World
+#                                    # wheels travel in .whl/ (or metaworld is installed)
 #   bash benchmarks/gpu_run.sh 1 --dry-run   # the same stages on the CPU Triton interpreter at tiny shapes (CI)
 #
 # Results land in $OUT (default benchmarks/results/gpu_run), each stage's files as soon as the stage ends. Every
 # stage runs under `timeout -s INT`, so pytest and the benchmarks stop like on Ctrl-C and still write their
 # reports. Compiled kernels are kept in .triton-cache/ inside the tree (ignored by git): a rerun on the same warm
-# machine reuses them. Stage limits (seconds) can be changed with T_TESTS, T_TRAIN, T_KERNELS, T_EVAL.
+# machine reuses them. Stage limits (seconds) can be changed with T_TESTS, T_TRAIN, T_KERNELS, T_SCALE, T_EVAL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CMD="${1:-}"
@@ -91,7 +92,11 @@ PYEOF
   stage train_step "${T_TRAIN:-130}" "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --out "$OUT"
 else
   if [ "$DRY" = 1 ]; then KERNELS=(--smoke); else KERNELS=(); fi
-  stage kernels "${T_KERNELS:-250}" "$PY" benchmarks/bench_kernels.py "${KERNELS[@]}" --out "$OUT"
+  stage kernels "${T_KERNELS:-220}" "$PY" benchmarks/bench_kernels.py "${KERNELS[@]}" --out "$OUT"
+  # the mask update and the training step against the task count (large preset at T = 50, 160 on the GPU)
+  if [ "$DRY" = 1 ]; then SCALE=(--device cpu --sweep-preset tiny --tasks 2); else
+    SCALE=(--device cuda --sweep-preset large --tasks 50,160); fi
+  stage scale "${T_SCALE:-60}" "$PY" benchmarks/bench_scale.py --only sweep "${SCALE[@]}" --out "$OUT/scale"
   if ! "$PY" -c "import metaworld" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --find-links .whl metaworld gymnasium >> "$OUT/eval.log" 2>&1 || true
   fi

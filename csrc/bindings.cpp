@@ -14,6 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("feed", &harmodt::HarmonyState::feed, py::arg("weight"), py::arg("grads"),
            py::call_guard<py::gil_scoped_release>())
       .def("finish", &harmodt::HarmonyState::finish, py::call_guard<py::gil_scoped_release>())
+      .def("feed_rows", &harmodt::HarmonyState::feed_rows, py::arg("weight"), py::arg("grads"), py::arg("gbar"),
+           py::arg("first_task"), py::arg("offset"), py::call_guard<py::gil_scoped_release>())
+      .def("candidates", &harmodt::HarmonyState::candidates, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("offset", &harmodt::HarmonyState::offset)
       .def_property_readonly("total", &harmodt::HarmonyState::total)
       .def_property_readonly("k", &harmodt::HarmonyState::k);

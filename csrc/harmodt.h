@@ -29,6 +29,14 @@ class HarmonyState {
   void feed(const torch::Tensor& weight, const torch::Tensor& grads);
   // (new packed masks int32 [T, W], stats float64 [4, T]: pruned, regrown, mean agreement, conflict fraction)
   std::vector<torch::Tensor> finish();
+  // Row mode (the streamed mask update): grads [G, p] of tasks first_task.. over entries offset..offset+p, with
+  // the harmony gradient ḡ given (float64 [p], already divided by T). A task's feeds come in increasing offsets.
+  void feed_rows(const torch::Tensor& weight, const torch::Tensor& grads, const torch::Tensor& gbar,
+                 int64_t first_task, int64_t offset);
+  // Ends a row-mode stream without applying flips: every task's kept candidates, best first, keys "lower is
+  // better" (prune: score; regrow: -a), padded with NaN / -1 to K = max k: {prune_v, prune_i, grow_v, grow_i}
+  // [T, K], and the statistics' sums {sum of a_t [T] float64, count of a_t < 0 [T] int64}.
+  std::vector<torch::Tensor> candidates();
 
   int64_t offset() const { return off_; }
   int64_t total() const { return P_; }
@@ -43,7 +51,8 @@ class HarmonyState {
   HarmonyCandidates* cands_;
   std::vector<double> sum_a_;
   std::vector<int64_t> neg_;
-  bool failed_ = false, finished_ = false;
+  std::vector<int64_t> next_;  // row mode: the next entry each task expects (-1: not fed yet)
+  bool failed_ = false, finished_ = false, rows_mode_ = false;
 };
 
 // Cosine similarity of the per-task gradients [T, P] -> float64 [T, T] (0 where a task's gradient is zero).

@@ -230,6 +230,56 @@ void sweep_parallel(const scalar_t* G, int64_t row_stride, int64_t T, int64_t n,
   }
 }
 
+// Row mode: tasks first_task..first_task+G-1 over entries [base, base + n), with ḡ given (already / T). Each
+// thread sweeps its sub-chunks in increasing order, one row at a time; a non-finite gradient marks the feed bad.
+template <typename scalar_t>
+void sweep_rows_parallel(const scalar_t* G, int64_t row_stride, int64_t rows, int64_t first_task, int64_t n,
+                         int64_t base, const double* gbar, const torch::Tensor& weight, const uint32_t* words,
+                         int64_t W, double gamma, int64_t score, std::vector<Local>& locals) {
+  const int64_t nsub = (n + SUB - 1) / SUB;
+#pragma omp parallel num_threads(static_cast<int>(locals.size()))
+  {
+    Local& L = locals[omp_get_thread_num()];
+#pragma omp for schedule(monotonic : dynamic, 4)
+    for (int64_t c = 0; c < nsub; ++c) {
+      if (L.bad_grad || L.bad_weight) continue;
+      const int64_t j0 = c * SUB, m = std::min(SUB, n - j0);
+      int64_t nonfinite = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* g = G + r * row_stride + j0;
+        for (int64_t j = 0; j < m; ++j) {
+          const double x = static_cast<double>(g[j]);
+          nonfinite += !(x - x == 0.0);
+        }
+      }
+      if (nonfinite) {
+        L.bad_grad = true;
+        continue;
+      }
+      const double* mag = nullptr;
+      if (score == MAGNITUDE) {
+        if (!load_magnitude(weight, j0, m, L.mag.data())) {
+          L.bad_weight = true;
+          continue;
+        }
+        mag = L.mag.data();
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* gt = G + r * row_stride + j0;
+        const uint32_t* wt = words + (first_task + r) * W;
+        const double* gb = gbar + j0;
+        if (score == FISHER) {
+          sweep_task<FISHER>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
+        } else if (score == MAGNITUDE) {
+          sweep_task<MAGNITUDE>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
+        } else {
+          sweep_task<HARMONY>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
+        }
+      }
+    }
+  }
+}
+
 // Set bits among the first P bits of a packed row.
 int64_t popcount_row(const uint32_t* row, int64_t P) {
   int64_t n = 0;
@@ -253,6 +303,52 @@ struct HarmonyCandidates {
   std::vector<Bounded<PruneBetter>> prune;
   std::vector<Bounded<GrowBetter>> grow;
 };
+
+namespace {
+
+// Per-thread scratch for a feed over `n` entries of tasks first..first+rows-1, each heap bounded by the worst key
+// the state already keeps for its task (those came from lower indices). Small chunks run on fewer threads (a
+// parallel region costs a wake-up and a barrier, milliseconds on oversubscribed cores): at least 8 sub-chunks each.
+std::vector<Local> make_locals(int64_t n, int64_t first, int64_t rows, const std::vector<int64_t>& k,
+                               const HarmonyCandidates& cands, bool with_gbar, bool magnitude) {
+  const int64_t nsub = (n + SUB - 1) / SUB;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), nsub / 8)));
+  std::vector<Local> locals(nthreads);
+  for (auto& L : locals) {
+    L.prune.resize(rows);
+    L.grow.resize(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = first + r;
+      L.prune[r].cap = L.grow[r].cap = k[t];
+      const auto& gp = cands.prune[t];
+      const auto& gg = cands.grow[t];
+      if (gp.cap > 0 && gp.full()) L.prune[r].bounded = true, L.prune[r].bound = gp.h.front().v;
+      if (gg.cap > 0 && gg.full()) L.grow[r].bounded = true, L.grow[r].bound = gg.h.front().v;
+    }
+    L.sum_a.assign(rows, 0.0);
+    L.neg.assign(rows, 0);
+    if (with_gbar) L.gbar.resize(SUB);
+    if (magnitude) L.mag.resize(SUB);
+  }
+  return locals;
+}
+
+// The threads' candidates and statistics into the state's, threads in order (the statistics do not depend on
+// timing); serial: O(threads x rows x k log k), no second parallel region per feed.
+void merge_locals(std::vector<Local>& locals, int64_t first, int64_t rows, HarmonyCandidates& cands,
+                  std::vector<double>& sum_a, std::vector<int64_t>& neg) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = first + r;
+    for (auto& L : locals) {
+      for (const Cand& c : L.prune[r].h) cands.prune[t].offer(c);
+      for (const Cand& c : L.grow[r].h) cands.grow[t].offer(c);
+      sum_a[t] += L.sum_a[r];
+      neg[t] += L.neg[r];
+    }
+  }
+}
+
+}  // namespace
 
 HarmonyState::HarmonyState(int64_t P, torch::Tensor masks_packed, std::vector<int64_t> ks, double gamma,
                            int64_t score)
@@ -291,6 +387,7 @@ HarmonyState::~HarmonyState() { delete cands_; }
 
 void HarmonyState::feed(const torch::Tensor& weight, const torch::Tensor& grads_in) {
   TORCH_CHECK(!finished_, "HarmonyStream: feed() after finish()");
+  TORCH_CHECK(!rows_mode_, "HarmonyStream: feed() cannot follow feed_rows() on one stream");
   TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed() failed; start a new stream");
   TORCH_CHECK_VALUE(grads_in.dim() == 2 && grads_in.size(0) == T_ && grads_in.is_floating_point(),
                     "harmony_update: grads must be a floating tensor [", T_, ", p], got ", grads_in.sizes(), " ",
@@ -308,26 +405,7 @@ void HarmonyState::feed(const torch::Tensor& weight, const torch::Tensor& grads_
   const torch::Tensor w = score_ == MAGNITUDE ? weight.contiguous() : weight;
   const int64_t row_stride = grads.stride(0);
   const uint32_t* words = reinterpret_cast<const uint32_t*>(masks_.data_ptr<int32_t>());
-  const int64_t nsub = (n + SUB - 1) / SUB;
-  // a parallel region costs a wake-up and a barrier (milliseconds when the cores are oversubscribed): small
-  // chunks run on fewer threads, at least 8 sub-chunks each
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), nsub / 8)));
-  std::vector<Local> locals(nthreads);
-  for (auto& L : locals) {
-    L.prune.resize(T_);
-    L.grow.resize(T_);
-    for (int64_t t = 0; t < T_; ++t) {
-      L.prune[t].cap = L.grow[t].cap = k_[t];
-      const auto& gp = cands_->prune[t];
-      const auto& gg = cands_->grow[t];
-      if (gp.cap > 0 && gp.full()) L.prune[t].bounded = true, L.prune[t].bound = gp.h.front().v;
-      if (gg.cap > 0 && gg.full()) L.grow[t].bounded = true, L.grow[t].bound = gg.h.front().v;
-    }
-    L.sum_a.assign(T_, 0.0);
-    L.neg.assign(T_, 0);
-    L.gbar.resize(SUB);
-    if (score_ == MAGNITUDE) L.mag.resize(SUB);
-  }
+  std::vector<Local> locals = make_locals(n, 0, T_, k_, *cands_, true, score_ == MAGNITUDE);
   const int64_t base = off_;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "harmony_update", [&] {
     sweep_parallel<scalar_t>(grads.data_ptr<scalar_t>(), row_stride, T_, n, base, w, words, W_, gamma_, score_,
@@ -349,22 +427,99 @@ void HarmonyState::feed(const torch::Tensor& weight, const torch::Tensor& grads_
     }
     TORCH_CHECK_VALUE(false, "harmony_update: weight_flat contains NaN or inf (entries ", off_, "..", off_ + n, ")");
   }
-  // merge the threads' candidates and statistics, threads in order (the statistics do not depend on timing);
-  // serial: O(threads x T x k log k), no second parallel region per feed
-  for (int64_t t = 0; t < T_; ++t) {
-    for (auto& L : locals) {
-      for (const Cand& c : L.prune[t].h) cands_->prune[t].offer(c);
-      for (const Cand& c : L.grow[t].h) cands_->grow[t].offer(c);
-      sum_a_[t] += L.sum_a[t];
-      neg_[t] += L.neg[t];
-    }
-  }
+  merge_locals(locals, 0, T_, *cands_, sum_a_, neg_);
   off_ += n;
+}
+
+void HarmonyState::feed_rows(const torch::Tensor& weight, const torch::Tensor& grads_in, const torch::Tensor& gbar_in,
+                             int64_t first_task, int64_t offset) {
+  TORCH_CHECK(!finished_, "HarmonyStream: feed_rows() after finish()");
+  TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed failed; start a new stream");
+  TORCH_CHECK(off_ == 0, "HarmonyStream: feed_rows() cannot follow feed() on one stream");
+  TORCH_CHECK_VALUE(grads_in.dim() == 2 && grads_in.is_floating_point(),
+                    "harmony_update: grads must be a floating tensor [G, p], got ", grads_in.sizes());
+  const int64_t rows = grads_in.size(0), n = grads_in.size(1);
+  TORCH_CHECK_VALUE(first_task >= 0 && first_task + rows <= T_, "HarmonyStream.feed_rows: tasks ", first_task, "..",
+                    first_task + rows, " are outside 0..", T_);
+  TORCH_CHECK_VALUE(offset >= 0 && offset + n <= P_, "HarmonyStream.feed_rows: entries ", offset, "..", offset + n,
+                    " are outside 0..", P_);
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == n && weight.is_floating_point(),
+                    "harmony_update: weight must be a floating tensor [", n, "], got ", weight.sizes());
+  TORCH_CHECK_VALUE(gbar_in.dim() == 1 && gbar_in.size(0) == n && gbar_in.scalar_type() == torch::kFloat64,
+                    "HarmonyStream.feed_rows: gbar must be float64 [", n, "], got ", gbar_in.sizes(), " ",
+                    gbar_in.scalar_type());
+  TORCH_CHECK_VALUE(grads_in.device().is_cpu() && weight.device().is_cpu() && gbar_in.device().is_cpu(),
+                    "harmony_update (cpp): weight, grads and gbar must be CPU tensors");
+  if (next_.empty()) next_.assign(T_, -1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = first_task + r;
+    // a task's entries arrive in increasing order: the heaps' bounds (from earlier feeds) assume lower indices
+    TORCH_CHECK_VALUE(next_[t] < 0 || next_[t] == offset, "HarmonyStream.feed_rows: task ", t, " expects entries from ",
+                      next_[t], ", got ", offset);
+  }
+  if (n == 0 || rows == 0) return;
+  const torch::Tensor grads = grads_in.stride(1) == 1 ? grads_in : grads_in.contiguous();
+  const torch::Tensor gbar = gbar_in.contiguous();
+  const torch::Tensor w = score_ == MAGNITUDE ? weight.contiguous() : weight;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(masks_.data_ptr<int32_t>());
+  std::vector<Local> locals = make_locals(n, first_task, rows, k_, *cands_, false, score_ == MAGNITUDE);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "harmony_feed_rows", [&] {
+    sweep_rows_parallel<scalar_t>(grads.data_ptr<scalar_t>(), grads.stride(0), rows, first_task, n, offset,
+                                  gbar.data_ptr<double>(), w, words, W_, gamma_, score_, locals);
+  });
+  bool bad_grad = false, bad_weight = false;
+  for (auto& L : locals) bad_grad |= L.bad_grad, bad_weight |= L.bad_weight;
+  if (bad_grad || bad_weight) {
+    failed_ = true;
+    std::vector<int64_t> bad;
+    for (int64_t r = 0; r < rows && bad_grad; ++r) {
+      if (!torch::isfinite(grads[r]).all().item<bool>()) bad.push_back(first_task + r);
+    }
+    TORCH_CHECK_VALUE(!bad_grad, "harmony_update: grads contain NaN or inf for task(s) ", task_list(bad),
+                      " (entries ", offset, "..", offset + n, ")");
+    TORCH_CHECK_VALUE(false, "harmony_update: weight_flat contains NaN or inf (entries ", offset, "..", offset + n,
+                      ")");
+  }
+  merge_locals(locals, first_task, rows, *cands_, sum_a_, neg_);
+  for (int64_t r = 0; r < rows; ++r) next_[first_task + r] = offset + n;
+  rows_mode_ = true;
+}
+
+std::vector<torch::Tensor> HarmonyState::candidates() {
+  TORCH_CHECK(!finished_, "HarmonyStream: candidates() after finish()");
+  TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed failed; start a new stream");
+  finished_ = true;
+  int64_t K = 0;
+  for (int64_t t = 0; t < T_; ++t) K = std::max(K, k_[t]);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto prune_v = torch::full({T_, K}, nan, torch::dtype(torch::kFloat64));
+  auto grow_v = torch::full({T_, K}, nan, torch::dtype(torch::kFloat64));
+  auto prune_i = torch::full({T_, K}, -1, torch::dtype(torch::kInt64));
+  auto grow_i = torch::full({T_, K}, -1, torch::dtype(torch::kInt64));
+  auto sum_a = torch::empty({T_}, torch::dtype(torch::kFloat64));
+  auto neg = torch::empty({T_}, torch::dtype(torch::kInt64));
+  double *pv = prune_v.data_ptr<double>(), *gv = grow_v.data_ptr<double>();
+  int64_t *pi = prune_i.data_ptr<int64_t>(), *gi = grow_i.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T_; ++t) {
+    auto ph = cands_->prune[t].h;
+    auto gh = cands_->grow[t].h;
+    std::sort(ph.begin(), ph.end(), PruneBetter());
+    std::sort(gh.begin(), gh.end(), GrowBetter());
+    // one ordering for both lists, lower first: prune by score, regrow by -a ("+ 0.0": -0.0 becomes +0.0)
+    for (size_t j = 0; j < ph.size(); ++j) pv[t * K + j] = ph[j].v, pi[t * K + j] = ph[j].i;
+    for (size_t j = 0; j < gh.size(); ++j) gv[t * K + j] = -gh[j].v + 0.0, gi[t * K + j] = gh[j].i;
+    sum_a.data_ptr<double>()[t] = sum_a_[t];
+    neg.data_ptr<int64_t>()[t] = neg_[t];
+  }
+  delete cands_;
+  cands_ = nullptr;
+  return {prune_v, prune_i, grow_v, grow_i, sum_a, neg};
 }
 
 std::vector<torch::Tensor> HarmonyState::finish() {
   TORCH_CHECK(!finished_, "HarmonyStream: finish() called twice");
   TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed() failed; start a new stream");
+  TORCH_CHECK(!rows_mode_, "HarmonyStream: a stream fed by rows ends with candidates(), not finish()");
   TORCH_CHECK_VALUE(off_ == P_, "HarmonyStream: finish() after ", off_, " of ", P_, " entries were fed");
   finished_ = true;
   auto out = masks_.clone();

@@ -56,6 +56,18 @@ class Batch:
             return self.row_tasks
         return _task_ids(tuple(int(o) for o in self.task_offsets), self.states.device)
 
+    def task_slice(self, first: int, last: int) -> "Batch":
+        """The rows of tasks first..last-1 as a batch of last-first tasks (ids renumbered from 0): views, no copy."""
+        offsets = [int(o) for o in self.task_offsets]
+        lo, hi = offsets[first], offsets[last]
+        rows = {f.name: getattr(self, f.name)[lo:hi] for f in fields(self)
+                if f.name not in ("task_offsets", "prompt", "row_tasks")}
+        prompt = Prompt(**{f.name: getattr(self.prompt, f.name)[lo:hi] for f in fields(self.prompt)}) \
+            if self.prompt is not None else None
+        row_tasks = self.row_tasks[lo:hi] - first if self.row_tasks is not None else None
+        task_offsets = torch.tensor([o - lo for o in offsets[first : last + 1]], dtype=torch.int64)
+        return Batch(**rows, task_offsets=task_offsets, prompt=prompt, row_tasks=row_tasks)
+
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)

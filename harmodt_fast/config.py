@@ -38,6 +38,9 @@ class HarmoDTConfig:
     eta_max: int = 100
     merge_threshold: int | None = None  # unseen tasks' consensus: None = half the trained tasks (published 25 of 50)
     flip_fraction: float = 0.0  # > 0: flips per update = this share of each task's active weights (not the schedule)
+    # the mask update holds this much of per-task gradient rows at once (float32, G tasks x masked weights); when
+    # all T tasks fit it is the whole-buffer update, else the streamed one in micro-batches of G tasks (method.py)
+    mask_update_memory_mb: float = 256.0
     # optimisation
     schedule: str = "mixed"
     steps: int = 1_000_000
@@ -90,6 +93,7 @@ class HarmoDTConfig:
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
+            (self.mask_update_memory_mb > 0, f"mask_update_memory_mb must be > 0, got {self.mask_update_memory_mb}"),
             (0.0 <= self.flip_fraction < 1.0, f"flip_fraction must be in [0, 1), got {self.flip_fraction}"),
             (min(self.log_every, self.checkpoint_every) >= 1 and self.eval_every >= 0,
              "log_every and checkpoint_every must be >= 1, eval_every >= 0"),

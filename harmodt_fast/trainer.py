@@ -262,14 +262,12 @@ class Trainer:
 
     # ---- the outer level: harmony mask update ----------------------------------------------------------------
     def _mask_update(self) -> dict:
-        cfg = self.config
-        grads = method.task_gradients(self.model, self.sampler.sample(), losses_fn=self.model.task_losses,
-                                      amp_dtype=self.amp_dtype)  # [T, P]
-        self.dist.average([grads])
-        method.clip_per_task(grads, cfg.task_grad_clip)
-        _, info = method.harmony_mask_update(self.model, grads, cfg, self.step)
+        # the whole-buffer update when every task's gradient fits config.mask_update_memory_mb, else streamed
+        _, info, agreement = method.mask_update(self.model, self.sampler.sample(), self.config, self.step,
+                                                losses_fn=self.model.task_losses, amp_dtype=self.amp_dtype,
+                                                dist=self.dist)
         self._unused = method.unused_entries(self.model)
-        self.task_agreement = ops.task_agreement(grads).cpu()
+        self.task_agreement = agreement.cpu()
         return info
 
     # ---- data parallel ------------------------------------------------------------------------------------------

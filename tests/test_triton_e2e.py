@@ -144,3 +144,20 @@ def test_cli_sets_the_backend(dataset, tmp_path, capsys):
     assert code == 0
     assert load_checkpoint(str(tmp_path))["config"]["backend"] == "triton"
     assert set(masked_calls(before)) == {(op, "triton") for op in MASKED_OPS}
+
+
+def test_streamed_mask_update_on_triton_matches_cpp(dataset, tmp_path):
+    # a budget below one task's gradient row: the streamed update, one task per micro-batch, two passes each
+    def run(backend):
+        before = hf.ops.call_counts()
+        res = hf.train(dataset, tmp_path / backend, preset="tiny", device="cpu", progress=False, backend=backend,
+                       **{**SMALL, "steps": 3}, mask_update_memory_mb=0.01)
+        return res, masked_calls(before)
+
+    runs = {b: run(b) for b in ("triton", "cpp")}
+    (tri, calls), (ref, _) = runs["triton"], runs["cpp"]
+    assert set(calls) == {(op, "triton") for op in MASKED_OPS}, calls
+    assert calls[("masked_mlp", "triton")] == 3 + 2 * 2  # 3 steps, one update: 2 passes x 2 one-task batches
+    updates = [e["mask_update"] for e in log(tmp_path / "triton") if "mask_update" in e]
+    assert [u["tasks_per_pass"] for u in updates] == [1] and updates[0]["flips"] > 0
+    assert tri.masks == ref.masks
