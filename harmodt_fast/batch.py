@@ -61,12 +61,15 @@ class Batch:
         offsets = [int(o) for o in self.task_offsets]
         lo, hi = offsets[first], offsets[last]
         rows = {f.name: getattr(self, f.name)[lo:hi] for f in fields(self)
-                if f.name not in ("task_offsets", "prompt", "row_tasks")}
+                if f.name not in ("task_offsets", "prompt", "row_tasks", "global_task_steps", "num_slices")}
         prompt = Prompt(**{f.name: getattr(self.prompt, f.name)[lo:hi] for f in fields(self.prompt)}) \
             if self.prompt is not None else None
         row_tasks = self.row_tasks[lo:hi] - first if self.row_tasks is not None else None
         task_offsets = torch.tensor([o - lo for o in offsets[first : last + 1]], dtype=torch.int64)
-        return Batch(**rows, task_offsets=task_offsets, prompt=prompt, row_tasks=row_tasks)
+        # a data-parallel slice keeps the whole batch's valid steps of its tasks (per task, not per row)
+        steps = self.global_task_steps[first:last] if self.global_task_steps is not None else None
+        return Batch(**rows, task_offsets=task_offsets, prompt=prompt, row_tasks=row_tasks,
+                     global_task_steps=steps, num_slices=self.num_slices)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {
