@@ -7,6 +7,10 @@ Shapes (B rows = sequences, K = context, Kp = prompt length, S = state dim, A = 
     task_offsets [T+1] int64 on the CPU: rows task_offsets[t]:task_offsets[t+1] belong to task t;
     row_tasks [B] int64 on the rows' device, optional: the same as task ids per row, for samplers that have them
     there already (else `task_ids` builds them once per distinct task_offsets and device, then reuses them).
+Data-parallel: a batch may be one of `num_slices` equal slices of a global batch (every task's segment cut into
+num_slices pieces, one per process). global_task_steps [T] float on the rows' device then holds each task's
+valid steps in the WHOLE global batch, so that the per-task losses are normalised as on one process
+(HarmoDT.task_losses); None for a whole batch.
 A Prompt holds the same fields for each row's task prompt (shapes [B, Kp, ...]).
 """
 from __future__ import annotations
@@ -38,6 +42,8 @@ class Batch:
     task_offsets: torch.Tensor
     prompt: Prompt | None = None
     row_tasks: torch.Tensor | None = None
+    global_task_steps: torch.Tensor | None = None
+    num_slices: int = 1
 
     @property
     def num_rows(self) -> int:
@@ -55,22 +61,26 @@ class Batch:
         offsets = [int(o) for o in self.task_offsets]
         lo, hi = offsets[first], offsets[last]
         rows = {f.name: getattr(self, f.name)[lo:hi] for f in fields(self)
-                if f.name not in ("task_offsets", "prompt", "row_tasks")}
+                if f.name not in ("task_offsets", "prompt", "row_tasks", "global_task_steps", "num_slices")}
         prompt = Prompt(**{f.name: getattr(self.prompt, f.name)[lo:hi] for f in fields(self.prompt)}) \
             if self.prompt is not None else None
         row_tasks = self.row_tasks[lo:hi] - first if self.row_tasks is not None else None
         task_offsets = torch.tensor([o - lo for o in offsets[first : last + 1]], dtype=torch.int64)
-        return Batch(**rows, task_offsets=task_offsets, prompt=prompt, row_tasks=row_tasks)
+        # a data-parallel slice keeps the whole batch's valid steps of its tasks (per task, not per row)
+        steps = self.global_task_steps[first:last] if self.global_task_steps is not None else None
+        return Batch(**rows, task_offsets=task_offsets, prompt=prompt, row_tasks=row_tasks,
+                     global_task_steps=steps, num_slices=self.num_slices)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
-            if f.name not in ("task_offsets", "prompt", "row_tasks")
+            if f.name not in ("task_offsets", "prompt", "row_tasks", "global_task_steps", "num_slices")
         }
+        optional = lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None  # noqa: E731
         prompt = self.prompt.to(device, non_blocking) if self.prompt is not None else None
-        rows = self.row_tasks.to(device, non_blocking=non_blocking) if self.row_tasks is not None else None
-        return Batch(**moved, task_offsets=self.task_offsets, prompt=prompt, row_tasks=rows)
+        return Batch(**moved, task_offsets=self.task_offsets, prompt=prompt, row_tasks=optional(self.row_tasks),
+                     global_task_steps=optional(self.global_task_steps), num_slices=self.num_slices)
 
 
 _TASK_IDS: dict[tuple, torch.Tensor] = {}
@@ -86,6 +96,16 @@ def _task_ids(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
         counts = torch.tensor(offsets).diff()
         hit = _TASK_IDS[key] = torch.repeat_interleave(torch.arange(counts.numel()), counts).to(device)
     return hit
+
+
+def rows_per_slice(batch_per_task: int, world: int) -> int:
+    """Rows of each task one of `world` data-parallel processes trains on: batch_per_task is the GLOBAL batch per
+    task, cut into equal slices (a ValueError when they cannot be equal)."""
+    if world < 1 or batch_per_task % world:
+        raise ValueError(f"batch_per_task ({batch_per_task}) is the global batch per task and must be divisible by "
+                         f"the number of data-parallel processes ({world}); pick a batch_per_task that is a "
+                         f"multiple of {world} or another process count")
+    return batch_per_task // world
 
 
 def offsets_from_counts(counts) -> torch.Tensor:

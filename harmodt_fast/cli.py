@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -130,6 +131,8 @@ def _cmd_train(args) -> int:
 
     result = train(args.data, args.out, preset=args.preset, steps=args.steps, device=args.device,
                    stop_at=args.stop_at, progress=not args.no_progress, **_parse_overrides(args.set))
+    if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 reports for all
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"step {result.step}  loss {last.get('loss', float('nan')):.4f}  checkpoint {result.checkpoint}")
     if result.masks is not None:

@@ -65,11 +65,11 @@ def frozen_entries(model, task: int | None, unused: dict[str, torch.Tensor]) -> 
 
 
 def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: dict[str, torch.Tensor], *,
-               losses_fn: Callable, amp_dtype: torch.dtype | None,
-               reduce_grads: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               losses_fn: Callable, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, clip and AdamW step over one batch; returns (loss, per-task losses) as device tensors
-    (no host synchronisation). reduce_grads(loss, losses) averages gradients over processes and returns the
-    averaged losses; frozen entries are restored after the step, bit for bit."""
+    (no host synchronisation). Data-parallel, losses_fn is the DistributedDataParallel module around the model's
+    losses: its backward leaves the gradients averaged over the processes (the returned losses are this
+    process's). Frozen entries are restored after the step, bit for bit."""
     device = next(model.parameters()).device
     model.train()
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -77,8 +77,6 @@ def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: dict[str,
     loss = step_loss(config, losses)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if reduce_grads is not None:
-        loss, losses = reduce_grads(loss, losses)
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     layers = model.masked_layers()
     # torch.where with precomputed masks, not weight[mask] (a nonzero: a host sync per layer)

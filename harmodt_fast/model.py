@@ -202,15 +202,23 @@ class HarmoDT(nn.Module):
 
     def task_losses(self, batch: Batch, action_preds: torch.Tensor | None = None) -> torch.Tensor:
         """Per-task mean squared action error over valid steps, [T'] for the T' segments of task_offsets
-        (0 for an empty segment)."""
+        (0 for an empty segment). For one of n slices of a data-parallel batch (batch.global_task_steps set) the
+        error is divided by the task's valid steps in the whole batch and multiplied by n, so that the mean over
+        the n processes (what DDP averages) is the loss one process would compute on the whole batch."""
         preds = self(batch) if action_preds is None else action_preds
         valid = batch.attention_mask.to(preds.dtype)
         sq = ((preds.float() - batch.actions.float()) ** 2).sum(-1) * valid  # [B, K]
         num_tasks = len(batch.task_offsets) - 1  # a tensor, or host ints under torch.compile
         ids = batch.task_ids
         err = torch.zeros(num_tasks, device=preds.device).index_add_(0, ids, sq.sum(1))
+        if batch.global_task_steps is not None:
+            return err * batch.num_slices / (batch.global_task_steps * self.config.act_dim).clamp_min(1)
         count = torch.zeros(num_tasks, device=preds.device).index_add_(0, ids, valid.float().sum(1))
         return err / (count * self.config.act_dim).clamp_min(1)
+
+    def untrained_parameters(self) -> list[str]:
+        """Names of the parameters the action loss never reaches (the state and return heads)."""
+        return [n for n, _ in self.named_parameters() if n.startswith(("predict_state.", "predict_return."))]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

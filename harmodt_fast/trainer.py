@@ -3,9 +3,11 @@
 
 Everything a resumed run needs is in the checkpoint, written atomically; a run killed between checkpoints resumes
 from the last one and, on the CPU, reproduces the uninterrupted run exactly. Under torchrun (WORLD_SIZE > 1)
-every process samples its own mixed batch (sampler seed + 7919 * rank), gradients and the per-task gradients of a
-mask update are averaged across processes, rank 0 writes logs and checkpoints (with every rank's sampler and RNG
-state), and each checkpoint verifies that all ranks hold the same parameters and masks.
+every process draws the same global batch (batch_per_task rows per task) and trains on its slice of it, torch's
+DistributedDataParallel averages the gradients during backward (so W processes follow one process's trajectory,
+to rounding), rank 0 writes logs and checkpoints (one sampler state, every rank's RNG state), a run resumes on
+another process count, and each checkpoint verifies by hash that all ranks hold the same parameters and masks
+(docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from harmodt_fast import ops
 from harmodt_fast._io import atomic_write
+from harmodt_fast.batch import rows_per_slice
 from harmodt_fast.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -30,7 +34,7 @@ from harmodt_fast.checkpoint import (
 )
 from harmodt_fast import method
 from harmodt_fast.config import HarmoDTConfig
-from harmodt_fast.distributed import Distributed, init_distributed
+from harmodt_fast.distributed import Distributed, init_distributed, world_size_from_env
 from harmodt_fast.loggers import Loggers
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.model import HarmoDT
@@ -75,13 +79,16 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
         raise ValueError(f"stop_at must be in 1..{config.steps}, got {stop_at}")
     asked = pick_device(device)
     ops.check_backend(config.backend, asked)  # before loading data or building anything
+    rows_per_slice(config.batch_per_task, world_size_from_env())  # a global batch the processes can share
     out = _prepare_out(out)
     dataset = _load(data)
     config = _bind_tasks(config, dataset, explicit_dims)
     from harmodt_fast.data import MultiTaskSampler
 
     dist_info, device = init_distributed(asked)
-    sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed + 7919 * dist_info.rank)
+    # the same seed on every rank: one global batch, each rank its slice
+    sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed, rank=dist_info.rank,
+                               world=dist_info.world)
     trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info)
     trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate in
     return trainer.run(stop_at=stop_at, progress=progress)
@@ -134,13 +141,14 @@ class Trainer:
     def __init__(self, config: HarmoDTConfig, sampler, out: str, device: torch.device, fingerprint: str,
                  dist: Distributed = Distributed()):
         self.config, self.out, self.device, self.dist = config, _prepare_out(out), device, dist
+        dist.check_sampler(sampler, config.batch_per_task)
         self.ckpt_path = os.path.join(self.out, CHECKPOINT_NAME)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         ops.check_backend(config.backend, device)
         torch.manual_seed(config.seed)
         self.model = HarmoDT(config).to(device)  # identical on every rank
         if dist.world > 1:
-            torch.manual_seed(config.seed + 7919 * dist.rank)  # but each rank its own dropout
+            torch.manual_seed(dist.rank_seed(config.seed))  # but each rank its own dropout
         self.sampler = sampler
         self.fingerprint = fingerprint
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -156,6 +164,14 @@ class Trainer:
         else:  # a run killed before its first checkpoint starts over: so does its log
             self._truncate_metrics(0)
         self._unused = method.unused_entries(self.model)
+        # every rank started from the same config, data and checkpoint (a RUN folder not shared between nodes, say)
+        start = {"config": json.dumps(config.to_dict(), sort_keys=True, default=str), "dataset fingerprint":
+                 str(fingerprint), "resumed step": str(self.step)}
+        dist.check_same("the run's start", {k: v.encode() for k, v in start.items()}, self.step)
+        # the training step's losses: through DDP with several processes (its backward averages the gradients);
+        # everything else (mask update, checkpoints, evaluation) uses self.model itself, outside DDP's hooks
+        self._step_losses = self._task_losses if dist.world == 1 else dist.data_parallel(
+            self.model, self._task_losses, device, ignore=self.model.untrained_parameters())
         self._loggers = Loggers(config.logger if dist.main else None, self.out, config)  # after a refused resume
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -174,14 +190,16 @@ class Trainer:
             self._evaluate()
         bar = progress_bar(end, "train", progress and self.dist.main, initial=self.step)
         t_last, rows_since = time.perf_counter(), 0
+        stopped = False
         try:
-            while self.step < end and not self.dist.any(stop["signal"] is not None, self.device):
+            while self.step < end and not (stopped := self._stop_requested(stop["signal"] is not None)):
                 loss, per_task, rows = self._train_step()
                 self.step += 1
                 rows_since += rows
                 if self.config.use_masks and self.step % cfg.mask_interval == 0 and self.step < cfg.steps:
                     self._log({"step": self.step, "mask_update": self._mask_update()})
                 if self.step == 1 or self.step % cfg.log_every == 0 or self.step == end:
+                    loss, per_task = self._mean_over_ranks(loss, per_task)
                     loss, per_task = float(loss), per_task.float().cpu().tolist()  # the only read-back
                     now = time.perf_counter()
                     entry = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
@@ -201,9 +219,12 @@ class Trainer:
             if in_main_thread:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
+        # every rank stops alike, also for a signal after the last check (one more collective, once per run)
+        stopped = stopped or self.dist.any(stop["signal"] is not None, self.device)
         self.save()
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {self.step}; "
+        if stopped:
+            why = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another rank"
+            raise KeyboardInterrupt(f"training stopped by {why} at step {self.step}; "
                                     f"the checkpoint in {self.out} resumes it")
         if cfg.eval_every and self.step == cfg.steps and self._evaluation_missing():
             self._evaluate()
@@ -219,17 +240,25 @@ class Trainer:
         task = method.step_task(cfg, self.step)
         batch = self.sampler.sample(task=task) if task is not None else self.sampler.sample()
         frozen = method.frozen_entries(self.model, task, self._unused)
-        loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen, losses_fn=self._task_losses,
-                                         amp_dtype=self.amp_dtype,
-                                         reduce_grads=self._reduce_grads if self.dist.world > 1 else None)
+        loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen, losses_fn=self._step_losses,
+                                         amp_dtype=self.amp_dtype)
         return loss, losses, batch.num_rows
 
-    def _reduce_grads(self, loss, losses):
-        """Data-parallel: gradients and the reported losses become their means over the ranks."""
-        self.dist.average([p.grad for p in self.model.parameters() if p.grad is not None])
+    def _mean_over_ranks(self, loss, losses):
+        """The reported losses: each rank's are those of its slice, their mean the whole batch's (log steps only:
+        no collective on the other steps besides DDP's)."""
+        if self.dist.world == 1:
+            return loss, losses
         reported = torch.cat([loss.detach().float().view(1), losses.detach().float()])
         self.dist.average([reported])
         return reported[0], reported[1:]
+
+    def _stop_requested(self, local: bool) -> bool:
+        """Whether a signal asks to stop. With several processes every _STOP_CHECK_EVERY steps only (the check is
+        a collective and a host sync): the steps are the same on every rank, so every rank stops at the same one."""
+        if self.dist.world == 1:
+            return local
+        return self.step % _STOP_CHECK_EVERY == 0 and self.dist.any(local, self.device)
 
     # ---- the outer level: harmony mask update ----------------------------------------------------------------
     def _mask_update(self) -> dict:
@@ -243,12 +272,18 @@ class Trainer:
 
     # ---- data parallel ------------------------------------------------------------------------------------------
     def _check_ranks_in_sync(self) -> None:
-        sums = [float(t.double().sum()) for t in self.model.state_dict().values() if t.is_floating_point()]
+        """Every rank holds the same parameters, masks (buffers of the state dict) and sampler state (sha256 of
+        each; a RuntimeError naming the ranks and entries that differ)."""
+        entries = dict(self.model.state_dict())
+        for key, value in self.sampler.state_dict().items():
+            entries[f"sampler.{key}"] = value if isinstance(value, torch.Tensor) else repr(value).encode()
+        self.dist.check_same("the model state and the sampler state", entries, self.step)
+
+    def _check_masks_in_sync(self) -> None:
+        """Every rank holds the same task masks (after a mask update); a RuntimeError otherwise."""
         masks = self.model.task_masks()
-        fingerprint = (sums, masks.flat_packed().sum().item() if masks is not None else 0)
-        every = self.dist.gather(fingerprint)
-        if any(f != every[0] for f in every):
-            raise RuntimeError(f"data-parallel ranks hold different parameters or masks at step {self.step}")
+        if self.dist.world > 1 and masks is not None:
+            self.dist.check_same("the task masks", masks.flat_packed(), self.step)
 
     # ---- evaluation, logs, checkpoints -------------------------------------------------------------------------
     def _evaluate(self) -> None:
@@ -284,7 +319,6 @@ class Trainer:
 
     def save(self) -> str:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        samplers = self.dist.gather(self.sampler.state_dict())
         rngs = self.dist.gather({"torch": torch.get_rng_state(), "cuda": cuda_rng})
         if self.dist.world > 1:
             self._check_ranks_in_sync()
@@ -303,8 +337,8 @@ class Trainer:
             "eval_prompts": prompt_to_dict(self.sampler.eval_prompt()) if self.config.use_prompt else None,
             "dataset_fingerprint": self.fingerprint,
             "world_size": self.dist.world,
-            "sampler": samplers,  # one state per rank
-            "rng": rngs,
+            "sampler": self.sampler.state_dict(),  # one: every rank draws the same global batch (checked above)
+            "rng": rngs,  # one per rank (dropout)
             "history": self.history,
             "task_agreement": self.task_agreement,
             "task_envs": self.task_envs,
@@ -324,20 +358,36 @@ class Trainer:
             raise CheckpointError(f"{self.ckpt_path} was trained on other data (fingerprint "
                                   f"{ckpt.get('dataset_fingerprint')} vs {self.fingerprint}); use another output "
                                   f"folder (it was not overwritten)")
-        if ckpt.get("world_size", 1) != self.dist.world:
-            raise CheckpointError(f"{self.ckpt_path} was written by {ckpt.get('world_size', 1)} data-parallel "
-                                  f"process(es), this run has {self.dist.world}; resume with the same count")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        rank = self.dist.rank
-        self.sampler.load_state_dict(ckpt["sampler"][rank])
-        torch.set_rng_state(ckpt["rng"][rank]["torch"])
-        if ckpt["rng"][rank].get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], self.device)
+        self.sampler.load_state_dict(self._sampler_state(ckpt))
+        # any process count: the ranks the checkpoint has continue their dropout streams, the others start theirs
+        # from the seed (so a resume on more processes differs from an uninterrupted run by its dropout only)
+        rank, rngs = self.dist.rank, ckpt["rng"]
+        if rank < len(rngs):
+            torch.set_rng_state(rngs[rank]["torch"])
+            if rngs[rank].get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rngs[rank]["cuda"], self.device)
+        else:
+            torch.manual_seed(self.dist.rank_seed(self.config.seed))
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
         self.task_agreement = ckpt.get("task_agreement")
         self._truncate_metrics(self.step)
+
+    def _sampler_state(self, ckpt: dict) -> dict:
+        """The checkpoint's sampler state. Older checkpoints hold a list, one per rank, each rank having drawn its
+        own batch_per_task rows per task; batch_per_task is now the global batch, so such a run continues from
+        rank 0's sampler with a global batch world_size times smaller (said once, on rank 0)."""
+        state = ckpt["sampler"]
+        if not isinstance(state, list):
+            return state
+        if len(state) > 1 and self.dist.main:
+            warnings.warn(f"{self.ckpt_path} was written by {len(state)} processes that each drew their own "
+                          f"batch_per_task rows per task (an older version); batch_per_task now means the global "
+                          f"batch, so this run continues from rank 0's sampler with {len(state)}x fewer rows per "
+                          f"step than before", stacklevel=2)
+        return state[0]
 
     def _truncate_metrics(self, step: int) -> None:
         """Drops log lines written after the checkpoint we resume from (the steps are about to be redone)."""
@@ -346,6 +396,9 @@ class Trainer:
         with open(self.metrics_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
+
+
+_STOP_CHECK_EVERY = 10  # steps between the data-parallel "did a rank get a signal?" checks
 
 
 def _compiled_task_losses(model: HarmoDT, config: HarmoDTConfig):

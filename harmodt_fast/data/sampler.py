@@ -16,6 +16,11 @@ Held-out prompt episodes: when prompt_len > 0, each task's `prompt_episodes` epi
 they are held out for every method, so MTDT and Prompt-DT/HarmoDT train on the same transitions. The evaluation
 prompt of a task is the last prompt_len steps of its best episode.
 
+Data parallel (rank, world): every process's sampler has the same seed and draws the same GLOBAL batch
+(batch_per_task rows per task), then gathers only its slice: rows [rank*b, (rank+1)*b) of each task's segment,
+b = batch_per_task / world. The slice carries each task's valid steps in the whole batch (Batch.global_task_steps,
+cheap: the episodes' lengths, no data), so its losses are normalised as the whole batch's would be.
+
 State normalisation: per task, mean and standard deviation over all its transitions, the deviation floored at
 `min_std` (dimensions that are constant in the data, e.g. an absent second object, stay at 0 instead of blowing
 up on slightly different evaluation states).
@@ -25,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harmodt_fast.batch import Batch, Prompt, offsets_from_counts
+from harmodt_fast.batch import Batch, Prompt, offsets_from_counts, rows_per_slice
 from harmodt_fast.data.dataset import STEP_FIELDS, DatasetError, TaskData, common_dims
 
 _BLOCK = 1 << 20  # rows per host->device copy while building
@@ -69,9 +74,13 @@ def _mean_std(obs: np.ndarray, min_std: float) -> tuple[np.ndarray, np.ndarray]:
 
 class MultiTaskSampler:
     def __init__(self, dataset, config, device="cpu", seed: int = 0, prompt_episodes: int | None = None,
-                 min_std: float = 1e-2):
+                 min_std: float = 1e-2, *, rank: int = 0, world: int = 1):
         self.config = config
         self.device = torch.device(device)
+        self.slice_rows = rows_per_slice(config.batch_per_task, world)  # before any work: a ValueError
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        self.rank, self.world = int(rank), int(world)
         tasks = list(config.tasks) if config.tasks is not None else list(dataset.tasks)
         missing = [t for t in tasks if t not in dataset.tasks]
         if missing:
@@ -168,9 +177,12 @@ class MultiTaskSampler:
         self.state_std = torch.as_tensor(np.stack(stds), dtype=torch.float32)
         self.num_transitions = N
 
-        B = config.batch_per_task
+        B, b = config.batch_per_task, self.slice_rows
         self._rows_all = torch.arange(T, device=dev).repeat_interleave(B)
-        self._offsets_all = offsets_from_counts([B] * T)
+        self._offsets_all = offsets_from_counts([b] * T)  # of this process's slice (the whole batch on one)
+        # positions of this slice's rows among one task's B rows, and among the mixed batch's T * B rows
+        self._mine_one = torch.arange(rank * b, (rank + 1) * b, device=dev)
+        self._mine_all = (torch.arange(T, device=dev)[:, None] * B + self._mine_one[None, :]).reshape(-1)
         self._arange_K = torch.arange(K, device=dev)
         self._arange_Kp = torch.arange(max(Kp, 1), device=dev)
         self._gen = torch.Generator(device=dev)
@@ -222,12 +234,13 @@ class MultiTaskSampler:
         begin = torch.maximum(end - Kp, ep_start)
         return Prompt(*self._segments(begin, end, ep_start, self._arange_Kp[:Kp]))
 
-    def _gather(self, row_task, r, choice=None) -> Batch:
+    def _gather(self, row_task, r, choice=None, episode=None) -> Batch:
         """Rows for tasks `row_task` starting at training transition `r` (per task, 0..n_t-1) and, when the
-        config uses prompts, prompt episode `choice` (any int64, taken modulo the task's prompt count)."""
+        config uses prompts, prompt episode `choice` (any int64, taken modulo the task's prompt count).
+        episode: the training episode of each row, when the caller has it already (_episode_of)."""
         K = self.config.context
         g = self._task_train_lo[row_task] + r
-        j = self._episode_of(g)
+        j = self._episode_of(g) if episode is None else episode
         ep_start = self._train_start[j]
         begin = ep_start + (g - self._train_cum[j])
         end = torch.minimum(self._train_end[j], begin + K)
@@ -237,22 +250,33 @@ class MultiTaskSampler:
         return batch
 
     def sample(self, task: int | None = None) -> Batch:
-        """batch_per_task rows for every task (rows grouped by task), or for task `task` only."""
+        """batch_per_task rows for every task (rows grouped by task), or for task `task` only; with world > 1
+        this process's slice of them (the same global draws on every process)."""
+        T = len(self.tasks)
         if task is None:
-            rows, offsets = self._rows_all, self._offsets_all.clone()
+            rows, offsets, mine = self._rows_all, self._offsets_all.clone(), self._mine_all
         else:
-            T = len(self.tasks)
             if not 0 <= int(task) < T:
                 raise ValueError(f"task id {task} out of range 0..{T - 1}")
-            B = self.config.batch_per_task
-            rows = torch.full((B,), int(task), dtype=torch.int64, device=self.device)
+            rows = torch.full((self.config.batch_per_task,), int(task), dtype=torch.int64, device=self.device)
             counts = [0] * T
-            counts[int(task)] = B
-            offsets = offsets_from_counts(counts)
+            counts[int(task)] = self.slice_rows
+            offsets, mine = offsets_from_counts(counts), self._mine_one
         draws = torch.randint(0, 2**62, (rows.numel(), 2), generator=self._gen, device=self.device)
         r = draws[:, 0] % self._task_train_n[rows]
-        batch = self._gather(rows, r, draws[:, 1])
-        batch.task_offsets, batch.row_tasks = offsets, rows
+        if self.world == 1:
+            batch = self._gather(rows, r, draws[:, 1])
+            batch.task_offsets, batch.row_tasks = offsets, rows
+            return batch
+        # the whole batch's valid steps per task: a row starting at training transition g of episode j has
+        # min(K, steps left in j) of them
+        g = self._task_train_lo[rows] + r
+        j = self._episode_of(g)
+        steps = torch.clamp(self._train_cum_end[j] - g, max=self.config.context).to(torch.float32)
+        total = torch.zeros(T, device=self.device).index_add_(0, rows, steps)
+        batch = self._gather(rows[mine], r[mine], draws[mine, 1], episode=j[mine])
+        batch.task_offsets, batch.row_tasks = offsets, rows[mine]
+        batch.global_task_steps, batch.num_slices = total, self.world
         return batch
 
     def eval_prompt(self) -> Prompt | None:
