@@ -210,7 +210,9 @@ def _sha256(value: bytes | torch.Tensor) -> str:
         # dtype and shape in the hash too: the same bytes under another shape are other data
         flat = value.detach().cpu().contiguous().reshape(-1)
         header = f"{flat.dtype}{tuple(value.shape)}".encode()
-        return hashlib.sha256(header + flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(header)
+        digest.update(flat.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
+        return digest.hexdigest()
     return hashlib.sha256(bytes(value)).hexdigest()
 
 

@@ -266,6 +266,7 @@ class Trainer:
         _, info, agreement = method.mask_update(self.model, self.sampler.sample(), self.config, self.step,
                                                 losses_fn=self.model.task_losses, amp_dtype=self.amp_dtype,
                                                 dist=self.dist)
+        self._check_masks_in_sync()  # every rank applied the same flips, or a loud failure here
         self._unused = method.unused_entries(self.model)
         self.task_agreement = agreement.cpu()
         return info
@@ -283,7 +284,8 @@ class Trainer:
         """Every rank holds the same task masks (after a mask update); a RuntimeError otherwise."""
         masks = self.model.task_masks()
         if self.dist.world > 1 and masks is not None:
-            self.dist.check_same("the task masks", masks.flat_packed(), self.step)
+            # one hash per layer: no flat copy of every mask
+            self.dist.check_same("the task masks", {n: masks.packed(n) for n in masks.names}, self.step)
 
     # ---- evaluation, logs, checkpoints -------------------------------------------------------------------------
     def _evaluate(self) -> None:

@@ -61,8 +61,11 @@ def test_torchrun_processes_match_one_process_and_resume_on_other_counts(dataset
     for stop in (3, 6, 8):
         hf.train(dataset, ref, preset="tiny", stop_at=stop, progress=False, **SAME_RUN)
         want[stop] = load_checkpoint(str(ref))["model"]
+    # the run streams its mask updates one task per micro-batch (a budget below one task's gradient row), its
+    # shards reduce-scattered over the ranks; the reference holds the whole [T, P] buffer: the same masks
+    streamed = {**SAME_RUN, "mask_update_memory_mb": 0.01}
     cli = ["train", str(dataset), "--out", str(run), "--preset", "tiny", "--steps", str(SAME_RUN["steps"]),
-           "--no-progress", *[a for k, v in SAME_RUN.items() if k != "steps" for a in ("--set", f"{k}={v}")]]
+           "--no-progress", *[a for k, v in streamed.items() if k != "steps" for a in ("--set", f"{k}={v}")]]
     for world, stop in ((2, 3), (3, 6)):
         done = _torchrun(cli + ["--stop-at", str(stop)], cwd=tmp_path, nproc=world)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -72,7 +75,7 @@ def test_torchrun_processes_match_one_process_and_resume_on_other_counts(dataset
         assert len(ckpt["rng"]) == world  # but every rank its own dropout stream
         # every save has checked by hash that the ranks hold the same parameters, masks and sampler state
         _assert_same_model(ckpt["model"], want[stop], f"{world} processes, step {stop}:")
-    result = hf.train(dataset, run, preset="tiny", progress=False, **SAME_RUN)  # and the last steps on one
+    result = hf.train(dataset, run, preset="tiny", progress=False, **streamed)  # and the last steps on one
     assert result.step == 8
     ckpt = load_checkpoint(str(run))
     _assert_same_model(ckpt["model"], want[8], "1 process after 2 and 3, step 8:")
@@ -85,8 +88,9 @@ def test_torchrun_processes_match_one_process_and_resume_on_other_counts(dataset
         [e["task_loss"][TASKS[1]] for e in expected], rel=1e-4)
     masks = hf.checkpoint.model_from_checkpoint(ckpt)[0].task_masks()
     assert abs(masks.density() - 0.8) < 0.01
-    flips = [json.loads(line)["mask_update"]["flips"] for line in open(run / "metrics.jsonl") if "mask_update" in line]
-    assert len(flips) == 3 and sum(flips) > 0  # the masks moved, and identically
+    updates = [json.loads(line)["mask_update"] for line in open(run / "metrics.jsonl") if "mask_update" in line]
+    assert len(updates) == 3 and sum(u["flips"] for u in updates) > 0  # the masks moved, and identically
+    assert [u["tasks_per_pass"] for u in updates] == [1, 1, 1]
 
 
 def test_slices_of_the_global_batch_make_it_whole(dataset):
