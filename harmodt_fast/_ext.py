@@ -83,7 +83,18 @@ def load_extension():
             except Exception as exc:  # no compiler, no ninja, a build error: keep the reason, use torch
                 _error = f"the C++ extension could not be built: {type(exc).__name__}: {str(exc).strip()[-2000:]}"
                 warnings.warn(f"harmodt_fast: {_error}; falling back to the torch backend", RuntimeWarning)
+        if _module is not None:
+            _register_fakes()
     return _module
+
+
+def _register_fakes() -> None:
+    """Shape-only (fake) kernels of the C++ custom ops (csrc/masked_linear.cpp), registered once as the extension
+    loads, so that torch.compile traces the cpp backend (registering inside a traced call would fail)."""
+    import torch
+
+    torch.library.register_fake("harmodt_fast::masked_weight")(lambda weight, bits: torch.empty_like(weight))
+    torch.library.register_fake("harmodt_fast::masked_accumulate_")(lambda dw, grad, bits: None)
 
 
 def extension_error() -> str | None:

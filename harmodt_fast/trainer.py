@@ -416,6 +416,10 @@ def _compiled_task_losses(model: HarmoDT, config: HarmoDTConfig):
     setattr(cfg, limit_name, max(getattr(cfg, limit_name), config.num_tasks + 8))
     # the Triton attention draws its dropout seed on the host (an .item()), which breaks the graph once per block
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        from harmodt_fast._ext import load_extension
+
+        load_extension()  # the cpp backend's fake kernels are registered as it loads, not inside the trace
     seeded = config.use_masks and config.dropout > 0 and ops.runs_fused("masked_attention", config.backend, device)
     # HARMODT_FAST_COMPILE_BACKEND: another torch.compile backend (e.g. aot_eager: traces, no code generation)
     compiled = torch.compile(model.task_losses, dynamic=False, fullgraph=not seeded,

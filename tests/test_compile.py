@@ -23,6 +23,7 @@ def losses(tmp_path, name, **kw):
 
 @pytest.mark.parametrize("backend,schedule,compiler", [("torch", "mixed", "inductor"),
                                                        ("torch", "round-robin", "aot_eager"),
+                                                       ("cpp", "mixed", "aot_eager"),
                                                        ("triton", "mixed", "aot_eager")])
 def test_compiled_step_matches_eager(tmp_path, backend, schedule, compiler, monkeypatch):
     monkeypatch.setenv("HARMODT_FAST_COMPILE_BACKEND", compiler)

@@ -165,25 +165,11 @@ def masked_linear_torch(x2d, weight, bias, masks_packed, row_offsets, task_grads
     return _MaskedLinearPerTask.apply(x2d, weight, bias, masks_packed, row_offsets, task_grads, _PerTaskMasks)
 
 
-_fakes_registered = False
-
-
-def _register_cpp_fakes() -> None:
-    """Shape-only (fake) kernels of the two C++ ops, so torch.compile traces the cpp path too."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    torch.library.register_fake("harmodt_fast::masked_weight")(lambda weight, bits: torch.empty_like(weight))
-    torch.library.register_fake("harmodt_fast::masked_accumulate_")(lambda dw, grad, bits: None)
-    _fakes_registered = True
-
-
 def masked_linear_cpp(x2d, weight, bias, masks_packed, row_offsets, task_grads=None):
     from harmodt_fast._ext import load_extension
 
     if load_extension() is None:  # the dispatch only selects this backend when the extension loaded
         raise RuntimeError("the C++ extension is not available")
-    _register_cpp_fakes()
     return _MaskedLinearPerTask.apply(x2d, weight, bias, masks_packed, row_offsets, task_grads, _CppMasks)
 
 
