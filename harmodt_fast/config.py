@@ -38,6 +38,8 @@ class HarmoDTConfig:
     eta_max: int = 100
     merge_threshold: int | None = None  # unseen tasks' consensus: None = half the trained tasks (published 25 of 50)
     flip_fraction: float = 0.0  # > 0: flips per update = this share of each task's active weights (not the schedule)
+    # the mask update's per-task gradient rows: micro-batches of G tasks, G = this budget / (4 bytes x masked weights)
+    mask_update_memory_mb: float = 256.0
     # optimisation
     schedule: str = "mixed"
     steps: int = 1_000_000
@@ -91,6 +93,7 @@ class HarmoDTConfig:
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
             (0.0 <= self.flip_fraction < 1.0, f"flip_fraction must be in [0, 1), got {self.flip_fraction}"),
+            (self.mask_update_memory_mb > 0, f"mask_update_memory_mb must be > 0, got {self.mask_update_memory_mb}"),
             (min(self.log_every, self.checkpoint_every) >= 1 and self.eval_every >= 0,
              "log_every and checkpoint_every must be >= 1, eval_every >= 0"),
             (self.merge_threshold is None or 1 <= self.merge_threshold <= self.num_tasks,
