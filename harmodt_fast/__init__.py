@@ -27,6 +27,8 @@ _EXPORTS = {
     "Batch": "harmodt_fast.batch",
     "Prompt": "harmodt_fast.batch",
     "train": "harmodt_fast.trainer",
+    "plan": "harmodt_fast.memory_plan",
+    "MemoryPlan": "harmodt_fast.memory_plan",
     "TrainResult": "harmodt_fast.trainer",
     "evaluate": "harmodt_fast.evaluation",
     "reproduce": "harmodt_fast.reproduction",
@@ -40,7 +42,8 @@ _EXPORTS = {
 }
 
 _SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
-               "policy", "loggers", "model", "config", "tasks", "reproduction"}
+               "policy", "loggers", "model", "config", "tasks", "reproduction", "activation_memory",
+               "memory_plan"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]
 

@@ -130,13 +130,23 @@ def _cmd_train(args) -> int:
     from harmodt_fast.trainer import train
 
     result = train(args.data, args.out, preset=args.preset, steps=args.steps, device=args.device,
-                   stop_at=args.stop_at, progress=not args.no_progress, **_parse_overrides(args.set))
+                   stop_at=args.stop_at, progress=not args.no_progress, check_memory=not args.no_memory_check,
+                   **_parse_overrides(args.set))
     if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 reports for all
         return 0
     last = result.history[-1] if result.history else {}
     print(f"step {result.step}  loss {last.get('loss', float('nan')):.4f}  checkpoint {result.checkpoint}")
     if result.masks is not None:
         print(f"masks: {result.masks}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from harmodt_fast.memory_plan import plan
+
+    result = plan(args.preset, args.tasks, batch_per_task=args.batch_per_task, device_memory=args.device_memory,
+                  device=args.device, transitions=args.transitions, **_parse_overrides(args.set))
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result)
     return 0
 
 
@@ -231,7 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="config override, e.g. --set method=prompt-dt --set lr=3e-4 --set tasks=MT5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the memory plan (harmodt-fast plan) says it does not fit the device")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plan", help="the memory a run needs at its peak, by part, and the largest batch that fits")
+    p.add_argument("--preset", default="paper", help="tiny, demo, paper or large")
+    p.add_argument("--tasks", default="50", help="number of tasks, a task set (MT50) or comma-separated names")
+    p.add_argument("--batch-per-task", type=int, default=None, help="default: the preset's")
+    p.add_argument("--device-memory", default=None, help="e.g. 139GiB, 24GB, 512MiB (default: this device's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (a GPU run can be planned without one)")
+    p.add_argument("--transitions", type=int, default=None, help="the dataset's transitions, to count its copy")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="config override (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("reproduce", help="HarmoDT vs Prompt-DT vs MTDT: data, every (quality, method, seed), report")
     p.add_argument("--suite", default="MT5", help="task set (MT5, MT10, MT30, MT50) or comma-separated v3 names")

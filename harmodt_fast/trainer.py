@@ -38,6 +38,7 @@ from harmodt_fast.distributed import Distributed, init_distributed, world_size_f
 from harmodt_fast.loggers import Loggers
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.model import HarmoDT
+from harmodt_fast.memory_plan import refuse_if_over_memory
 from harmodt_fast.runtime import autocast_dtype, pick_device, progress_bar
 from harmodt_fast.tasks import task_names
 
@@ -60,12 +61,13 @@ class TrainResult:
 
 
 def train(data, out, preset: str = "demo", steps: int | None = None, device: str = "auto", *,
-          stop_at: int | None = None, progress: bool = True, **overrides) -> TrainResult:
+          stop_at: int | None = None, progress: bool = True, check_memory: bool = True, **overrides) -> TrainResult:
     """Trains HarmoDT (or the prompt-dt / mtdt baselines) on an offline dataset and returns a TrainResult.
 
     data: a dataset folder (hf.collect output or the MTDiff layout) or a loaded dataset; out: the run folder
     (resumed when it holds a checkpoint); overrides: HarmoDTConfig fields by name; stop_at: stop (with a checkpoint)
-    once this many steps are done, to be resumed later.
+    once this many steps are done, to be resumed later; check_memory: refuse (ValueError) a run whose planned peak
+    memory (hf.plan) exceeds the device's, before any data is read or the model built; False runs it anyway.
     """
     if "tasks" in overrides and overrides["tasks"] is not None:
         overrides["tasks"] = tuple(task_names(overrides["tasks"]))  # any names: the dataset says which exist
@@ -81,7 +83,10 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     ops.check_backend(config.backend, asked)  # before loading data or building anything
     rows_per_slice(config.batch_per_task, world_size_from_env())  # a global batch the processes can share
     out = _prepare_out(out)
-    dataset = _load(data)
+    dataset = _load(data)  # opened: its files are read per task on first use
+    if check_memory:  # the task count is the dataset's when not given; its data and the model are not loaded yet
+        refuse_if_over_memory(HarmoDTConfig.from_dict({**config.to_dict(), "tasks": config.tasks or dataset.tasks}),
+                              asked)
     config = _bind_tasks(config, dataset, explicit_dims)
     from harmodt_fast.data import MultiTaskSampler
 
@@ -350,7 +355,8 @@ class Trainer:
         return self.ckpt_path
 
     def _resume(self, ckpt: dict) -> None:
-        mine, theirs = self.config.to_dict(), dict(ckpt["config"])
+        # a field the checkpoint's config lacks (added since it was written) counts as that field's default
+        mine, theirs = self.config.to_dict(), {**_field_defaults(), **dict(ckpt["config"])}
         diff = sorted(k for k in mine if k not in _NON_TRAJECTORY_FIELDS and mine[k] != theirs.get(k))
         if diff:
             details = ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} now" for k in diff[:6])
@@ -401,6 +407,12 @@ class Trainer:
 
 
 _STOP_CHECK_EVERY = 10  # steps between the data-parallel "did a rank get a signal?" checks
+
+
+def _field_defaults() -> dict:
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(HarmoDTConfig) if f.default is not dataclasses.MISSING}
 
 
 def _compiled_task_losses(model: HarmoDT, config: HarmoDTConfig):

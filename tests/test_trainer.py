@@ -90,6 +90,20 @@ def test_other_config_or_data_refused_not_overwritten(tmp_path):
     assert os.path.getmtime(tmp_path / "checkpoint.pt") == mtime
 
 
+def test_a_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
+    """Checkpoints written before a field existed (mask_update_memory_mb) resume when the run uses its default."""
+    from harmodt_fast.checkpoint import load_checkpoint, save_atomic
+
+    run(cfg(), tmp_path, stop_at=5)
+    ckpt = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    del ckpt["config"]["mask_update_memory_mb"]
+    save_atomic(ckpt, str(tmp_path / "checkpoint.pt"))
+    res, _ = run(cfg(), tmp_path)
+    assert res.step == 20
+    with pytest.raises(CheckpointError, match="mask_update_memory_mb: 256.0 there vs 1.0 now"):
+        run(cfg(mask_update_memory_mb=1.0), tmp_path)
+
+
 def test_bad_arguments_fail_before_work(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         hf.train(str(tmp_path / "none"), tmp_path / "o", preset="giant")
