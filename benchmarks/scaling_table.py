@@ -47,7 +47,7 @@ def shapes(preset: str) -> tuple[int, int]:
 
 
 def rows() -> list[str]:
-    from harmodt_fast.plan import plan
+    from harmodt_fast.memory_plan import plan
 
     out = ["| model | T | GPUs | params+grads+AdamW GiB | masks GiB | step activations GiB | mask update peak GiB "
            "| step all-reduce GiB | mask update comm GiB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -62,8 +62,8 @@ def rows() -> list[str]:
                 update_comm = 2 * ring * 4 * T * masked + (W * T * 2 * K * 16 if W > 1 else 0)
                 masks = T * ((masked + 31) // 32) * 4
                 out.append(f"| {preset} ({params / 1e6:.1f}M, {masked / 1e6:.1f}M masked) | {T} | {W} | "
-                           f"{_gib(16 * params)} | {_gib(masks)} | {_gib(p['activations_bytes'])} | "
-                           f"{_gib(p['mask_update_peak_bytes'])} | {_gib(step_comm)} | {_gib(update_comm)} |")
+                           f"{_gib(16 * params)} | {_gib(masks)} | {_gib(p['step']['activations'])} | "
+                           f"{_gib(p['mask_update_bytes'])} | {_gib(step_comm)} | {_gib(update_comm)} |")
     return out
 
 
