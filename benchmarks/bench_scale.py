@@ -134,7 +134,7 @@ def _run_case(name: str, scratch: str, device_name: str) -> dict:
     log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     updates = [e["mask_update"] for e in log if "mask_update" in e]
     losses = [e["loss"] for e in log if "loss" in e]
-    masked = res.masks.numel() if res.masks is not None else 0
+    masked = res.masks.numel if res.masks is not None else 0
     return {"time_s": times[0], "cpu_s": cpus[0], "peak_extra_bytes": peak, "tasks": tasks, "steps": res.step,
             "masked_weights": masked, "whole_buffer_bytes": 4 * tasks * masked, "mask_updates": updates,
             "losses": losses, "config": {k: v for k, v in res.config.to_dict().items()
