@@ -43,7 +43,8 @@ RUNS = {
     "run-paper-T100-streamed": ("paper", 100, dict(mask_interval=2)),
     "run-paper-T100-no-update": ("paper", 100, dict(mask_interval=1000)),
     "run-paper-T100-whole": ("paper", 100, dict(mask_interval=2, mask_update_memory_mb=1e6)),
-    "run-19M-T320-streamed": (dict(hidden=512, layers=6, heads=8, mlp_hidden=2048), 320, dict(mask_interval=2)),
+    "run-19M-T320-streamed": (dict(hidden=512, layers=6, heads=8, mlp_hidden=2048), 320,
+                              dict(mask_interval=2, batch_per_task=1)),
 }
 RUN_SETTINGS = dict(steps=4, batch_per_task=2, warmup_steps=2, log_every=1, checkpoint_every=1000, eval_every=0)
 
