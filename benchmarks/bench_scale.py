@@ -9,13 +9,14 @@ JSON line to OUT/results.jsonl when it ends; a rerun skips the cases already the
 and OUT/scale.png are rendered from that file.
 
 Cases:
-- sweep (synthetic batches, bf16 autocast where the CPU has it, dropout 0.1, 1 sequence per task): a model of
+- sweep (synthetic batches, bf16 autocast where the CPU has it, dropout 0, 1 sequence per task): a model of
   reduced width (hidden 256, 3 layers, MLP 1024: 2,359,296 masked weights; --sweep-preset for another) at
   T = 5, 50, 160, 320 (--tasks):
     step             one mixed training step (after one warm-up step)
     update-whole     the whole-buffer mask update: every task's gradient in one float32 [T, P] buffer
     update-streamed  the streamed mask update (mask_update_memory_mb = 256: G tasks' rows at a time, two passes)
-  Time: wall clock of the call; memory: the peak extra bytes of the call (benchmarks/measure.py).
+  Time: wall clock of the call; memory: the peak extra bytes of the call (benchmarks/measure.py). The two
+  updates start from the same model and batch: "same masks" compares the sha256 of their new masks.
 - runs (hf.train end to end on synthetic data whose task names are not Meta-World's, written once to
   SCRATCH/data_T<T>): the paper model over 100 tasks, with streamed updates, without updates (mask_interval past
   the last step) and with the whole-buffer update; and a 320-task run of a 19M-masked-weight model (hidden 512,
@@ -84,8 +85,10 @@ def _sweep_case(kind: str, tasks: int, preset: str, device_name: str) -> dict:
 
     device = torch.device(device_name)
     model_kw = SWEEP_MODEL if preset == "reduced" else {}
+    # dropout 0: the two update forms then see the same gradients, so their masks must be identical (hashed below)
     cfg = HarmoDTConfig.from_preset("paper" if preset == "reduced" else preset, num_tasks=tasks, batch_per_task=1,
-                                    mask_update_memory_mb=1e9 if kind == "update-whole" else 256.0, **model_kw)
+                                    dropout=0.0, mask_update_memory_mb=1e9 if kind == "update-whole" else 256.0,
+                                    **model_kw)
     if device.type == "cpu":
         load_extension()
     torch.manual_seed(0)
@@ -112,7 +115,11 @@ def _sweep_case(kind: str, tasks: int, preset: str, device_name: str) -> dict:
     rec = {"time_s": times[0], "cpu_s": cpus[0], "peak_extra_bytes": peak, "masked_weights": P,
            "whole_buffer_bytes": 4 * tasks * P, "sequences": batch.num_rows}
     if isinstance(out, dict):
-        rec.update(flips=out["flips"], tasks_per_pass=out["tasks_per_pass"], passes=out["passes"])
+        import hashlib
+
+        masks = model.task_masks()
+        digest = hashlib.sha256(b"".join(masks.packed(n).cpu().numpy().tobytes() for n in masks.names)).hexdigest()
+        rec.update(flips=out["flips"], tasks_per_pass=out["tasks_per_pass"], passes=out["passes"], masks_sha256=digest)
     return rec
 
 
@@ -209,7 +216,7 @@ def render(out: str) -> None:
                   f"per task; {sweep[0]['machine'].get('torch_threads')} thread(s). Times: wall s (process CPU s); "
                   f"the machine was shared with other work, so the CPU time is the steadier figure.", "",
                   "| T | step s | step GiB | whole update s | whole GiB | [T, P] buffer GiB | streamed s | streamed GiB "
-                  "| G (tasks/pass) | same flips |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| G (tasks/pass) | same masks |", "|---|---|---|---|---|---|---|---|---|---|"]
         by = {(r["kind"], r["tasks"]): r for r in sweep}
         for T in sorted({r["tasks"] for r in sweep}):
             s, w, st = by.get(("step", T)), by.get(("update-whole", T)), by.get(("update-streamed", T))
@@ -221,7 +228,7 @@ def render(out: str) -> None:
                 cell(w or st, lambda r: gib(r["whole_buffer_bytes"])),
                 cell(st, secs), cell(st, lambda r: gib(r["peak_extra_bytes"])),
                 cell(st, lambda r: str(r["tasks_per_pass"])),
-                "yes" if w and st and w["flips"] == st["flips"] else "-"]) + " |")
+                ("yes" if w["masks_sha256"] == st["masks_sha256"] else "NO") if w and st else "-"]) + " |")
     runs = [r for r in ok if r["kind"] == "run"]
     if runs:
         lines += ["", "## End-to-end runs (hf.train, synthetic tasks named scale-task-NNN)", "",
