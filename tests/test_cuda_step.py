@@ -44,3 +44,27 @@ def test_training_step_does_not_synchronise(schedule):
         torch.cuda.set_sync_debug_mode(0)
     assert hf.ops.last_backend("masked_mlp") == "triton"
     assert loss.is_cuda and per_task.shape == (cfg.num_tasks,) and torch.isfinite(loss)
+
+
+def test_streamed_mask_update_on_cuda_matches_the_whole_buffer():
+    """The streamed update on the GPU (the torch row form of the harmony op, the Triton kernels' task gradients)
+    gives the masks of the whole-buffer update, and the whole-buffer update those of the CPU's C++ op."""
+    from harmodt_fast import method
+
+    cfg = hf.HarmoDTConfig.from_preset("tiny", num_tasks=5, dropout=0.0, precision="fp32", eta_max=40)
+    torch.manual_seed(0)
+    model = hf.HarmoDT(cfg).cuda()
+    batch = SyntheticSampler(cfg, device="cuda").sample()
+    start = model.task_masks().to("cpu")
+
+    def update(fn, **kw):
+        model.set_masks(start)
+        masks, info, _ = fn(model, batch, cfg, cfg.steps // 2, losses_fn=model.task_losses, amp_dtype=None, **kw)
+        return masks.to("cpu"), info
+
+    whole, info = update(method.mask_update)
+    assert info["passes"] == 1 and info["flips"] > 0 and hf.ops.last_backend("masked_mlp") == "triton"
+    for group in (1, 2, 5):
+        streamed, sinfo = update(method.streamed_mask_update, tasks_per_pass=group)
+        assert streamed == whole, group
+        assert sinfo["backend"] == "torch" and sinfo["passes"] == 2 * -(-5 // group)

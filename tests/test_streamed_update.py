@@ -223,3 +223,4 @@ def test_the_streamed_update_peaks_far_below_the_whole_buffer(cpp_ext):
     assert whole["peak"] >= buffer, (whole["peak"], buffer)
     assert streamed["peak"] <= whole["peak"] - buffer / 2, (streamed["peak"], whole["peak"], buffer)
     assert streamed["info"]["flips"] == whole["info"]["flips"] > 0
+
