@@ -39,6 +39,9 @@ def test_command_2_dry_run(tmp_path):
     pytest.importorskip("metaworld")
     res = run("2", tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert stages(tmp_path) == {"kernels": 0, "eval": 0}
+    assert stages(tmp_path) == {"kernels": 0, "scale": 0, "eval": 0}
     assert any(p.startswith("kernels_") and p.endswith(".json") for p in os.listdir(tmp_path))
+    scale = [json.loads(line) for line in open(tmp_path / "scale" / "results.jsonl")]
+    assert {r["name"] for r in scale} == {"sweep-step-T2", "sweep-update-streamed-T2", "sweep-update-whole-T2"}
+    assert all("error" not in r for r in scale) and (tmp_path / "scale" / "results.md").exists()
     assert any(p.startswith("evaluation_cpu") for p in os.listdir(tmp_path))
