@@ -231,7 +231,11 @@ def render(out: str) -> None:
                 ("yes" if w["masks_sha256"] == st["masks_sha256"] else "NO") if w and st else "-"]) + " |")
     runs = [r for r in ok if r["kind"] == "run"]
     if runs:
+        commits = sorted({r["machine"].get("git_commit", "?")[:10] for r in runs})
         lines += ["", "## End-to-end runs (hf.train, synthetic tasks named scale-task-NNN)", "",
+                  f"{RUN_SETTINGS['steps']} steps, a mask update at step 2 where mask_interval allows, dropout 0.1, "
+                  f"bf16 autocast, {runs[0]['machine'].get('torch_threads')} thread(s), commit {', '.join(commits)}. "
+                  "Peak extra: of the whole hf.train call (data, model, steps, update, checkpoint).", "",
                   "| run | tasks | masked weights | [T, P] buffer GiB | updates | G | wall s (CPU s) | peak extra GiB |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in runs:
