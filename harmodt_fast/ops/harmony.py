@@ -154,6 +154,21 @@ def _active_counts(masks_packed: torch.Tensor, P: int) -> list[int]:
     return [int(c) for c in popcount_rows(masks_packed).tolist()]
 
 
+def prune_scores(score: str, gamma: float, a: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
+                 offset: int) -> torch.Tensor:
+    """γ·a_t + s_t in float64 as the reference rounds it (no fused multiply-add), for g (float64) over entries
+    offset.. with agreement a; `weight` is read for the "magnitude" score only."""
+    if score == "fisher":
+        return gamma * a + g * g
+    if score == "magnitude":
+        magnitude = weight.double().abs()
+        if not bool(torch.isfinite(magnitude).all()):
+            raise ValueError(f"harmony_update: weight_flat contains NaN or inf (entries {offset}.."
+                             f"{offset + magnitude.numel()})")
+        return gamma * a + magnitude
+    return gamma * a + 0.0
+
+
 class TorchHarmonyStream:
     """The harmony update from torch ops on the masks' device, fed consecutive chunks of entries.
 
@@ -221,15 +236,7 @@ class TorchHarmonyStream:
         self._neg += (a < 0).sum(dim=1)
         if self.K == 0:
             return
-        if self.score == "fisher":
-            sc = self.gamma * a + gd * gd
-        elif self.score == "magnitude":
-            mag = w.double().abs()
-            if not bool(torch.isfinite(mag).all()):
-                raise ValueError(f"harmony_update: weight_flat contains NaN or inf (entries {off}..{off + n})")
-            sc = self.gamma * a + mag
-        else:
-            sc = self.gamma * a + 0.0
+        sc = prune_scores(self.score, self.gamma, a, gd, w, off)
         act = self._bits(off, n)
         idx = torch.arange(off, off + n, device=self.device)
         # keys ascending, NaN = not a candidate; "+ 0.0" turns -0.0 into +0.0 so that bitwise (radix) orderings on

@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 
 from harmodt_fast.ops._dispatch import register, select
-from harmodt_fast.ops.harmony import SCORES, _active_counts, _check_masks_k, _nonfinite_tasks, _stats_dict
+from harmodt_fast.ops.harmony import (SCORES, _active_counts, _check_masks_k, _nonfinite_tasks, _stats_dict,
+                                      prune_scores)
 from harmodt_fast.ops.packing import pack_masks_torch, unpack_masks_torch
 
 
@@ -88,15 +89,7 @@ class _TorchRows:
         self.neg[rows] += (a < 0).sum(dim=1)
         if self.K == 0:
             return
-        if self.score == "fisher":
-            score = self.gamma * a + gd * gd
-        elif self.score == "magnitude":
-            magnitude = w.double().abs()
-            if not bool(torch.isfinite(magnitude).all()):
-                raise ValueError(f"harmony_update: weight_flat contains NaN or inf (entries {off}..{off + n})")
-            score = self.gamma * a + magnitude
-        else:
-            score = self.gamma * a + 0.0
+        score = prune_scores(self.score, self.gamma, a, gd, w, off)
         w0, w1 = off // 32, (off + n - 1) // 32 + 1
         active = unpack_masks_torch(self.masks[rows, w0:w1], (w1 - w0) * 32)[:, off - 32 * w0 : off - 32 * w0 + n]
         idx = torch.arange(off, off + n, device=self.device)
