@@ -164,7 +164,39 @@ inline void sweep_task(const scalar_t* g_row, const double* gb, const double* ma
   neg_out += neg;
 }
 
-// Entries [j0, j0 + m) of the chunk (global index base + j): ḡ, then one sweep per task.
+// |θ| of the sub-chunk into L.mag for the magnitude score (nullptr otherwise); marks L bad when one is not finite.
+inline bool magnitude_for(int64_t score, const torch::Tensor& weight, int64_t j0, int64_t m, Local& L,
+                          const double** mag) {
+  *mag = nullptr;
+  if (score != MAGNITUDE) return true;
+  if (!load_magnitude(weight, j0, m, L.mag.data())) {
+    L.bad_weight = true;
+    return false;
+  }
+  *mag = L.mag.data();
+  return true;
+}
+
+// Rows 0..rows-1 of the chunk (tasks first..first+rows-1, heaps 0..rows-1 of L) over entries [j0, j0 + m), ḡ at
+// gb: one sweep per task.
+template <typename scalar_t>
+void sweep_rows(const scalar_t* G, int64_t row_stride, int64_t rows, int64_t first, int64_t j0, int64_t m,
+                int64_t base, const double* gb, const double* mag, const uint32_t* words, int64_t W, double gamma,
+                int64_t score, Local& L) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* gt = G + r * row_stride + j0;
+    const uint32_t* wt = words + (first + r) * W;
+    if (score == FISHER) {
+      sweep_task<FISHER>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
+    } else if (score == MAGNITUDE) {
+      sweep_task<MAGNITUDE>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
+    } else {
+      sweep_task<HARMONY>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
+    }
+  }
+}
+
+// Entries [j0, j0 + m) of the chunk (global index base + j): ḡ of all T rows, then one sweep per task.
 template <typename scalar_t>
 void sweep_subchunk(const scalar_t* G, int64_t row_stride, int64_t T, int64_t j0, int64_t m, int64_t base,
                     const torch::Tensor& weight, const uint32_t* words, int64_t W, double gamma, int64_t score,
@@ -188,35 +220,38 @@ void sweep_subchunk(const scalar_t* G, int64_t row_stride, int64_t T, int64_t j0
   }
   const double Td = static_cast<double>(T);
   for (int64_t j = 0; j < m; ++j) gb[j] = gb[j] / Td;
-  const double* mag = nullptr;
-  if (score == MAGNITUDE) {
-    if (!load_magnitude(weight, j0, m, L.mag.data())) {
-      L.bad_weight = true;
-      return;
-    }
-    mag = L.mag.data();
-  }
-  const int64_t gbase = base + j0;
-  for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* gt = G + t * row_stride + j0;
-    const uint32_t* wt = words + t * W;
-    if (score == FISHER) {
-      sweep_task<FISHER>(gt, gb, mag, m, gbase, wt, gamma, L.prune[t], L.grow[t], L.sum_a[t], L.neg[t]);
-    } else if (score == MAGNITUDE) {
-      sweep_task<MAGNITUDE>(gt, gb, mag, m, gbase, wt, gamma, L.prune[t], L.grow[t], L.sum_a[t], L.neg[t]);
-    } else {
-      sweep_task<HARMONY>(gt, gb, mag, m, gbase, wt, gamma, L.prune[t], L.grow[t], L.sum_a[t], L.neg[t]);
-    }
-  }
+  const double* mag;
+  if (!magnitude_for(score, weight, j0, m, L, &mag)) return;
+  sweep_rows<scalar_t>(G, row_stride, T, 0, j0, m, base, gb, mag, words, W, gamma, score, L);
 }
 
-// All sub-chunks of a feed, in parallel. Dynamic, so that a thread that loses its core (shared machines) does not
-// hold the others up; monotonic, so that each thread takes its sub-chunks in increasing order, which sweep_task
-// relies on.
+// Row mode, entries [j0, j0 + m): ḡ is given (already / T), so every gradient is checked for NaN and inf here.
 template <typename scalar_t>
-void sweep_parallel(const scalar_t* G, int64_t row_stride, int64_t T, int64_t n, int64_t base,
-                    const torch::Tensor& weight, const uint32_t* words, int64_t W, double gamma, int64_t score,
-                    std::vector<Local>& locals) {
+void sweep_given_gbar(const scalar_t* G, int64_t row_stride, int64_t rows, int64_t first, int64_t j0, int64_t m,
+                      int64_t base, const double* gbar, const torch::Tensor& weight, const uint32_t* words,
+                      int64_t W, double gamma, int64_t score, Local& L) {
+  int64_t nonfinite = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* g = G + r * row_stride + j0;
+    for (int64_t j = 0; j < m; ++j) {
+      const double x = static_cast<double>(g[j]);
+      nonfinite += !(x - x == 0.0);
+    }
+  }
+  if (nonfinite) {
+    L.bad_grad = true;
+    return;
+  }
+  const double* mag;
+  if (!magnitude_for(score, weight, j0, m, L, &mag)) return;
+  sweep_rows<scalar_t>(G, row_stride, rows, first, j0, m, base, gbar + j0, mag, words, W, gamma, score, L);
+}
+
+// body(L, j0, m) over every sub-chunk of n entries, in parallel, each thread with its Local. Dynamic, so that a
+// thread that loses its core (shared machines) does not hold the others up; monotonic, so that each thread takes
+// its sub-chunks in increasing order, which sweep_task relies on. A thread whose feed went bad skips the rest.
+template <typename Body>
+void for_each_subchunk(int64_t n, std::vector<Local>& locals, Body body) {
   const int64_t nsub = (n + SUB - 1) / SUB;
 #pragma omp parallel num_threads(static_cast<int>(locals.size()))
   {
@@ -225,57 +260,7 @@ void sweep_parallel(const scalar_t* G, int64_t row_stride, int64_t T, int64_t n,
     for (int64_t c = 0; c < nsub; ++c) {
       if (L.bad_grad || L.bad_weight) continue;
       const int64_t j0 = c * SUB;
-      sweep_subchunk<scalar_t>(G, row_stride, T, j0, std::min(SUB, n - j0), base, weight, words, W, gamma, score, L);
-    }
-  }
-}
-
-// Row mode: tasks first_task..first_task+G-1 over entries [base, base + n), with ḡ given (already / T). Each
-// thread sweeps its sub-chunks in increasing order, one row at a time; a non-finite gradient marks the feed bad.
-template <typename scalar_t>
-void sweep_rows_parallel(const scalar_t* G, int64_t row_stride, int64_t rows, int64_t first_task, int64_t n,
-                         int64_t base, const double* gbar, const torch::Tensor& weight, const uint32_t* words,
-                         int64_t W, double gamma, int64_t score, std::vector<Local>& locals) {
-  const int64_t nsub = (n + SUB - 1) / SUB;
-#pragma omp parallel num_threads(static_cast<int>(locals.size()))
-  {
-    Local& L = locals[omp_get_thread_num()];
-#pragma omp for schedule(monotonic : dynamic, 4)
-    for (int64_t c = 0; c < nsub; ++c) {
-      if (L.bad_grad || L.bad_weight) continue;
-      const int64_t j0 = c * SUB, m = std::min(SUB, n - j0);
-      int64_t nonfinite = 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* g = G + r * row_stride + j0;
-        for (int64_t j = 0; j < m; ++j) {
-          const double x = static_cast<double>(g[j]);
-          nonfinite += !(x - x == 0.0);
-        }
-      }
-      if (nonfinite) {
-        L.bad_grad = true;
-        continue;
-      }
-      const double* mag = nullptr;
-      if (score == MAGNITUDE) {
-        if (!load_magnitude(weight, j0, m, L.mag.data())) {
-          L.bad_weight = true;
-          continue;
-        }
-        mag = L.mag.data();
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* gt = G + r * row_stride + j0;
-        const uint32_t* wt = words + (first_task + r) * W;
-        const double* gb = gbar + j0;
-        if (score == FISHER) {
-          sweep_task<FISHER>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
-        } else if (score == MAGNITUDE) {
-          sweep_task<MAGNITUDE>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
-        } else {
-          sweep_task<HARMONY>(gt, gb, mag, m, base + j0, wt, gamma, L.prune[r], L.grow[r], L.sum_a[r], L.neg[r]);
-        }
-      }
+      body(L, j0, std::min(SUB, n - j0));
     }
   }
 }
@@ -408,8 +393,10 @@ void HarmonyState::feed(const torch::Tensor& weight, const torch::Tensor& grads_
   std::vector<Local> locals = make_locals(n, 0, T_, k_, *cands_, true, score_ == MAGNITUDE);
   const int64_t base = off_;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "harmony_update", [&] {
-    sweep_parallel<scalar_t>(grads.data_ptr<scalar_t>(), row_stride, T_, n, base, w, words, W_, gamma_, score_,
-                             locals);
+    const scalar_t* G = grads.data_ptr<scalar_t>();
+    for_each_subchunk(n, locals, [&](Local& L, int64_t j0, int64_t m) {
+      sweep_subchunk<scalar_t>(G, row_stride, T_, j0, m, base, w, words, W_, gamma_, score_, L);
+    });
   });
   bool bad_grad = false, bad_weight = false;
   for (auto& L : locals) bad_grad |= L.bad_grad, bad_weight |= L.bad_weight;
@@ -464,8 +451,12 @@ void HarmonyState::feed_rows(const torch::Tensor& weight, const torch::Tensor& g
   const uint32_t* words = reinterpret_cast<const uint32_t*>(masks_.data_ptr<int32_t>());
   std::vector<Local> locals = make_locals(n, first_task, rows, k_, *cands_, false, score_ == MAGNITUDE);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "harmony_feed_rows", [&] {
-    sweep_rows_parallel<scalar_t>(grads.data_ptr<scalar_t>(), grads.stride(0), rows, first_task, n, offset,
-                                  gbar.data_ptr<double>(), w, words, W_, gamma_, score_, locals);
+    const scalar_t* G = grads.data_ptr<scalar_t>();
+    const double* gb = gbar.data_ptr<double>();
+    for_each_subchunk(n, locals, [&](Local& L, int64_t j0, int64_t m) {
+      sweep_given_gbar<scalar_t>(G, grads.stride(0), rows, first_task, j0, m, offset, gb, w, words, W_, gamma_,
+                                 score_, L);
+    });
   });
   bool bad_grad = false, bad_weight = false;
   for (auto& L : locals) bad_grad |= L.bad_grad, bad_weight |= L.bad_weight;

@@ -113,6 +113,11 @@ def flips_per_task(config: HarmoDTConfig, step: int, masks: TaskMasks) -> int | 
 AGREEMENT_ENTRIES = 16384  # entries the streamed update samples (evenly spaced) for the task-agreement diagnostic
 
 
+def masked_weights_flat(model) -> torch.Tensor:
+    """The masked weights flattened and concatenated in model order, float32 [P] (a copy)."""
+    return torch.cat([layer.weight.detach().flatten() for layer in model.masked_layers().values()]).float()
+
+
 def masked_sizes(model) -> list[int]:
     """Entries of each masked weight, in model order (the order of the flat [P] vectors)."""
     return [layer.weight.numel() for layer in model.masked_layers().values()]
@@ -153,16 +158,12 @@ def task_gradient_rows(model, batch, first: int, last: int, out: torch.Tensor, *
         model.zero_grad(set_to_none=True)
 
 
-def task_gradients(model, batch, *, losses_fn: Callable, amp_dtype: torch.dtype | None,
-                   tasks_per_pass: int | None = None) -> torch.Tensor:
+def task_gradients(model, batch, *, losses_fn: Callable, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Every task's gradient of its own loss w.r.t. its effective weights, float32 [T, P] over the masked weights in
-    model order: the whole buffer, filled in micro-batches of `tasks_per_pass` tasks (default: all at once)."""
+    model order: the whole buffer, from one backward over the batch."""
     T = model.task_masks().num_tasks
     grads = torch.empty(T, sum(masked_sizes(model)), device=next(model.parameters()).device)
-    group = tasks_per_pass or T
-    for first in range(0, T, group):
-        last = min(T, first + group)
-        task_gradient_rows(model, batch, first, last, grads[first:last], losses_fn=losses_fn, amp_dtype=amp_dtype)
+    task_gradient_rows(model, batch, 0, T, grads, losses_fn=losses_fn, amp_dtype=amp_dtype)
     return grads
 
 
@@ -221,8 +222,7 @@ def harmony_mask_update(model, grads: torch.Tensor, config: HarmoDTConfig, step:
     sets the new masks on the model and returns them with the update's statistics for the log."""
     masks = model.task_masks()
     k = flips_per_task(config, step, masks)
-    weight_flat = torch.cat([layer.weight.detach().flatten() for layer in model.masked_layers().values()]).float()
-    new_flat, stats = ops.harmony_update(weight_flat, grads, masks.flat_packed(), k, config.gamma, config.score)
+    new_flat, stats = ops.harmony_update(masked_weights_flat(model), grads, masks.flat_packed(), k, config.gamma, config.score)
     new_masks = masks.with_flat_packed(new_flat)
     model.set_masks(new_masks)
     return new_masks, _update_info(new_masks, k, stats, ops.last_backend("harmony_update"))
@@ -254,12 +254,12 @@ def streamed_mask_update(model, batch, config: HarmoDTConfig, step: int, *, loss
     sizes = masked_sizes(model)
     T, P = masks.num_tasks, sum(sizes)
     group = tasks_per_pass or update_group_size(config, P)
-    lo, hi = dist.shard_range(P) if dist.world > 1 else (0, P)
+    lo, hi = dist.shard_range(P)  # (0, P) on one process
     k = flips_per_task(config, step, masks)
     packed = masks.flat_packed()
     rows_state = HarmonyRows(T, P, packed, k, config.gamma, config.score)
     if config.score == "magnitude":
-        weight = torch.cat([layer.weight.detach().flatten() for layer in model.masked_layers().values()])[lo:hi]
+        weight = masked_weights_flat(model)[lo:hi]
     else:  # read for the magnitude score only
         weight = torch.zeros((), device=device).expand(hi - lo)
     sample_at = (torch.arange(min(P, AGREEMENT_ENTRIES), device=device) * P) // min(P, AGREEMENT_ENTRIES)
@@ -276,10 +276,9 @@ def streamed_mask_update(model, batch, config: HarmoDTConfig, step: int, *, loss
             task_gradient_rows(model, batch, first, last, rows, losses_fn=losses_fn, amp_dtype=amp_dtype)
             if not second:
                 sample[first:last] = rows[:, sample_at]
-            shard = dist.reduce_scatter_mean(rows) if dist.world > 1 else rows
+            shard = dist.reduce_scatter_mean(rows)  # the rows themselves on one process
             if not second:
-                factors[first:last] = clip_factors(shard, config.task_grad_clip, sizes, lo,
-                                                   dist if dist.world > 1 else None)
+                factors[first:last] = clip_factors(shard, config.task_grad_clip, sizes, lo, dist)
             shard.mul_(factors[first:last, None])
             if not second:
                 for r in range(last - first):  # ḡ in the reference's order: t = 0, 1, ..., T-1
