@@ -15,6 +15,20 @@ def pick_device(device="auto") -> torch.device:
     return dev
 
 
+def same_device(a, b) -> bool:
+    """Whether two device specs name one device: "cuda" and "cuda:0" do (an index-less spec means the current
+    device of its type), and so do "cpu" and "cpu:0"."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = 0
+        if a.type != "cpu" and hasattr(torch, a.type):
+            current = getattr(torch, a.type).current_device()
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index == b.index
+
+
 def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16) unless fp32 is asked for; the same
     rule for training and evaluation, so a run acts as it trained."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from harmodt_fast.ops._dispatch import register, select
 from harmodt_fast.ops.masked_linear import check_masked_linear_args, masked_linear_torch
+from harmodt_fast.runtime import same_device
 
 
 def attention_mask_3d(attn_mask, B: int, L: int, device) -> torch.Tensor | None:
@@ -37,7 +38,7 @@ def attention_mask_3d(attn_mask, B: int, L: int, device) -> torch.Tensor | None:
         m = m[None]
     if m.dim() != 3 or m.shape[0] not in (1, B) or m.shape[1:] != (L, L):
         raise ValueError(f"masked_attention: attn_mask {tuple(attn_mask.shape)} does not broadcast to [{B}, 1, {L}, {L}]")
-    if m.device != torch.device(device):
+    if not same_device(m.device, device):
         raise ValueError(f"masked_attention: attn_mask is on {m.device}, x on {device}")
     return m.expand(B, L, L)
 
