@@ -13,8 +13,10 @@ scaled_dot_product_attention with the model's bool mask, and with is_causal as a
 block (fused chain vs two launches vs unmasked cuBLAS).
 
 Times: `gpu_ms` is GPU time from a CUDA-graph replay (triton.testing.do_bench_cudagraph: no launch overhead),
-`wall_ms` from triton.testing.do_bench (eager launches, what an uncaptured training step pays). Every row carries
-its FLOPs, its minimum bytes and the floor max(FLOPs / peak, bytes / bandwidth) for the H200 ceilings below.
+`wall_ms` from triton.testing.do_bench (eager launches, what an uncaptured training step pays), both medians.
+Every row carries its FLOPs, its minimum bytes and the floor max(FLOPs / matmul ceiling, bytes / copy ceiling),
+with the ceilings measured on the same device (benchmarks/device_ceilings.py; `--ceilings` reads a record of
+them, else they are measured at the start).
 Results go to <out>/kernels_<device>_<date>.json and .md with the device, torch/triton/CUDA versions and date.
 Also a pytest-benchmark suite (CUDA only; skipped on CPU, where the kernels run in the Triton interpreter and
 timing them means nothing).
@@ -42,9 +44,10 @@ if importlib.util.find_spec("harmodt_fast") is None:  # not installed: the check
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harmodt_fast as hf  # noqa: E402
 
-# H200 SXM ceilings (datasheet): dense bf16/fp16 tensor throughput and HBM3e bandwidth
-PEAK_TFLOPS = {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 67.0}
-PEAK_TBPS = 4.8
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import device_ceilings  # noqa: E402
+
+CEILINGS: dict = {}  # measured on this run's device (main)
 
 PAPER_LINEAR = [(256, 768), (256, 256), (256, 1024), (1024, 256)]
 LARGE_LINEAR = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
@@ -64,9 +67,9 @@ class Timer:
 
         fn()  # autotune, compile, caches, before any capture
         torch.cuda.synchronize()
-        res = {"wall_ms": tt.do_bench(fn, warmup=25, rep=100)}
+        res = {"wall_ms": tt.do_bench(fn, warmup=25, rep=100, return_mode="median")}
         try:
-            res["gpu_ms"] = tt.do_bench_cudagraph(fn, rep=100)
+            res["gpu_ms"] = tt.do_bench_cudagraph(fn, rep=100, return_mode="median")
         except Exception as e:  # noqa: BLE001  (a path that cannot be captured keeps its wall time)
             res["gpu_ms"] = None
             res["graph_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -74,7 +77,7 @@ class Timer:
 
 
 def floor_ms(flops: float, nbytes: float, dtype) -> float:
-    return max(flops / (PEAK_TFLOPS[dtype] * 1e12), nbytes / (PEAK_TBPS * 1e12)) * 1e3
+    return device_ceilings.floor_ms(flops, nbytes, dtype, CEILINGS)
 
 
 def mask_bytes(tasks: int, n_in: int, n_out: int) -> int:
@@ -376,8 +379,9 @@ def write_results(rows, meta, out_dir):
     lines = [f"# Task-masked kernels: {meta['device']}", "",
              f"date {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
              f"dtype {meta['dtype']}, {meta['mode']}", "",
-             f"gpu ms: CUDA-graph replay (no launch overhead); wall ms: eager launches. floor: max(FLOPs/"
-             f"{PEAK_TFLOPS[torch.bfloat16]} TFLOP/s, bytes/{PEAK_TBPS} TB/s).", ""]
+             f"gpu ms: CUDA-graph replay (no launch overhead); wall ms: eager launches. floor: max(FLOPs / "
+             f"{meta['ceilings']['matmul_bf16_tflops']:.1f} TFLOP/s, bytes / {meta['ceilings']['copy_tbps']:.2f} TB/s), "
+             f"ceilings measured on this device.", ""]
     for group in dict.fromkeys(r.get("group") for r in rows):
         lines += [f"## {group}", "", "| shape | op | impl | gpu ms | wall ms | TFLOP/s | floor ms | % of floor |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -408,6 +412,7 @@ def main(argv=None):
     ap.add_argument("--compiled", choices=("paper", "all", "none"), default="paper",
                     help="shapes that also time the torch.compile'd materialising baseline (compiling is slow)")
     ap.add_argument("--only", default="linear,attention,mlp")
+    ap.add_argument("--ceilings", help="JSON written by device_ceilings.py on this device (else measured now)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
@@ -416,12 +421,15 @@ def main(argv=None):
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     import triton
+    from harmodt_fast.kernels import _common
 
+    CEILINGS.update(device_ceilings.load(args.ceilings, dev))
     meta = dict(device=torch.cuda.get_device_name(0) if cuda else f"cpu-interpreter-{platform.machine()}",
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 date=datetime.date.today().isoformat(), dtype=str(dtype).replace("torch.", ""),
                 mode="smoke (tiny shapes, single calls: not a measurement)" if args.smoke else "full",
-                python=platform.python_version(), grouped_mm=grouped_mm_available())
+                python=platform.python_version(), grouped_mm=grouped_mm_available(), ceilings=dict(CEILINGS),
+                poison=_common.POISON, autotune=os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0")
     print(meta, flush=True)
     timer = Timer(args.smoke)
     rows: list[dict] = []

@@ -15,8 +15,10 @@ the device time (kernels' summed duration).
 
     python benchmarks/bench_train_step.py --device cuda --preset paper --tasks 50 --out benchmarks/results
 
-FLOPs: ~2.4 GFLOP per sequence forward+backward at the paper preset (75 tokens), so a step over MT50 x 8
-sequences is ~0.96 TFLOP: the floor on an H200 (~990 dense bf16 TFLOP/s) is ~1 ms, ~400,000 sequences/s.
+FLOPs (flops_per_sequence): 2.23 GFLOP per sequence forward+backward at the paper preset (75 tokens), so a step
+over MT50 x 8 sequences is 0.89 TFLOP; with --ceilings (device_ceilings.py's record) every row states its
+TFLOP/s as a fraction of the bf16 matmul ceiling measured on the same device. --profile-top N lists each row's
+N kernels with the most device time.
 """
 from __future__ import annotations
 
@@ -71,8 +73,13 @@ def timed(fn, device, min_steps: int, max_seconds: float, warmup: int = 2) -> tu
     return (time.perf_counter() - t0) / n, n
 
 
-def profile(fn, device) -> dict:
-    """Kernel launches, host time and device time of one call of `fn` (already warm)."""
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def profile(fn, device, top: int = 0) -> dict:
+    """Kernel launches, host time and device time of one call of `fn` (already warm); with `top`, the `top`
+    kernels by device time. Launches: the runtime/driver launch calls (Triton 3.x launches through
+    cuLaunchKernelEx) and, as a cross-check, the kernels the device ran."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -84,12 +91,30 @@ def profile(fn, device) -> dict:
         sync(device)
     events = prof.events()
     if device.type != "cuda":
-        return {"host_ms": host * 1e3}
-    launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        ops = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU]
+        return {"host_ms": host * 1e3, "cpu_ops": len(ops)}
     kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    device_ms = sum(e.device_time for e in kernels) / 1e3 if kernels and hasattr(kernels[0], "device_time") else \
-        sum(e.cuda_time for e in kernels) / 1e3
-    return {"launches": launches, "host_ms": host * 1e3, "device_ms": device_ms}
+    dur = lambda e: getattr(e, "device_time", None) if hasattr(e, "device_time") else e.cuda_time  # noqa: E731
+    out = {"launches": sum(1 for e in events if e.name in LAUNCH_CALLS), "kernels": len(kernels),
+           "host_ms": host * 1e3, "device_ms": sum(dur(e) for e in kernels) / 1e3}
+    if top:
+        by_name: dict[str, list] = {}
+        for e in kernels:
+            acc = by_name.setdefault(e.name, [0, 0.0])
+            acc[0] += 1
+            acc[1] += dur(e) / 1e3
+        ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+        out["top_kernels"] = [{"name": n[:160], "calls": c, "device_ms": ms} for n, (c, ms) in ranked]
+    return out
+
+
+def flops_per_sequence(cfg) -> float:
+    """Training FLOPs of one sequence (forward + backward = 3 x forward): the block matmuls and attention
+    (QKᵀ and PV over all L x L pairs); embeddings and the action head are a rounding error."""
+    L, H = cfg.tokens_per_sequence, cfg.hidden
+    per_token = 2 * (3 * H * H + H * H + 2 * H * cfg.mlp_hidden)
+    attention = 2 * 2 * L * L * H
+    return 3.0 * cfg.layers * (L * per_token + attention)
 
 
 def main(argv=None):
@@ -100,7 +125,10 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=10.0, help="time budget per measurement")
     ap.add_argument("--min-steps", type=int, default=2, help="timed steps at least (a dry run: 1)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}, run in this order")
+    ap.add_argument("--profile-top", type=int, default=0, help="list the N kernels with most device time per row")
+    ap.add_argument("--ceilings", help="JSON written by device_ceilings.py on this device: rows get the fraction "
+                    "of the bf16 matmul ceiling they reach")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="extra config override for every path (as the train CLI's --set)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -108,8 +136,8 @@ def main(argv=None):
     from harmodt_fast.cli import _parse_overrides
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    wanted = set(args.rows.split(","))
-    unknown = wanted - set(ROWS)
+    order = args.rows.split(",")
+    unknown = set(order) - set(ROWS)
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}; expected some of {ROWS}")
     extra = _parse_overrides(args.set)
@@ -117,48 +145,59 @@ def main(argv=None):
     base_cfg = hf.HarmoDTConfig.from_preset(args.preset, num_tasks=args.tasks, **extra)
     seqs = base_cfg.batch_per_task * base_cfg.num_tasks
     sampler = PrebuiltSampler(base_cfg, device)
+    args.ceilings_record = None
+    if args.ceilings:
+        with open(args.ceilings) as f:
+            args.ceilings_record = json.load(f)["ceilings"]
     rows = []
+    trainers: dict[str, Trainer] = {}
 
     def record(row):
         rows.append(row)
         print(json.dumps(row), flush=True)
         write(rows, args, base_cfg, device)
 
-    paths = [("ours", "ours (eager)", {}), ("ours-compiled", "ours (compiled)", dict(compile=True)),
-             ("torch", "plain PyTorch (eager)", dict(backend="torch")),
-             ("torch-compiled", "plain PyTorch (compiled)", dict(backend="torch", compile=True)),
-             ("prompt-dt", "unmasked prompt-dt (dense ceiling)", dict(method="prompt-dt"))]
-    ours_trainer = None
-    for key, label, kw in paths:
-        if key not in wanted:
-            continue
-        cfg = hf.HarmoDTConfig.from_dict({**base_cfg.to_dict(), **kw})
-        tr = Trainer(cfg, sampler, tempfile.mkdtemp(), device, "synthetic")
-        sec, n = timed(tr._train_step, device, args.min_steps, args.seconds, args.warmup)
-        record({"path": label, "s_per_step": sec, "steps_timed": n, "sequences_per_s": seqs / sec,
-                "masked_linear_backend": hf.ops.last_backend("masked_linear") if cfg.use_masks else None,
-                **profile(tr._train_step, device)})
-        if key == "ours":
-            ours_trainer = tr
-    if "mask-update" in wanted:
-        tr = ours_trainer or Trainer(base_cfg, sampler, tempfile.mkdtemp(), device, "synthetic")
-        sec, n = timed(tr._mask_update, device, 1, args.seconds, min(args.warmup, 1))
-        record({"path": "ours mask update (1 backward + harmony_update)", "s_per_update": sec, "updates_timed": n,
-                "harmony_backend": hf.ops.last_backend("harmony_update")})
-    if "published" in wanted:
-        amp = torch.bfloat16 if device.type == "cuda" else None
-        pub = PublishedProcedure(base_cfg, amp_dtype=amp, device=device)
-        state = {"t": 0}
+    paths = {"ours": ("ours (eager)", {}), "ours-compiled": ("ours (compiled)", dict(compile=True)),
+             "torch": ("plain PyTorch (eager)", dict(backend="torch")),
+             "torch-compiled": ("plain PyTorch (compiled)", dict(backend="torch", compile=True)),
+             "prompt-dt": ("unmasked prompt-dt (dense ceiling)", dict(method="prompt-dt"))}
+    published = {}
 
-        def pub_step():
-            t = state["t"] % base_cfg.num_tasks
-            state["t"] += 1
-            pub.train_step(sampler.sample(task=t), t)
+    def published_procedure():
+        if "pub" not in published:
+            amp = torch.bfloat16 if device.type == "cuda" else None
+            published["pub"] = PublishedProcedure(base_cfg, amp_dtype=amp, device=device)
+            published["amp"] = amp
+        return published["pub"]
 
-        sec, n = timed(pub_step, device, args.min_steps, args.seconds, args.warmup)
-        record({"path": f"published procedure (re-implemented), {'bf16' if amp else 'fp32'}", "s_per_step": sec,
-                "steps_timed": n, "sequences_per_s": base_cfg.batch_per_task / sec, **profile(pub_step, device)})
-        if "mask-update" in wanted:
+    for key in order:
+        if key in paths:
+            label, kw = paths[key]
+            cfg = hf.HarmoDTConfig.from_dict({**base_cfg.to_dict(), **kw})
+            tr = trainers[key] = Trainer(cfg, sampler, tempfile.mkdtemp(), device, "synthetic")
+            sec, n = timed(tr._train_step, device, args.min_steps, args.seconds, args.warmup)
+            record({"path": label, "s_per_step": sec, "steps_timed": n, "sequences_per_s": seqs / sec,
+                    "masked_linear_backend": hf.ops.last_backend("masked_linear") if cfg.use_masks else None,
+                    **profile(tr._train_step, device, args.profile_top)})
+        elif key == "published":
+            pub = published_procedure()
+            state = {"t": 0}
+
+            def pub_step():
+                t = state["t"] % base_cfg.num_tasks
+                state["t"] += 1
+                pub.train_step(sampler.sample(task=t), t)
+
+            sec, n = timed(pub_step, device, args.min_steps, args.seconds, args.warmup)
+            record({"path": f"published procedure (re-implemented), {'bf16' if published['amp'] else 'fp32'}",
+                    "s_per_step": sec, "steps_timed": n, "sequences_per_s": base_cfg.batch_per_task / sec,
+                    **profile(pub_step, device, args.profile_top)})
+        elif key == "mask-update":
+            tr = trainers.get("ours") or Trainer(base_cfg, sampler, tempfile.mkdtemp(), device, "synthetic")
+            sec, n = timed(tr._mask_update, device, 1, args.seconds, min(args.warmup, 1))
+            record({"path": "ours mask update (1 backward + harmony_update)", "s_per_update": sec,
+                    "updates_timed": n, "harmony_backend": hf.ops.last_backend("harmony_update")})
+            pub = published_procedure()
             batches = [sampler.sample(task=t) for t in range(base_cfg.num_tasks)]
             sync(device)
             t0 = time.perf_counter()
@@ -175,15 +214,21 @@ def write(rows, args, cfg, device) -> str:
     """Rewrites the .json and .md tables (after every row, so a run cut short keeps what it measured)."""
     pub = next((r for r in rows if r["path"].startswith("published procedure")), None)
     dense = next((r for r in rows if r["path"].startswith("unmasked prompt-dt")), None)
+    flops = flops_per_sequence(cfg)
+    ceiling = args.ceilings_record["matmul_bf16_tflops"] if args.ceilings_record else None
     for r in rows:
         if "sequences_per_s" in r:
             r["x_published"] = r["sequences_per_s"] / pub["sequences_per_s"] if pub else None
             r["x_dense"] = r["sequences_per_s"] / dense["sequences_per_s"] if dense else None
+            r["tflops"] = r["sequences_per_s"] * flops / 1e12
+            r["fraction_of_matmul_ceiling"] = r["tflops"] / ceiling if ceiling else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
     meta = {"benchmark": "train_step", "preset": args.preset, "num_tasks": cfg.num_tasks,
             "batch_per_task": cfg.batch_per_task, "tokens_per_sequence": cfg.tokens_per_sequence, "device": name,
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "python": platform.python_version(), "flops_per_sequence": flops,
+            "ceilings": args.ceilings_record, "poison": os.environ.get("HARMODT_POISON") == "1",  # False to time
+            "autotune": os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:]), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
@@ -194,11 +239,13 @@ def write(rows, args, cfg, device) -> str:
     with open(stem + ".md", "w") as f:
         f.write(f"# Training step, {args.preset} preset, {cfg.num_tasks} tasks x {cfg.batch_per_task} sequences\n\n"
                 f"{name}, torch {meta['torch']}, {meta['date']}\n\n| path | ms/step or update | sequences/s | "
-                "x published | x dense | launches | host ms | device ms |\n|---|---|---|---|---|---|---|---|\n")
+                "x published | x dense | TFLOP/s | of ceiling | launches | host ms | device ms |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             sec = r.get("s_per_step", r.get("s_per_update"))
             f.write(f"| {r['path']} | {fmt(sec * 1e3, '.2f')} | {fmt(r.get('sequences_per_s'), '.0f')} | "
                     f"{fmt(r.get('x_published'), '.2f')} | {fmt(r.get('x_dense'), '.2f')} | "
+                    f"{fmt(r.get('tflops'), '.3f')} | {fmt(r.get('fraction_of_matmul_ceiling'), '.3f')} | "
                     f"{fmt(r.get('launches'), 'd')} | {fmt(r.get('host_ms'), '.2f')} | "
                     f"{fmt(r.get('device_ms'), '.2f')} |\n")
     return stem + ".json"

@@ -1,115 +1,167 @@
 #!/usr/bin/env bash
-# The first GPU run, in two commands of at most 6 minutes each on a fresh H200 where nothing is cached:
+# The first GPU run: ONE command, at most 9 minutes on a fresh machine, the most valuable numbers first.
 #
-#   bash benchmarks/gpu_run.sh 1     # environment record; correctness at pinned kernel configs
-#                                    # (HARMODT_FAST_AUTOTUNE=0: one compile per kernel variant); the paper-shape
-#                                    # training step and mask update, every path on the GPU
-#   bash benchmarks/gpu_run.sh 2     # the autotuned kernel tables; the scale sweep (large preset, T = 50, 160,
-#                                    # as far as its 60 s get); the batched MT50 evaluation when the Meta-World
-#                                    # wheels travel in .whl/ (or metaworld is installed)
-#   bash benchmarks/gpu_run.sh 1 --dry-run   # the same stages on the CPU Triton interpreter at tiny shapes (CI)
+#   bash benchmarks/gpu_run.sh              # on the GPU machine (results in $OUT, default benchmarks/results/gpu_run)
+#   bash benchmarks/gpu_run.sh --dry-run    # every stage on the CPU Triton interpreter at tiny shapes (CI)
+#   bash benchmarks/gpu_run.sh --plan       # print the stages and their time limits, run nothing
 #
-# Results land in $OUT (default benchmarks/results/gpu_run), each stage's files as soon as the stage ends. Every
-# stage runs under `timeout -s INT`, so pytest and the benchmarks stop like on Ctrl-C and still write their
-# reports. Compiled kernels are kept in .triton-cache/ inside the tree (ignored by git): a rerun on the same warm
-# machine reuses them. Stage limits (seconds) can be changed with T_TESTS, T_TRAIN, T_KERNELS, T_SCALE, T_EVAL.
+# Stages, in this order, each under its own time limit (SIGINT, so pytest and the benchmarks stop as on Ctrl-C
+# and keep what they wrote), each folded into the summary before the next starts:
+#   env            the environment record and the ceilings MEASURED on this device (bf16/fp32 matmul, copy)
+#   tests          kernel correctness at paper shapes, forward and backward, against the reference: the GPU-only
+#                  tests first (kernel outputs NaN-poisoned)
+#   train_step     the paper MT50 training step: ours, the published procedure, the unmasked prompt-dt model at
+#                  the same batch, one mask update each way
+#   profile        one profiled step of ours: host and device time, launches, the top 15 kernels
+#   kernels        masked matmul vs cuBLAS dense vs materialising (paper and large shapes), attention, MLP
+#   scale          large preset at 50 and 160 tasks: training step and mask update
+#   eval           batched MT50 evaluation, when metaworld is installed or its wheels travel in .whl/
+#   train_compiled the torch.compile'd training steps, only with the time that is left
+# Only the tests stage poisons kernel outputs. Kernels run their pinned configs[0] (HARMODT_FAST_AUTOTUNE=0): one
+# compile per variant. What comes back: $OUT/summary.json, $OUT/summary.md, $OUT/run.log, $OUT/tests.xml (4 files;
+# the stages' own files stay in $WORK). Compiled kernels go to $TRITON_CACHE_DIR (default .triton-cache/ here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CMD="${1:-}"
-DRY=0
-[ "${2:-}" = "--dry-run" ] && DRY=1
-if [ "$CMD" != 1 ] && [ "$CMD" != 2 ]; then
-  echo "usage: bash benchmarks/gpu_run.sh 1|2 [--dry-run]" >&2
-  exit 2
+MODE=gpu
+case "${1:-}" in
+  --dry-run) MODE=dry ;;
+  --plan) MODE=plan ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh [--dry-run | --plan]" >&2; exit 2 ;;
+esac
+BUDGET=540                       # seconds for the whole command: 9 minutes
+# name:limit_s; the fixed stages sum to at most BUDGET - 40 (room for kill grace and the summaries)
+STAGES=(env:35 tests:120 train_step:100 profile:30 kernels:110 scale:60 eval:45)
+OPTIONAL=train_compiled          # runs with what is left, if at least 45 s
+if [ "$MODE" = plan ]; then
+  for s in "${STAGES[@]}"; do echo "${s%%:*} ${s##*:}"; done
+  echo "$OPTIONAL rest"
+  echo "budget $BUDGET"
+  exit 0
 fi
+
 OUT="${OUT:-benchmarks/results/gpu_run}"
-mkdir -p "$OUT"
+WORK="${WORK:-${TMPDIR:-/tmp}/harmodt_gpu_run}"
+rm -rf "$WORK"
+mkdir -p "$OUT" "$WORK"
+rm -f "$OUT/summary.json" "$OUT/summary.md" "$OUT/run.log" "$OUT/tests.xml"
+exec > >(tee -a "$OUT/run.log") 2>&1
+TEE_PID=$!
 PY="$(command -v python || command -v python3)"
 # A pip-installed harmodt_fast (CI, a user's machine) carries its compiled C++ extension: use it rather than the
-# tree, which would compile the extension again on first use. A bare tree (the GPU machine) runs from the source.
+# tree. A bare tree (the GPU machine) runs from the source.
 if (cd / && "$PY" -c "import harmodt_fast") 2>/dev/null; then
   export PYTHONSAFEPATH=1 PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"  # no cwd on sys.path
 else
   export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"
-if [ "$DRY" = 1 ]; then
+# the C++ extension is not built here (a ninja build would cost a minute of the GPU's time): CPU-side ops fall
+# back to plain PyTorch
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}" HARMODT_FAST_AUTOTUNE=0 PYTHONUNBUFFERED=1 \
+  HARMODT_FAST_DISABLE_CPP=1
+unset HARMODT_POISON
+if [ "$MODE" = dry ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   DEV=cpu
 else
   unset TRITON_INTERPRET
   DEV=cuda
 fi
+# Launches of interpreted kernels are counted by variant (dry run); on the GPU the cache is counted at the end.
+RUN=("$PY" benchmarks/kernel_variants.py --log "$WORK/variants.jsonl" --)
+PYTEST_EXTRA=()
+"$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_EXTRA=(-o "addopts=-ra")  # addopts name its flag
 start=$(date +%s)
 status=0
-# pyproject's addopts name pytest-benchmark's flag; without the plugin, replace them
-PYTEST_EXTRA=()
-"$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_EXTRA=(-o "addopts=-ra")
 
-stage() {  # stage NAME LIMIT_S COMMAND...: runs under a SIGINT time-out, logs to $OUT/NAME.log, records the status
-  local name="$1" limit="$2"
-  shift 2
-  echo "== $name (limit ${limit}s, $(( $(date +%s) - start ))s elapsed)"
-  timeout -s INT -k 20 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+summarise() {
+  "$PY" benchmarks/gpu_summary.py --work "$WORK" --out "$OUT" --cache "$TRITON_CACHE_DIR" \
+    || echo "gpu_summary failed (the stages' files are in $WORK)"
+}
+
+stage() {  # stage NAME LIMIT_S POISON COMMAND...: runs under a SIGINT time limit that never passes the budget
+  local name="$1" limit="$2" poison="$3"
+  shift 3
+  local t0=$(( $(date +%s) - start ))
+  local left=$(( BUDGET - 15 - t0 ))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then
+    echo "== $name skipped: the budget is spent (${t0}s elapsed)"
+    echo "$name 125 $t0 $t0 0 $poison" >> "$WORK/stages.tsv"
+    return 0
+  fi
+  echo "== $name (limit ${limit}s, ${t0}s elapsed)"
+  if [ "$poison" = 1 ]; then
+    HARMODT_POISON=1 timeout -s INT -k 5 "$limit" "$@"
+  else
+    timeout -s INT -k 5 "$limit" "$@"
+  fi
   local rc=$?
-  echo "$name exit status: $rc (124: stopped by the time limit; what finished is in $OUT)" | tee -a "$OUT/$name.log"
-  echo "$name $rc $(( $(date +%s) - start ))" >> "$OUT/stages.txt"
-  [ "$status" -eq 0 ] && status=$rc
+  echo "== $name exit status: $rc (124: stopped by its time limit; what finished is kept)"
+  echo "$name $rc $t0 $(( $(date +%s) - start )) $limit $poison" >> "$WORK/stages.tsv"
+  [ "$status" -eq 0 ] && [ "$rc" -ne 0 ] && status=$rc
+  summarise
   return 0
 }
 
-if [ "$CMD" = 1 ]; then
-  : > "$OUT/stages.txt"
-  {
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown), $(git status --short 2>/dev/null | wc -l) changed files"
-    echo "mode: $([ "$DRY" = 1 ] && echo 'dry run (CPU interpreter, tiny shapes)' || echo GPU)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 || true
-    "$PY" - <<'PYEOF'
-import platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-try:
-    import triton; print("triton", triton.__version__)
-except Exception as e: print("triton missing:", e)
-print("cuda available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-PYEOF
-  } > "$OUT/env.txt" 2>&1
-  cat "$OUT/env.txt"
-  export HARMODT_FAST_AUTOTUNE=0 HARMODT_POISON=1
-  if [ "$DRY" = 1 ]; then
-    TESTS=(tests/test_kernels_gpu.py tests/test_cuda_step.py
-           "tests/test_kernels_masked_linear.py::test_task_grads_as_a_slice_of_one_task_by_parameter_buffer")
-    TRAIN=(--device cpu --preset tiny --tasks 2 --seconds 0 --min-steps 1 --warmup 1
-           --rows ours,prompt-dt,published,mask-update --set layers=1 --set hidden=32 --set mlp_hidden=64 --set context=3 --set batch_per_task=2 --set backend=triton)
-  else
-    # the interpreter-era kernel tests run compiled on the GPU too; the sm_90 compile checks stay in CPU CI
-    TESTS=(tests/test_kernels_gpu.py tests/test_kernels_masked_linear.py tests/test_kernels_masked_mlp.py
-           tests/test_kernels_masked_attention.py tests/test_kernels_model.py tests/test_cuda_step.py)
-    TRAIN=(--device cuda --preset paper --tasks 50 --seconds 8)
-  fi
-  stage tests "${T_TESTS:-200}" "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" -rA \
-      --junitxml="$OUT/tests.xml" --durations=15 "${TESTS[@]}"
-  stage train_step "${T_TRAIN:-130}" "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --out "$OUT"
+limit_of() { for s in "${STAGES[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s##*:}"; done; }
+
+if [ "$MODE" = dry ]; then
+  ENV_ARGS=(--quick)
+  TESTS=(tests/test_kernels_gpu.py tests/test_cuda_step.py
+         "tests/test_kernels_masked_linear.py::test_task_grads_as_a_slice_of_one_task_by_parameter_buffer[triton]")
+  SHAPE=(--device cpu --preset tiny --tasks 2 --seconds 0 --min-steps 1 --warmup 1 --set layers=1 --set hidden=32
+         --set mlp_hidden=64 --set context=3 --set batch_per_task=2 --set backend=triton)
+  KERNELS=(--smoke --compiled none)
+  SCALE=(--device cpu --sweep-preset tiny --tasks 2)
+  EVAL=(--device cpu --tasks reach-v3 --steps 2 --episodes 1 --workers 0 --skip-baseline --backend torch)
+  XDIST=()
 else
-  if [ "$DRY" = 1 ]; then KERNELS=(--smoke); else KERNELS=(); fi
-  stage kernels "${T_KERNELS:-220}" "$PY" benchmarks/bench_kernels.py "${KERNELS[@]}" --out "$OUT"
-  # the mask update and the training step against the task count (large preset at T = 50, 160 on the GPU)
-  if [ "$DRY" = 1 ]; then SCALE=(--device cpu --sweep-preset tiny --tasks 2); else
-    SCALE=(--device cuda --sweep-preset large --tasks 50,160); fi
-  stage scale "${T_SCALE:-60}" "$PY" benchmarks/bench_scale.py --only sweep "${SCALE[@]}" --out "$OUT/scale"
-  if ! "$PY" -c "import metaworld" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --find-links .whl metaworld gymnasium >> "$OUT/eval.log" 2>&1 || true
-  fi
-  if "$PY" -c "import metaworld" 2>/dev/null; then
-    if [ "$DRY" = 1 ]; then
-      EVAL=(--device cpu --tasks reach-v3 --steps 2 --episodes 1 --workers 0 --skip-baseline --backend cpp)
-    else
-      EVAL=(--device cuda --steps 500 --baseline-tasks 5 --baseline-steps 200)
-    fi
-    stage eval "${T_EVAL:-90}" "$PY" benchmarks/bench_evaluation.py "${EVAL[@]}" --out "$OUT"
-  else
-    echo "eval skipped: metaworld is not installed and no wheels in .whl/" | tee "$OUT/eval.log"
-  fi
+  ENV_ARGS=()
+  # the GPU-only tests first; the interpreter-era kernel tests run compiled on the GPU too (the sm_90 compile
+  # checks stay in CPU CI)
+  TESTS=(tests/test_kernels_gpu.py tests/test_cuda_step.py tests/test_kernels_masked_linear.py
+         tests/test_kernels_masked_mlp.py tests/test_kernels_masked_attention.py tests/test_kernels_model.py)
+  SHAPE=(--device cuda --preset paper --tasks 50 --seconds 5)
+  KERNELS=(--compiled none)
+  SCALE=(--device cuda --sweep-preset large --tasks 50,160)
+  EVAL=(--device cuda --steps 500 --baseline-tasks 5 --baseline-steps 200)
+  # compile in parallel: pytest-xdist workers each compile their tests' kernels (16 CPU cores there)
+  XDIST=()
+  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 fi
-echo "command $CMD: elapsed $(( $(date +%s) - start )) s; results in $OUT"
+
+stage env "$(limit_of env)" 0 "$PY" benchmarks/device_ceilings.py --out "$WORK/env.json" "${ENV_ARGS[@]}"
+stage tests "$(limit_of tests)" 1 "${RUN[@]}" -m pytest -q -p no:cacheprovider \
+  "${PYTEST_EXTRA[@]}" "${XDIST[@]}" -rfE --junitxml="$OUT/tests.xml" --durations=10 "${TESTS[@]}"
+stage train_step "$(limit_of train_step)" 0 "${RUN[@]}" benchmarks/bench_train_step.py "${SHAPE[@]}" \
+  --rows ours,published,prompt-dt,mask-update --ceilings "$WORK/env.json" --out "$WORK/train_step"
+stage profile "$(limit_of profile)" 0 "${RUN[@]}" benchmarks/bench_train_step.py "${SHAPE[@]}" --rows ours \
+  --profile-top 15 --ceilings "$WORK/env.json" --out "$WORK/profile"
+stage kernels "$(limit_of kernels)" 0 "${RUN[@]}" benchmarks/bench_kernels.py "${KERNELS[@]}" \
+  --ceilings "$WORK/env.json" --out "$WORK/kernels"
+stage scale "$(limit_of scale)" 0 "$PY" benchmarks/bench_scale.py --only sweep "${SCALE[@]}" --out "$WORK/scale" \
+  --scratch "$WORK/scale_scratch"
+if ! "$PY" -c "import metaworld" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
+if "$PY" -c "import metaworld" 2>/dev/null; then
+  stage eval "$(limit_of eval)" 0 "$PY" benchmarks/bench_evaluation.py "${EVAL[@]}" --out "$WORK/eval"
+else
+  echo "== eval skipped: metaworld is not installed and no wheels in .whl/"
+  echo "eval 125 $(( $(date +%s) - start )) $(( $(date +%s) - start )) 0 0" >> "$WORK/stages.tsv"
+fi
+left=$(( BUDGET - 15 - ($(date +%s) - start) ))
+if [ "$left" -ge 45 ]; then
+  stage "$OPTIONAL" "$left" 0 "${RUN[@]}" benchmarks/bench_train_step.py "${SHAPE[@]}" \
+    --rows ours-compiled,torch-compiled --ceilings "$WORK/env.json" --out "$WORK/$OPTIONAL"
+else
+  echo "== $OPTIONAL skipped: ${left}s left"
+  echo "$OPTIONAL 125 $(( BUDGET - 15 - left )) $(( BUDGET - 15 - left )) 0 0" >> "$WORK/stages.tsv"
+fi
+summarise
+echo "gpu_run: $(( $(date +%s) - start )) s in all; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null  # run.log complete before the command returns
 exit "$status"
