@@ -161,6 +161,9 @@ else
   echo "$OPTIONAL 125 $(( BUDGET - 15 - left )) $(( BUDGET - 15 - left )) 0 0" >> "$WORK/stages.tsv"
 fi
 summarise
+# what the compile cost grows with: interpreted launches keyed as the JIT would compile them (dry run), the
+# compiled kernels in the Triton cache (GPU)
+echo "kernel variants: $("$PY" benchmarks/kernel_variants.py --count "$WORK/variants.jsonl" --cache "$TRITON_CACHE_DIR")"
 echo "gpu_run: $(( $(date +%s) - start )) s in all; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null  # run.log complete before the command returns
