@@ -58,7 +58,7 @@ class Timer:
     def __init__(self, smoke: bool):
         self.smoke = smoke
 
-    def __call__(self, fn) -> dict:
+    def __call__(self, fn, impl: str = "") -> dict:
         if self.smoke:
             t0 = time.perf_counter()
             fn()
@@ -117,7 +117,7 @@ def bench_linear(timer, rows_out, group, n_in, n_out, tasks, rows_per_task, dtyp
     shape = f"{M}x{n_in}->{n_out} T={tasks}"
 
     def add(op, impl, fn, nbytes, fl=flops):
-        r = timer(fn)
+        r = timer(fn, impl)
         r.update(group=group, shape=shape, op=op, impl=impl, flops=fl, bytes=nbytes,
                  floor_ms=floor_ms(fl, nbytes, dtype))
         rows_out.append(r)
@@ -216,7 +216,7 @@ def bench_attention(timer, rows_out, group, B, L, H, heads, tasks, dtype, dev):
     shape = f"B={B} L={L} H={H} heads={heads}"
 
     def add(op, impl, fn, fl, nb):
-        r = timer(fn)
+        r = timer(fn, impl)
         r.update(group=group, shape=shape, op=op, impl=impl, flops=fl, bytes=nb, floor_ms=floor_ms(fl, nb, dtype))
         rows_out.append(r)
         print(f"  {op:18s} {impl:34s} wall {r['wall_ms']:.4f} ms  gpu {r.get('gpu_ms')}", flush=True)
@@ -290,7 +290,7 @@ def bench_mlp(timer, rows_out, group, hidden, mlp, tasks, rows_per_task, dtype, 
     shape = f"{M}x{hidden}->{mlp}->{hidden} T={tasks}"
 
     def add(op, impl, fn, fl, nb):
-        r = timer(fn)
+        r = timer(fn, impl)
         r.update(group=group, shape=shape, op=op, impl=impl, flops=fl, bytes=nb, floor_ms=floor_ms(fl, nb, dtype))
         rows_out.append(r)
         print(f"  {op:14s} {impl:34s} wall {r['wall_ms']:.4f} ms  gpu {r.get('gpu_ms')}", flush=True)

@@ -67,6 +67,13 @@ else
   unset TRITON_INTERPRET
   DEV=cuda
 fi
+# A Triton cache compiled without a GPU (benchmarks/precompile.py) may travel in $TRITON_CACHE_DIR: point its
+# entries at where it is now, and count them, so the summary tells what the GPU still had to compile.
+if ls "$TRITON_CACHE_DIR"/*/*.cubin >/dev/null 2>&1; then
+  "$PY" benchmarks/precompile.py --cache "$TRITON_CACHE_DIR" --relocate
+fi
+ls "$TRITON_CACHE_DIR"/*/*.cubin 2>/dev/null | wc -l > "$WORK/cache_carried.txt"
+cp "$TRITON_CACHE_DIR/precompiled.json" "$WORK/" 2>/dev/null
 # Launches of interpreted kernels are counted by variant (dry run); on the GPU the cache is counted at the end.
 RUN=("$PY" benchmarks/kernel_variants.py --log "$WORK/variants.jsonl" --)
 PYTEST_EXTRA=()

@@ -77,7 +77,14 @@ def collect(work: str, out: str, cache: str | None) -> dict:
         summary[key] = _json(path) if path else None
     scale = os.path.join(work, "scale", "results.jsonl")
     summary["scale"] = [json.loads(line) for line in open(scale) if line.strip()] if os.path.exists(scale) else None
-    summary["kernel_variants"] = kernel_variants.count(os.path.join(work, "variants.jsonl"), cache)
+    variants = kernel_variants.count(os.path.join(work, "variants.jsonl"), cache)
+    carried = os.path.join(work, "cache_carried.txt")
+    if os.path.exists(carried):  # compiled kernels that travelled with the run (benchmarks/precompile.py)
+        variants["carried"] = int(open(carried).read().strip() or 0)
+        variants["precompiled"] = _json(os.path.join(work, "precompiled.json"))
+        if "compiled" in variants:
+            variants["compiled_during_run"] = variants["compiled"] - variants["carried"]
+    summary["kernel_variants"] = variants
     summary["headline"] = headline(summary)
     return summary
 
@@ -168,8 +175,11 @@ def markdown(s: dict, work: str) -> str:
         lines += [f"| `{k['name'][:90]}` | {k['calls']} | {_fmt(k['device_ms'])} |" for k in ours_prof["top_kernels"]]
     kv = s.get("kernel_variants") or {}
     if kv:
+        pre = kv.get("precompiled") or {}
         lines += ["", "## Kernel variants", "", f"launched variants (interpreter count): {kv.get('variants', '-')}; "
-                  f"compiled kernels in the Triton cache: {kv.get('compiled', '-')}."]
+                  f"compiled kernels in the Triton cache at the end: {kv.get('compiled', '-')}, of which carried in "
+                  f"(precompiled without a GPU{', triton ' + pre['triton'] if pre.get('triton') else ''}): "
+                  f"{kv.get('carried', '-')}, compiled during the run: {kv.get('compiled_during_run', '-')}."]
     # the stages' own tables, as their benchmarks rendered them
     for title, pattern in [("Training step", "train_step/train_step_*.md"), ("Compiled training step",
                            "train_compiled/train_step_*.md"), ("Kernels", "kernels/kernels_*.md"),
