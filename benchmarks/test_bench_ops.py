@@ -126,3 +126,26 @@ def test_bench_train_step(benchmark, impl):
     benchmark.extra_info.update({"group": "train_step", "impl": impl, "device": str(DEVICE), "quick": QUICK,
                                  "tasks": TASKS, "sequences": sequences, "flops": 6 * params * tokens,
                                  "bytes": 4 * params * 4, "amp": str(amp)})
+
+
+# mask_init group: one task's mask of one large-preset MLP layer (4096 x 1024 weights, 80% active), the exact-count
+# subset ERK draws per task and layer, against the permutation it replaced
+@pytest.mark.benchmark(group="mask_init")
+@pytest.mark.parametrize("impl", ["random_subset", "torch.randperm"])
+def test_bench_mask_init(benchmark, impl):
+    import numpy as np
+
+    from harmodt_fast.masks import random_subset
+
+    n = 4096 if QUICK else 4096 * 1024
+    k = int(0.8 * n)
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+
+    def permutation():
+        dense = torch.zeros(n, dtype=torch.bool)
+        dense[torch.randperm(n, generator=gen)[:k]] = True
+        return dense
+
+    fn = (lambda: random_subset(rng, n, k)) if impl == "random_subset" else permutation
+    benchmark.extra_info.update(weights=n, active=k)
+    assert int(benchmark(fn).sum()) == k

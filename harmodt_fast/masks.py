@@ -7,8 +7,11 @@ in the `masks_packed` buffers of its MaskedLinear layers (so it moves with .to()
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from harmodt_fast.ops.packing import pack_masks, popcount_rows, unpack_masks, words_for
@@ -35,6 +38,27 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict
     return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
 
 
+def random_subset(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """bool [n] with exactly k True, a uniformly random k-subset: the k smallest of n random 32-bit keys (ties by
+    index). Only the few keys near the k/n quantile are sorted: a pass over n random numbers instead of a
+    permutation of n (5-9x faster than torch.randperm at 4M weights on one core: bench_ops, mask_init)."""
+    if k <= 0 or k >= n:
+        return np.full(n, k > 0)
+    keys = rng.integers(0, 2**32, n, dtype=np.uint32)
+    middle, spread = k / n * 2**32, 8 * (math.sqrt(n * (k / n) * (1 - k / n)) + 1) / n * 2**32
+    for widen in (1, 16):  # the key band holding the k-th key: 8 then 128 standard deviations around its mean
+        lo, hi = max(0, int(middle - widen * spread)), min(2**32 - 1, int(middle + widen * spread) + 1)
+        chosen = keys < np.uint32(lo)
+        below = int(chosen.sum())
+        band = np.flatnonzero((keys >= np.uint32(lo)) & (keys < np.uint32(hi)))
+        if below <= k <= below + band.size:
+            break
+    else:  # never seen: fall back to ordering every key
+        chosen, below, band = np.zeros(n, bool), 0, np.arange(n)
+    chosen[band[np.lexsort((band, keys[band]))[: k - below]]] = True
+    return chosen
+
+
 class TaskMasks:
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], packed: Mapping[str, torch.Tensor]):
         if set(shapes) != set(packed):
@@ -56,20 +80,22 @@ class TaskMasks:
     @classmethod
     def erk(cls, model_or_shapes, num_tasks: int, density: float = 0.8, seed: int = 0, device=None) -> "TaskMasks":
         """Independent random masks per task with ERK layer densities; every task gets exactly
-        round(density_l * numel_l) active weights in layer l."""
+        round(density_l * numel_l) active weights in layer l, a uniformly random subset drawn from its own
+        random stream (seed, layer, task), so tasks are drawn in parallel threads and the masks do not depend on
+        how many."""
         shapes = masked_weight_shapes(model_or_shapes)
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         densities = erk_densities(shapes, density)
-        gen = torch.Generator().manual_seed(int(seed))
         packed = {}
-        for name, shape in shapes.items():
-            n = math.prod(shape)
-            active = int(round(densities[name] * n))
-            dense = torch.zeros(num_tasks, n, dtype=torch.bool)
-            for t in range(num_tasks):
-                dense[t, torch.randperm(n, generator=gen)[:active]] = True
-            packed[name] = pack_masks(dense).to(device) if device is not None else pack_masks(dense)
+        with ThreadPoolExecutor(max(1, min(num_tasks, os.cpu_count() or 1))) as pool:
+            for layer, (name, shape) in enumerate(shapes.items()):
+                n = math.prod(shape)
+                active = int(round(densities[name] * n))
+                rows = pool.map(lambda t: random_subset(np.random.default_rng([int(seed), layer, t]), n, active),
+                                range(num_tasks))
+                dense = torch.from_numpy(np.stack(list(rows)))  # [T, n] bool
+                packed[name] = pack_masks(dense).to(device) if device is not None else pack_masks(dense)
         return cls(shapes, packed)
 
     @classmethod

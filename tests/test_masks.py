@@ -91,3 +91,37 @@ def test_paper_mt50_mask_memory():
     print(f"paper MT50 masks: {masks.nbytes / 1e6:.2f} MB packed, {masks.numel} masked weights")
     assert 29e6 < masks.nbytes < 31e6
     assert abs(masks.density() - 0.8) < 0.001
+
+
+@pytest.mark.parametrize("n,k", [(1, 0), (1, 1), (2, 1), (33, 20), (1000, 999), (4096, 1), (100_003, 80_002)])
+def test_random_subset_has_exactly_k(n, k):
+    import numpy as np
+
+    from harmodt_fast.masks import random_subset
+
+    chosen = random_subset(np.random.default_rng([n, k]), n, k)
+    assert chosen.dtype == bool and chosen.shape == (n,) and int(chosen.sum()) == k
+
+
+def test_random_subset_is_uniform():
+    import numpy as np
+
+    from harmodt_fast.masks import random_subset
+
+    rng, n, k, draws = np.random.default_rng(0), 40, 10, 20_000
+    freq = sum(random_subset(rng, n, k).astype(np.int64) for _ in range(draws)) / draws
+    # every position is chosen with probability k/n = 0.25 (binomial sd 0.003 per position: 5 sd allowed)
+    assert np.abs(freq - k / n).max() < 0.016
+    pairs = {}
+    for _ in range(4000):  # and every 2-subset of a 4-set equally often
+        key = tuple(np.flatnonzero(random_subset(rng, 4, 2)))
+        pairs[key] = pairs.get(key, 0) + 1
+    assert len(pairs) == 6 and max(pairs.values()) - min(pairs.values()) < 200
+
+
+def test_erk_masks_do_not_depend_on_the_thread_count(monkeypatch):
+    import os
+
+    many = hf.TaskMasks.erk(SHAPES, num_tasks=5, density=0.7, seed=3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert hf.TaskMasks.erk(SHAPES, num_tasks=5, density=0.7, seed=3) == many
