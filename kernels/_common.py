@@ -37,6 +37,15 @@ def tuned(configs: list) -> list:
     return configs if os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0" else configs[:1]
 
 
+def autotune_configs(names: tuple, rows: list, interpreted: tuple) -> list:
+    """triton.Configs from rows (values of the constexprs `names`..., num_warps, num_stages), through `tuned`, so
+    rows[0] is the pinned default; under the interpreter one config of the small blocks `interpreted` (tests on
+    small shapes still cross blocks)."""
+    if interpret():
+        return [triton.Config(dict(zip(names, interpreted)), num_warps=4)]
+    return tuned([triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows])
+
+
 def allow_tf32(dtype: torch.dtype) -> bool:
     """fp32 matmuls use TF32 only when torch itself would (float32_matmul_precision != "highest")."""
     return dtype == torch.float32 and not interpret() and torch.get_float32_matmul_precision() != "highest"

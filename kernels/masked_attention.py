@@ -23,14 +23,13 @@ import triton.language as tl
 
 from harmodt_fast.kernels._common import (
     allow_tf32,
+    autotune_configs,
     device_offsets,
     dot_acc,
     dot_exact,
-    interpret,
     masked_weight_tile,
     new_output,
     next_pow2,
-    tuned,
 )
 from harmodt_fast.kernels.masked_linear import EPI_NONE, masked_dw_op, masked_mm_op
 
@@ -69,22 +68,19 @@ def _allowed(b, i, j0, L, mbits_ptr, smb, WPR, HAS_MASK: tl.constexpr, CAUSAL: t
     return ok
 
 
-def _fwd_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
-    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                  for m, n, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2),
-                                     (32, 64, 4, 2)]])
-
-
 def _prune_attn(configs, named_args, **kwargs):
     cap = max(32, next_pow2(named_args["L"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
     return kept or configs[:1]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_attn})
+_MN = ("BLOCK_M", "BLOCK_N")  # config rows: (BLOCK_M, BLOCK_N, warps, stages)
+_ATTN_TUNING = dict(key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
+                    prune_configs_by={"early_config_prune": _prune_attn})
+
+
+@triton.autotune(configs=autotune_configs(_MN, [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2),
+                                                (32, 64, 4, 2)], (16, 32)), **_ATTN_TUNING)
 @triton.jit
 def _attn_fwd_kernel(
     qkv_ptr, mbits_ptr, out_ptr, lse_ptr, L, H, HEADS, D, qk_scale, smb, WPR, seed, p_drop,
@@ -135,14 +131,6 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + bh.to(tl.int64) * L + i, lse, mask=i_ok)
 
 
-def _bwd_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
-    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                  for m, n, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-                                     (128, 64, 8, 2)]])
-
-
 @triton.jit
 def _probs(q, k, lse, b, i, j0, L, mbits_ptr, smb, WPR, qk_scale, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
            BM: tl.constexpr, BN: tl.constexpr):
@@ -173,8 +161,8 @@ def _key_rows(qkv_ptr, row, j, stride, H, h, D, d, d_ok, L):
     return k, v, kv_ok
 
 
-@triton.autotune(configs=_bwd_configs(), key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_attn})
+@triton.autotune(configs=autotune_configs(_MN, [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
+                                                (32, 32, 4, 2), (128, 64, 8, 2)], (16, 32)), **_ATTN_TUNING)
 @triton.jit
 def _attn_bwd_kernel(
     do_ptr, qkv_ptr, out_ptr, lse_ptr, mbits_ptr, dqkv_ptr, L, H, HEADS, D, sm_scale, qk_scale, smb, WPR,
@@ -238,14 +226,7 @@ def _attn_bwd_kernel(
                  (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=q_ok)
 
 
-def _fused_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
-    return tuned([triton.Config({"BLOCK_K": k}, num_warps=w, num_stages=s)
-                  for k, w, s in [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)]])
-
-
-@triton.autotune(configs=_fused_configs(),
+@triton.autotune(configs=autotune_configs(("BLOCK_K",), [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)], (32,)),
                  key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL", "HAS_BIAS", "ALIGNED", "TF32"])
 @triton.jit
 def _qkv_attn_kernel(

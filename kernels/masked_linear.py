@@ -23,6 +23,7 @@ import triton.language as tl
 from harmodt_fast.kernels._common import (
     ACT_NONE,
     allow_tf32,
+    autotune_configs,
     check_rows_fit,
     device_offsets,
     dot_acc,
@@ -36,25 +37,21 @@ from harmodt_fast.kernels._common import (
     next_pow2,
     num_sms,
     task_tile,
-    tuned,
 )
 
 EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
 
 
 def _mm_configs():
-    if interpret():
-        # the interpreter's blocks are small so tests cross tiles; BLOCK_R 64 / BLOCK_C 32 take the two forms of
-        # the word expansion (several words per weight column in the forward, one per row in dX). Tests swap in
-        # the SWAP=True config themselves.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_C": 32, "SWAP": False}, num_warps=4)]
-    shapes = [  # (BLOCK_M, BLOCK_R, BLOCK_C, warps, stages, SWAP)
-        (128, 64, 128, 8, 3, True), (128, 64, 64, 4, 4, True), (64, 64, 128, 4, 4, True), (128, 64, 256, 8, 3, True),
-        (64, 32, 64, 4, 4, True), (256, 64, 128, 8, 3, True),
-        (128, 64, 128, 8, 3, False), (128, 64, 256, 8, 3, False), (64, 64, 256, 8, 3, False), (64, 32, 64, 4, 4, False),
+    shapes = [  # (BLOCK_M, BLOCK_R, BLOCK_C, SWAP, warps, stages)
+        (128, 64, 128, True, 8, 3), (128, 64, 64, True, 4, 4), (64, 64, 128, True, 4, 4), (128, 64, 256, True, 8, 3),
+        (64, 32, 64, True, 4, 4), (256, 64, 128, True, 8, 3),
+        (128, 64, 128, False, 8, 3), (128, 64, 256, False, 8, 3), (64, 64, 256, False, 8, 3), (64, 32, 64, False, 4, 4),
     ]
-    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_R": r, "BLOCK_C": c, "SWAP": sw}, num_warps=w, num_stages=s)
-                  for m, r, c, w, s, sw in shapes])
+    # the interpreter's blocks are small so tests cross tiles; BLOCK_R 64 / BLOCK_C 32 take the two forms of the
+    # word expansion (several words per weight column in the forward, one per row in dX). Tests swap in the
+    # SWAP=True config themselves.
+    return autotune_configs(("BLOCK_M", "BLOCK_R", "BLOCK_C", "SWAP"), shapes, (16, 64, 32, False))
 
 
 def _prune_mm(configs, named_args, **kwargs):
@@ -122,15 +119,9 @@ def _masked_mm_kernel(
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _dw_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
-    return tuned([triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-                  for m, w, s in [(64, 8, 3), (32, 8, 4), (128, 8, 3), (64, 4, 3)]])
-
-
-@triton.autotune(configs=_dw_configs(), key=["N", "K", "M_BUCKET", "T", "BLOCK_N", "BLOCK_K", "TASK_SPLIT",
-                                             "HAS_TG", "HAS_DW", "HAS_DB", "ALIGNED", "TF32"],
+@triton.autotune(configs=autotune_configs(("BLOCK_M",), [(64, 8, 3), (32, 8, 4), (128, 8, 3), (64, 4, 3)], (16,)),
+                 key=["N", "K", "M_BUCKET", "T", "BLOCK_N", "BLOCK_K", "TASK_SPLIT", "HAS_TG", "HAS_DW", "HAS_DB",
+                      "ALIGNED", "TF32"],
                  restore_value=["tg_ptr"])
 @triton.jit
 def _masked_dw_kernel(
