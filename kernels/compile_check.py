@@ -75,14 +75,14 @@ def _variants(full: bool):
                    dict(BACKWARD=bwd, CONTIG=not bwd, ALIGNED1=True, ALIGNED2=True, HAS_B1=not bwd, HAS_B2=not bwd,
                         ACT=1, STORE_MID=True, STORE_PRE=False, TF32=False, BLOCK_T=64, BLOCK_OUT=256, **blocks), w, s)
     fwd_sig = dict(qkv_ptr=bf, mbits_ptr="*i32", out_ptr=bf, lse_ptr="*fp32", L="i32", H="i32", HEADS="i32",
-                   D="i32", qk_scale="fp32", smb="i32", WPR="i32", seed="i32", p_drop="fp32")
+                   D="i32", qk_scale="fp32", smb="i32", WPR="i32", seed_ptr="*i64", p_drop="fp32")
     for blocks, w, s in cfgs(ka._attn_fwd_kernel, (dict(BLOCK_M=128, BLOCK_N=64), 8, 2)):
         for d, drop in [(32, True), (64, False)]:
             yield (f"attention_fwd D={d} dropout={drop} {blocks}", ka._attn_fwd_kernel, fwd_sig,
                    dict(HAS_MASK=True, CAUSAL=True, DROPOUT=drop, BLOCK_D=d, **blocks), w, s)
     bwd_sig = dict(do_ptr=bf, qkv_ptr=bf, out_ptr=bf, lse_ptr="*fp32", mbits_ptr="*i32", dqkv_ptr=bf, L="i32",
                    H="i32", HEADS="i32", D="i32", sm_scale="fp32", qk_scale="fp32", smb="i32", WPR="i32",
-                   seed="i32", p_drop="fp32")
+                   seed_ptr="*i64", p_drop="fp32")
     for blocks, w, s in cfgs(ka._attn_bwd_kernel, (dict(BLOCK_M=32, BLOCK_N=64), 4, 2)):
         for d, drop in [(32, True), (64, False)]:
             yield (f"attention_bwd D={d} dropout={drop} {blocks}", ka._attn_bwd_kernel, bwd_sig,
@@ -94,7 +94,7 @@ def _variants(full: bool):
         yield (f"qkv_attention D=32 {blocks}", ka._qkv_attn_kernel, qa_sig,
                dict(HAS_BIAS=True, HAS_MASK=True, CAUSAL=True, ALIGNED=True, TF32=False, BLOCK_T=64, BLOCK_L=128,
                     BLOCK_D=32, **blocks), w, s)
-    yield ("dropout keep mask", ka._keep_mask_kernel, dict(out_ptr="*i8", seed="i32", L="i32", p_drop="fp32"),
+    yield ("dropout keep mask", ka._keep_mask_kernel, dict(out_ptr="*i8", seed_ptr="*i64", L="i32", p_drop="fp32"),
            dict(BLOCK=16), 4, 1)
 
 
