@@ -99,6 +99,12 @@ def check_rows_fit(m: int, width: int) -> None:
         raise ValueError(f"harmodt_fast kernels: {m} rows x {width} columns exceed 2**31 elements per tensor")
 
 
+def task_tile_grid(M: int, T: int, block_m: int, col_tiles: int = 1) -> tuple:
+    """The launch grid of a kernel over task row tiles (task_tile) times `col_tiles`: all on grid axis 0, which
+    takes 2**31 - 1 programs (axes 1 and 2 stop at 65535 on CUDA)."""
+    return (col_tiles * (triton.cdiv(M, block_m) + T),)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def task_tile(pid, offs_ptr, T, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):

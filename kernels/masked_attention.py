@@ -87,8 +87,8 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # see attention_fwd_grid
+    qb = tl.program_id(1)
     b = bh // HEADS
     h = bh % HEADS
     i = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,6 +339,12 @@ def _seed_arg(seed, dropout_p, dummy):
     return seed if dropout_p > 0 else dummy
 
 
+def attention_fwd_grid(meta, batch_heads: int, L: int) -> tuple:
+    """(sequence x head, query block): the many sequence-heads on grid axis 0 (up to 2**31 - 1 programs; axes 1
+    and 2 stop at 65535 on CUDA, which 160 tasks x 32 sequences x 16 heads would pass)."""
+    return batch_heads, triton.cdiv(L, meta["BLOCK_M"])
+
+
 def launch_attention_fwd(qkv, mbits, B, L, heads, causal, dropout_p, seed):
     H = qkv.shape[1] // 3
     D = _check_heads(H, heads)
@@ -347,7 +353,7 @@ def launch_attention_fwd(qkv, mbits, B, L, heads, causal, dropout_p, seed):
     if B * L == 0:
         return out, lse
     mptr, smb, wpr, has_mask = _mask_args(mbits, L, qkv)
-    _attn_fwd_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * heads)](
+    _attn_fwd_kernel[lambda meta: attention_fwd_grid(meta, B * heads, L)](
         qkv, mptr, out, lse, L, H, heads, D, LOG2E / math.sqrt(D), smb, wpr, _seed_arg(seed, dropout_p, qkv),
         float(dropout_p), HAS_MASK=has_mask, CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=max(16, next_pow2(D)),
     )
@@ -390,7 +396,8 @@ def dropout_keep_mask(seed, batch: int, heads: int, L: int, p: float, device="cp
     """The keep-mask [B, heads, L, L] (bool) that the kernels draw for `seed` (int or seed tensor) and dropout p."""
     out = new_output((batch * heads, L, L), torch.int8, device)
     if out.numel():
-        _keep_mask_kernel[(batch * heads, triton.cdiv(L, 16))](out, seed_tensor(seed, device), L, float(p), BLOCK=16)
+        _keep_mask_kernel[attention_fwd_grid({"BLOCK_M": 16}, batch * heads, L)](
+            out, seed_tensor(seed, device), L, float(p), BLOCK=16)
     return out.view(batch, heads, L, L).bool()
 
 

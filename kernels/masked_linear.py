@@ -37,6 +37,7 @@ from harmodt_fast.kernels._common import (
     next_pow2,
     num_sms,
     task_tile,
+    task_tile_grid,
 )
 
 EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
@@ -215,12 +216,8 @@ def launch_masked_mm(a, weight, masks, offs, transpose_w: bool, bias=None, epilo
     contig_r = transpose_w
     bit_axis_len = in_f  # the weight's row length: bits of one weight row are consecutive
     aligned = bit_axis_len % 32 == 0
-
-    def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_C"]) * (triton.cdiv(M, meta["BLOCK_M"]) + T),)
-
     dummy = out
-    _masked_mm_kernel[grid](
+    _masked_mm_kernel[lambda meta: task_tile_grid(M, T, meta["BLOCK_M"], triton.cdiv(C, meta["BLOCK_C"]))](
         a, weight, masks, offs,
         bias if bias is not None else dummy, aux if aux is not None else dummy, out,
         pre if pre is not None else dummy,
@@ -238,6 +235,25 @@ def _dw_tile(n: int, k: int, task_grads: bool) -> tuple[int, int]:
     return (128, 128) if n * k >= (1 << 20) and not task_grads else (64, 64)
 
 
+def dw_schedule(M: int, N: int, K: int, T: int, task_grads: bool, sms: int) -> tuple:
+    """((dW tiles, splits): the grid, BLOCK_N, BLOCK_K, rows per split, tasks per split). The splits (grid axis 1,
+    at most 65535 on CUDA) stay under 2 * sms: enough programs to fill the GPU, whatever M and T."""
+    bn, bk = _dw_tile(N, K, task_grads)
+    tiles = triton.cdiv(N, bn) * triton.cdiv(K, bk)
+    want = max(1, triton.cdiv(2 * sms, tiles))
+    if task_grads:
+        tps = triton.cdiv(T, min(want, T))
+        splits, rps = triton.cdiv(T, tps), M
+    else:
+        # a split of fewer rows than this costs more in partial sums than it gains in parallelism (the
+        # interpreter uses tiny splits so that small test shapes still cross split and segment boundaries)
+        min_rows = 16 if interpret() else 256
+        splits = min(want, max(1, M // min_rows))
+        rps = triton.cdiv(triton.cdiv(M, splits), min_rows // 2) * (min_rows // 2)
+        splits, tps = triton.cdiv(M, rps), T
+    return (tiles, splits), bn, bk, rps, tps
+
+
 def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=False, task_grads=None):
     """(dW, db) = (Σ_t M_t ⊙ dY_tᵀX_t, Σ dY); adds dY_tᵀX_t into task_grads[t] when given. None for what is
     not asked. task_grads [T, N, K] may have any task stride (a layer's slice of one [T, P] buffer) as long as
@@ -251,19 +267,8 @@ def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=Fal
         db = torch.zeros(N, dtype=weight_dtype, device=dev) if need_db else None
         return dw, db
     check_rows_fit(M, max(N, K))
-    bn, bk = _dw_tile(N, K, task_grads is not None)
-    tiles = triton.cdiv(N, bn) * triton.cdiv(K, bk)
-    want = max(1, triton.cdiv(2 * num_sms(dev), tiles))
-    if task_grads is not None:
-        tps = triton.cdiv(T, min(want, T))
-        splits, rps = triton.cdiv(T, tps), M
-    else:
-        # a split of fewer rows than this costs more in partial sums than it gains in parallelism (the
-        # interpreter uses tiny splits so that small test shapes still cross split and segment boundaries)
-        min_rows = 16 if interpret() else 256
-        splits = min(want, max(1, M // min_rows))
-        rps = triton.cdiv(triton.cdiv(M, splits), min_rows // 2) * (min_rows // 2)
-        splits, tps = triton.cdiv(M, rps), T
+    grid, bn, bk, rps, tps = dw_schedule(M, N, K, T, task_grads is not None, num_sms(dev))
+    splits = grid[1]
     direct = splits == 1
     dw = db = None
     if need_dw:
@@ -273,7 +278,7 @@ def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=Fal
         db = new_output((N,), weight_dtype, dev) if direct else \
             new_output((splits, N), torch.float32, dev)
     dummy = dy
-    _masked_dw_kernel[(tiles, splits)](
+    _masked_dw_kernel[grid](
         dy, x, masks, offs, dw if dw is not None else dummy, db if db is not None else dummy,
         task_grads if task_grads is not None else dummy,
         M, N, K, masks.shape[1], T, rps, tps, m_bucket(M),

@@ -32,6 +32,7 @@ from harmodt_fast.kernels._common import (
     new_output,
     next_pow2,
     task_tile,
+    task_tile_grid,
 )
 from harmodt_fast.kernels.masked_linear import EPI_ACT, EPI_ACT_GRAD, EPI_NONE, masked_dw_op, masked_mm_op
 
@@ -131,11 +132,7 @@ def launch_masked_chain(a, w_first, m_first, w_second, m_second, offs, backward:
     if M == 0:
         return out, mid, pre
     dummy = out
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) + T,)
-
-    _masked_chain_kernel[grid](
+    _masked_chain_kernel[lambda meta: task_tile_grid(M, T, meta["BLOCK_M"])](
         a, w_first, m_first, w_second, m_second, offs,
         b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, aux if aux is not None else dummy,
         mid if mid is not None else dummy, pre if pre is not None else dummy, out,

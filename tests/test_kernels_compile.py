@@ -38,3 +38,25 @@ def test_every_kernel_compiles_for_sm90():
             assert r["async_copies"] > 0, r  # loads pipelined into shared memory
             if r.get("spill_bytes") is not None:
                 assert r["spill_bytes"] == 0, r
+
+
+def test_launch_grids_fit_cuda_limits():
+    """A CUDA grid takes 2**31 - 1 programs on axis 0 but only 65535 on axes 1 and 2, which the interpreter does
+    not enforce: the grids of the largest launches stay within both."""
+    import triton
+
+    from harmodt_fast.kernels import masked_attention as ka
+    from harmodt_fast.kernels import masked_linear as kl
+    from harmodt_fast.kernels._common import task_tile_grid
+
+    def fits(grid):
+        assert 0 < grid[0] < 2**31 and all(0 < g <= 65535 for g in grid[1:]), grid
+
+    batch_heads = 160 * 32 * 16  # 160 tasks x 32 sequences x 16 heads
+    for block in (16, 32, 64, 128):
+        fits(ka.attention_fwd_grid({"BLOCK_M": block}, batch_heads, 1024))
+        fits(task_tile_grid(2**31 // 64 - 1, 320, block, triton.cdiv(64, 32)))  # as many rows as int32 indices allow
+    for task_grads in (False, True):
+        for sms in (4, 132):
+            for n in (64, 4096):
+                fits(kl.dw_schedule(2**31 // n - 1, n, n, 320, task_grads, sms)[0])
