@@ -35,6 +35,7 @@ from harmodt_fast.kernels.masked_linear import EPI_NONE, masked_dw_op, masked_mm
 
 LOG2E = 1.4426950408889634
 FUSED_MAX_L = 128
+KEEP_BLOCK = 16  # dropout_keep_mask's query and key block
 
 
 @triton.jit
@@ -163,8 +164,10 @@ def _key_rows(qkv_ptr, row, j, stride, H, h, D, d, d_ok, L):
     return k, v, kv_ok
 
 
-@triton.autotune(configs=autotune_configs(_MN, [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
-                                                (32, 32, 4, 2), (128, 64, 8, 2)], (16, 32)), **_ATTN_TUNING)
+# first: no spills under Triton 3.6 and newer for D <= 64, with dropout or not (kernels/COMPILE_CHECK.md)
+@triton.autotune(configs=autotune_configs(_MN, [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2),
+                                                (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2)],
+                                          (16, 32)), **_ATTN_TUNING)
 @triton.jit
 def _attn_bwd_kernel(
     do_ptr, qkv_ptr, out_ptr, lse_ptr, mbits_ptr, dqkv_ptr, L, H, HEADS, D, sm_scale, qk_scale, smb, WPR,
@@ -396,8 +399,8 @@ def dropout_keep_mask(seed, batch: int, heads: int, L: int, p: float, device="cp
     """The keep-mask [B, heads, L, L] (bool) that the kernels draw for `seed` (int or seed tensor) and dropout p."""
     out = new_output((batch * heads, L, L), torch.int8, device)
     if out.numel():
-        _keep_mask_kernel[attention_fwd_grid({"BLOCK_M": 16}, batch * heads, L)](
-            out, seed_tensor(seed, device), L, float(p), BLOCK=16)
+        _keep_mask_kernel[attention_fwd_grid({"BLOCK_M": KEEP_BLOCK}, batch * heads, L)](
+            out, seed_tensor(seed, device), L, float(p), BLOCK=KEEP_BLOCK)
     return out.view(batch, heads, L, L).bool()
 
 
