@@ -3,9 +3,11 @@ host, so type errors, unsupported ops, shared-memory overflows and register spil
 
     python -m harmodt_fast.kernels.compile_check            # each kernel's configs[0] (the pinned mode), sm_90
     python -m harmodt_fast.kernels.compile_check --all      # every autotune config of every kernel
+    python -m harmodt_fast.kernels.compile_check --markdown RUN.jsonl...   # a table of runs (COMPILE_CHECK.md)
 
-Must run WITHOUT TRITON_INTERPRET (the interpreter replaces the compiler). Prints one JSON line per variant with
-registers, spilled bytes, shared memory and whether the matmuls became wgmma; exits 1 if any variant fails.
+Must run WITHOUT TRITON_INTERPRET (the interpreter replaces the compiler). Prints a JSON line about the run (Triton
+and ptxas versions, date, machine), then one per variant with registers, spilled bytes, shared memory and whether
+the matmuls became wgmma; exits 1 if any variant fails.
 Integer arguments that are multiples of 16 in real use are marked so (as Triton's launcher would), which decides
 whether loads are vectorised and pipelined.
 """
@@ -155,14 +157,74 @@ def compile_variant(label, kernel, signature, constexprs, num_warps, num_stages,
     return row
 
 
+def _run_header(arch: int) -> dict:
+    """What a run was: Triton and ptxas versions, arch, date, machine (the first line of the output)."""
+    import datetime
+    import platform
+
+    import triton
+
+    head = {"triton": triton.__version__, "arch": arch, "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {platform.platform()}"}
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        head["ptxas"] = re.search(r"release [\d.]+, V([\d.]+)", get_ptxas_version(arch)).group(1)
+    except Exception:  # noqa: BLE001  (the version is a label; the compiles themselves are what counts)
+        pass
+    return head
+
+
+def markdown(paths) -> str:
+    """A table of earlier runs' output (JSON lines, one file per Triton version): per variant and version the
+    registers, spilled bytes, shared memory, whether the dots became wgmma and the async copies."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.startswith("{")]
+        runs.append((next(r for r in rows if "variant" not in r),
+                     {(r["variant"], r["num_warps"], r["num_stages"]): r for r in rows if "variant" in r}))
+    out = ["# compile_check results", "",
+           "Written by `python -m harmodt_fast.kernels.compile_check --markdown RUN.jsonl...` from the output of",
+           "`python -m harmodt_fast.kernels.compile_check --all` (compiled on the CPU, no GPU involved), one run per",
+           "Triton version. *pinned*: the kernel's configs[0], the only config that `HARMODT_FAST_AUTOTUNE=0`",
+           "launches (the default variants of compile_check). Per version: registers per thread, bytes spilled,",
+           "shared memory, whether the matmuls became Hopper wgmma, async copies (loads pipelined into shared memory).",
+           ""]
+    out += [f"- Triton {h['triton']} (ptxas {h.get('ptxas', '?')}), sm_{h['arch']}, {h['date']}, on {h['machine']}"
+            for h, _ in runs]
+    out += ["", "| variant | pinned | warps | stages | " + " | ".join(
+        f"{h['triton']}: regs | spill B | smem KiB | wgmma | async" for h, _ in runs) + " |",
+            "|---" * (4 + 5 * len(runs)) + "|"]
+    for key in dict.fromkeys(key for _, rows in runs for key in rows):
+        label, warps, stages = key
+        pinned = any(rows[key].get("pinned") for _, rows in runs if key in rows)
+        cells = [label.replace("|", "/"), "✓" if pinned else "", str(warps), str(stages)]
+        for _, rows in runs:
+            r = rows.get(key)
+            if r is None or not r["ok"]:
+                cells += ["not run" if r is None else "FAILED"] + [""] * 4
+            else:
+                cells += [str(r.get("registers")), str(r.get("spill_bytes")), f"{r['shared_bytes'] / 1024:.0f}",
+                          "yes" if r["wgmma"] else "no", str(r["async_copies"])]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="compile the harmodt_fast kernels for a GPU arch, no GPU needed")
     ap.add_argument("--arch", type=int, default=90, help="SM version, 90 = H100/H200")
     ap.add_argument("--all", action="store_true", help="every autotune config, not only each kernel's first")
+    ap.add_argument("--markdown", nargs="+", metavar="RUN_JSONL",
+                    help="print a markdown table of earlier runs' output instead of compiling")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown), end="")
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
+    print(json.dumps(_run_header(args.arch)), flush=True)
     failed = 0
     for label, kernel, sig, consts, w, s, pinned in _variants(args.all):
         row = compile_variant(label, kernel, sig, consts, w, s, args.arch)
