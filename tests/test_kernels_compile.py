@@ -2,7 +2,8 @@
 ptxas on the host (harmodt_fast.kernels.compile_check). Catches what the interpreter cannot: type and layout
 errors, unsupported ops, shared-memory overflow; and checks that the matmuls became Hopper wgmma instructions with
 pipelined (asynchronous) loads and no register spills in each kernel's configs[0] (what the pinned mode,
-HARMODT_FAST_AUTOTUNE=0, launches). Also: the launch grids stay within CUDA's per-axis limits."""
+HARMODT_FAST_AUTOTUNE=0, launches), under CI's Triton and, when HARMODT_TRITON_COMPAT names a folder holding it, the
+GPU machine's. Also: the launch grids stay within CUDA's per-axis limits."""
 import importlib.util
 import json
 import os
@@ -20,19 +21,30 @@ def _nvidia_backend_present() -> bool:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a folder holding another Triton (scripts/test.sh installs the GPU machine's, 3.6.0, there): the compile check
+# then runs under it too, with that folder first on the subprocess's path
+COMPAT = os.environ.get("HARMODT_TRITON_COMPAT")
 
 
-def run_python(args, timeout=600):
-    """A Python subprocess without the interpreter (compile_check needs the real compiler), finding this checkout."""
+def run_python(args, compat=None, timeout=600):
+    """A Python subprocess without the interpreter (compile_check needs the real compiler), finding this checkout
+    and, with `compat`, the Triton in that folder first."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), ROOT) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (compat, env.get("PYTHONPATH"), ROOT) if p)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.mark.skipif(not _nvidia_backend_present(), reason="this Triton build has no CUDA backend")
-def test_every_kernel_compiles_for_sm90():
-    proc = run_python(["-m", "harmodt_fast.kernels.compile_check", "--arch", "90"])
+@pytest.mark.parametrize("compat", [None] + ([COMPAT] if COMPAT else []), ids=lambda c: "compat" if c else "ci")
+def test_every_kernel_compiles_for_sm90(compat):
+    if compat is None and not _nvidia_backend_present():
+        pytest.skip("this Triton build has no CUDA backend")
+    if compat is not None:  # a set variable must work: an unusable folder fails here rather than skipping
+        probe = run_python(["-c", "import triton, triton.backends.nvidia.compiler; print(triton.__file__)"], compat)
+        assert probe.returncode == 0, f"HARMODT_TRITON_COMPAT={compat}: no usable Triton there\n{probe.stderr[-2000:]}"
+        found = os.path.realpath(probe.stdout.strip())
+        assert found.startswith(os.path.realpath(compat)), f"HARMODT_TRITON_COMPAT={compat}: Triton came from {found}"
+    proc = run_python(["-m", "harmodt_fast.kernels.compile_check", "--arch", "90"], compat)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     rows = [r for r in lines if "variant" in r]
     failed = [r for r in rows if not r["ok"]]
