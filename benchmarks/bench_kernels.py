@@ -230,12 +230,12 @@ def bench_attention(timer, rows_out, group, B, L, H, heads, tasks, dtype, dev):
         return y.transpose(1, 2).reshape(B * L, H)
 
     add("attention fwd", "ours (DT mask, causal)",
-        lambda: launch_attention_fwd(qkv, mbits, B, L, heads, True, 0.0, 0), attn_flops, attn_bytes)
+        lambda: launch_attention_fwd(qkv, mbits, B, L, heads, True, 0.0, None), attn_flops, attn_bytes)
     add("attention fwd", "SDPA bool mask (as the model)", lambda: sdpa(qkv), attn_flops, attn_bytes)
     add("attention fwd", "SDPA is_causal (no padding mask)", lambda: sdpa(qkv, mask=False), attn_flops, attn_bytes)
-    out, lse = launch_attention_fwd(qkv, mbits, B, L, heads, True, 0.0, 0)
+    out, lse = launch_attention_fwd(qkv, mbits, B, L, heads, True, 0.0, None)
     add("attention bwd", "ours (DT mask, causal)",
-        lambda: launch_attention_bwd(dout, qkv, out, lse, mbits, B, L, heads, True, 0.0, 0),
+        lambda: launch_attention_bwd(dout, qkv, out, lse, mbits, B, L, heads, True, 0.0, None),
         2.5 * attn_flops, 2 * attn_bytes)
     qkv_l = qkv.clone().requires_grad_()
 
@@ -251,7 +251,7 @@ def bench_attention(timer, rows_out, group, B, L, H, heads, tasks, dtype, dev):
         proj_flops + attn_flops, B * L * 2 * H * esz + 3 * H * H * esz + B * L * L)
     add("block inference", "ours masked_mm + attention",
         lambda: launch_attention_fwd(launch_masked_mm(x, w, packed, offs_rows, True, bias=b)[0], mbits, B, L,
-                                     heads, True, 0.0, 0), proj_flops + attn_flops, proj_bytes + attn_bytes)
+                                     heads, True, 0.0, None), proj_flops + attn_flops, proj_bytes + attn_bytes)
     add("block inference", "cuBLAS unmasked + SDPA bool mask", lambda: sdpa(F.linear(x, w, b)),
         proj_flops + attn_flops, proj_bytes + attn_bytes)
     x3 = x.view(B, L, H).clone().requires_grad_()

@@ -37,6 +37,15 @@ def tuned(configs: list) -> list:
     return configs if os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0" else configs[:1]
 
 
+def autotune_configs(names: tuple, rows: list, interpreted: tuple) -> list:
+    """triton.Configs from rows (values of the constexprs `names`..., num_warps, num_stages), through `tuned`, so
+    rows[0] is the pinned default; under the interpreter one config of the small blocks `interpreted` (tests on
+    small shapes still cross blocks)."""
+    if interpret():
+        return [triton.Config(dict(zip(names, interpreted)), num_warps=4)]
+    return tuned([triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows])
+
+
 def allow_tf32(dtype: torch.dtype) -> bool:
     """fp32 matmuls use TF32 only when torch itself would (float32_matmul_precision != "highest")."""
     return dtype == torch.float32 and not interpret() and torch.get_float32_matmul_precision() != "highest"
@@ -88,6 +97,12 @@ def num_sms(device: torch.device) -> int:
 def check_rows_fit(m: int, width: int) -> None:
     if m * max(width, 1) >= 2**31:
         raise ValueError(f"harmodt_fast kernels: {m} rows x {width} columns exceed 2**31 elements per tensor")
+
+
+def task_tile_grid(M: int, T: int, block_m: int, col_tiles: int = 1) -> tuple:
+    """The launch grid of a kernel over task row tiles (task_tile) times `col_tiles`: all on grid axis 0, which
+    takes 2**31 - 1 programs (axes 1 and 2 stop at 65535 on CUDA)."""
+    return (col_tiles * (triton.cdiv(M, block_m) + T),)
 
 
 # ---------------------------------------------------------------------------------------------------------------

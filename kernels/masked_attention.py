@@ -10,7 +10,7 @@ it in place and write their outputs in final layouts (no split/transpose copies)
 once per call; the backward (dK, dV per key block, then dQ per query block) recomputes the probabilities from the
 saved log-sum-exp, with no atomics. Rows with no allowed key output 0 (scaled_dot_product_attention gives NaN).
 Dropout uses a counter-based generator keyed on (seed, sequence, head, query, key), so the backward regenerates
-the keep-mask; `dropout_keep_mask` exposes it for tests.
+the keep-mask; `dropout_keep_mask` exposes it for tests. The seed is a device tensor (see seed_tensor).
 """
 from __future__ import annotations
 
@@ -23,19 +23,19 @@ import triton.language as tl
 
 from harmodt_fast.kernels._common import (
     allow_tf32,
+    autotune_configs,
     device_offsets,
     dot_acc,
     dot_exact,
-    interpret,
     masked_weight_tile,
     new_output,
     next_pow2,
-    tuned,
 )
 from harmodt_fast.kernels.masked_linear import EPI_NONE, masked_dw_op, masked_mm_op
 
 LOG2E = 1.4426950408889634
 FUSED_MAX_L = 128
+KEEP_BLOCK = 16  # dropout_keep_mask's query and key block
 
 
 @triton.jit
@@ -69,30 +69,27 @@ def _allowed(b, i, j0, L, mbits_ptr, smb, WPR, HAS_MASK: tl.constexpr, CAUSAL: t
     return ok
 
 
-def _fwd_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
-    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                  for m, n, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2),
-                                     (32, 64, 4, 2)]])
-
-
 def _prune_attn(configs, named_args, **kwargs):
     cap = max(32, next_pow2(named_args["L"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
     return kept or configs[:1]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_attn})
+_MN = ("BLOCK_M", "BLOCK_N")  # config rows: (BLOCK_M, BLOCK_N, warps, stages)
+_ATTN_TUNING = dict(key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
+                    prune_configs_by={"early_config_prune": _prune_attn})
+
+
+@triton.autotune(configs=autotune_configs(_MN, [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2),
+                                                (32, 64, 4, 2)], (16, 32)), **_ATTN_TUNING)
 @triton.jit
 def _attn_fwd_kernel(
-    qkv_ptr, mbits_ptr, out_ptr, lse_ptr, L, H, HEADS, D, qk_scale, smb, WPR, seed, p_drop,
+    qkv_ptr, mbits_ptr, out_ptr, lse_ptr, L, H, HEADS, D, qk_scale, smb, WPR, seed_ptr, p_drop,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # see attention_fwd_grid
+    qb = tl.program_id(1)
     b = bh // HEADS
     h = bh % HEADS
     i = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,6 +106,8 @@ def _attn_fwd_kernel(
     hi = L
     if CAUSAL:
         hi = tl.minimum(L, (qb + 1) * BLOCK_M)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for j0 in range(0, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         kv_ok = (j < L)[:, None] & d_ok[None, :]
@@ -133,14 +132,6 @@ def _attn_fwd_kernel(
              mask=i_ok[:, None] & d_ok[None, :])
     lse = tl.where(has, tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(tl.where(has, l_i, 1.0)), 0.0)
     tl.store(lse_ptr + bh.to(tl.int64) * L + i, lse, mask=i_ok)
-
-
-def _bwd_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
-    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                  for m, n, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-                                     (128, 64, 8, 2)]])
 
 
 @triton.jit
@@ -173,12 +164,14 @@ def _key_rows(qkv_ptr, row, j, stride, H, h, D, d, d_ok, L):
     return k, v, kv_ok
 
 
-@triton.autotune(configs=_bwd_configs(), key=["L", "D", "HEADS", "HAS_MASK", "CAUSAL", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_attn})
+# first: no spills under Triton 3.6 and newer for D <= 64, with dropout or not (kernels/COMPILE_CHECK.md)
+@triton.autotune(configs=autotune_configs(_MN, [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2),
+                                                (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2)],
+                                          (16, 32)), **_ATTN_TUNING)
 @triton.jit
 def _attn_bwd_kernel(
     do_ptr, qkv_ptr, out_ptr, lse_ptr, mbits_ptr, dqkv_ptr, L, H, HEADS, D, sm_scale, qk_scale, smb, WPR,
-    seed, p_drop,
+    seed_ptr, p_drop,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -190,6 +183,8 @@ def _attn_bwd_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     lse_base = lse_ptr + bh.to(tl.int64) * L
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     # dK, dV: one key block at a time, over the query blocks that can see it
     for j0 in range(0, L, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
@@ -205,12 +200,11 @@ def _attn_bwd_kernel(
                                                   d_ok, L)
             p = _probs(q, k, lse, b, i, j0, L, mbits_ptr, smb, WPR, qk_scale, HAS_MASK, CAUSAL, BLOCK_M, BLOCK_N)
             dp = dot_exact(do, tl.trans(v))
+            pd = p
             if DROPOUT:
                 keep = _keep(seed, bh, i, j, L, p_drop)
                 pd = tl.where(keep, p / (1.0 - p_drop), 0.0)
                 dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-            else:
-                pd = p
             dv += dot_exact(tl.trans(pd.to(do.dtype)), do)
             ds = p * (dp - delta[:, None])
             dk += dot_exact(tl.trans(ds.to(q.dtype)), q)
@@ -238,14 +232,7 @@ def _attn_bwd_kernel(
                  (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=q_ok)
 
 
-def _fused_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
-    return tuned([triton.Config({"BLOCK_K": k}, num_warps=w, num_stages=s)
-                  for k, w, s in [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)]])
-
-
-@triton.autotune(configs=_fused_configs(),
+@triton.autotune(configs=autotune_configs(("BLOCK_K",), [(32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2)], (32,)),
                  key=["L", "H", "HEADS", "T", "HAS_MASK", "CAUSAL", "HAS_BIAS", "ALIGNED", "TF32"])
 @triton.jit
 def _qkv_attn_kernel(
@@ -301,9 +288,10 @@ def _qkv_attn_kernel(
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, seed, L, p_drop, BLOCK: tl.constexpr):
+def _keep_mask_kernel(out_ptr, seed_ptr, L, p_drop, BLOCK: tl.constexpr):
     bh = tl.program_id(0)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    seed = tl.load(seed_ptr)
     for j0 in range(0, L, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         keep = _keep(seed, bh, i, j, L, p_drop)
@@ -326,18 +314,38 @@ def pack_attention_mask(mask3: Optional[torch.Tensor]) -> Optional[torch.Tensor]
     return pack(m.reshape(nb * L, L).contiguous()).view(nb, L, -1)
 
 
-def _mask_args(mbits, L):
-    """(pointer tensor or None, batch stride in words, words per row)."""
+def _mask_args(mbits, L, dummy):
+    """(mask pointer, batch stride in words, words per row, HAS_MASK); `dummy` stands in for no mask."""
     if mbits is None:
-        return None, 0, 1
+        return dummy, 0, 1, False
     wpr = mbits.shape[-1]
-    return mbits.contiguous(), (0 if mbits.shape[0] == 1 else L * wpr), wpr
+    return mbits.contiguous(), (0 if mbits.shape[0] == 1 else L * wpr), wpr, True
 
 
 def _check_heads(H: int, heads: int) -> int:
     if heads < 1 or H % heads:
         raise ValueError(f"masked_attention: hidden {H} is not a multiple of heads {heads}")
     return H // heads
+
+
+def seed_tensor(seed, device) -> torch.Tensor:
+    """The dropout seed as the kernels read it, a 1-element int64 tensor on `device`: a tensor as given, an int
+    converted, None a fresh draw made on the device (no host synchronisation, safe inside a CUDA graph). Not an int
+    argument: Triton would specialise it (recompiling for 1 and multiples of 16) and a CUDA graph would bake it in."""
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    return torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(1)
+
+
+def _seed_arg(seed, dropout_p, dummy):
+    assert seed is not None or dropout_p == 0, "attention dropout needs a seed tensor"
+    return seed if dropout_p > 0 else dummy
+
+
+def attention_fwd_grid(meta, batch_heads: int, L: int) -> tuple:
+    """(sequence x head, query block): the many sequence-heads on grid axis 0 (up to 2**31 - 1 programs; axes 1
+    and 2 stop at 65535 on CUDA, which 160 tasks x 32 sequences x 16 heads would pass)."""
+    return batch_heads, triton.cdiv(L, meta["BLOCK_M"])
 
 
 def launch_attention_fwd(qkv, mbits, B, L, heads, causal, dropout_p, seed):
@@ -347,15 +355,10 @@ def launch_attention_fwd(qkv, mbits, B, L, heads, causal, dropout_p, seed):
     lse = new_output((B * heads, L), torch.float32, qkv.device)
     if B * L == 0:
         return out, lse
-    mptr, smb, wpr = _mask_args(mbits, L)
-
-    def grid(meta):
-        return (triton.cdiv(L, meta["BLOCK_M"]), B * heads)
-
-    _attn_fwd_kernel[grid](
-        qkv, mptr if mptr is not None else qkv, out, lse, L, H, heads, D, LOG2E / math.sqrt(D), smb, wpr,
-        seed, float(dropout_p), HAS_MASK=mptr is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
-        BLOCK_D=max(16, next_pow2(D)),
+    mptr, smb, wpr, has_mask = _mask_args(mbits, L, qkv)
+    _attn_fwd_kernel[lambda meta: attention_fwd_grid(meta, B * heads, L)](
+        qkv, mptr, out, lse, L, H, heads, D, LOG2E / math.sqrt(D), smb, wpr, _seed_arg(seed, dropout_p, qkv),
+        float(dropout_p), HAS_MASK=has_mask, CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=max(16, next_pow2(D)),
     )
     return out, lse
 
@@ -366,11 +369,11 @@ def launch_attention_bwd(dout, qkv, out, lse, mbits, B, L, heads, causal, dropou
     dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
     if B * L == 0:
         return dqkv
-    mptr, smb, wpr = _mask_args(mbits, L)
+    mptr, smb, wpr, has_mask = _mask_args(mbits, L, qkv)
     _attn_bwd_kernel[(B * heads,)](
-        dout, qkv, out, lse, mptr if mptr is not None else qkv, dqkv, L, H, heads, D, 1.0 / math.sqrt(D),
-        LOG2E / math.sqrt(D), smb, wpr, seed, float(dropout_p), HAS_MASK=mptr is not None, CAUSAL=causal,
-        DROPOUT=dropout_p > 0, BLOCK_D=max(16, next_pow2(D)),
+        dout, qkv, out, lse, mptr, dqkv, L, H, heads, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), smb, wpr,
+        _seed_arg(seed, dropout_p, qkv), float(dropout_p), HAS_MASK=has_mask, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        BLOCK_D=max(16, next_pow2(D)),
     )
     return dqkv
 
@@ -382,31 +385,32 @@ def launch_qkv_attention(x2d, weight, bias, masks, seq_offs, mbits, B, L, heads,
     if B * L == 0:
         return out
     T = seq_offs.numel() - 1
-    mptr, smb, wpr = _mask_args(mbits, L)
+    mptr, smb, wpr, has_mask = _mask_args(mbits, L, x2d)
     _qkv_attn_kernel[(B * heads,)](
-        x2d, weight, masks, bias if bias is not None else x2d, seq_offs, mptr if mptr is not None else x2d, out,
-        L, H, heads, D, masks.shape[1], T, LOG2E / math.sqrt(D), smb, wpr,
-        HAS_BIAS=bias is not None, HAS_MASK=mptr is not None, CAUSAL=causal, ALIGNED=H % 32 == 0,
-        TF32=allow_tf32(x2d.dtype), BLOCK_T=max(16, next_pow2(T)), BLOCK_L=max(32, next_pow2(L)),
-        BLOCK_D=max(16, next_pow2(D)),
+        x2d, weight, masks, bias if bias is not None else x2d, seq_offs, mptr, out, L, H, heads, D, masks.shape[1],
+        T, LOG2E / math.sqrt(D), smb, wpr, HAS_BIAS=bias is not None, HAS_MASK=has_mask, CAUSAL=causal,
+        ALIGNED=H % 32 == 0, TF32=allow_tf32(x2d.dtype), BLOCK_T=max(16, next_pow2(T)),
+        BLOCK_L=max(32, next_pow2(L)), BLOCK_D=max(16, next_pow2(D)),
     )
     return out
 
 
-def dropout_keep_mask(seed: int, batch: int, heads: int, L: int, p: float, device="cpu") -> torch.Tensor:
-    """The keep-mask [B, heads, L, L] (bool) the attention kernels draw for `seed` and dropout probability p."""
+def dropout_keep_mask(seed, batch: int, heads: int, L: int, p: float, device="cpu") -> torch.Tensor:
+    """The keep-mask [B, heads, L, L] (bool) that the kernels draw for `seed` (int or seed tensor) and dropout p."""
     out = new_output((batch * heads, L, L), torch.int8, device)
     if out.numel():
-        _keep_mask_kernel[(batch * heads, triton.cdiv(L, 16))](out, int(seed), L, float(p), BLOCK=16)
+        _keep_mask_kernel[attention_fwd_grid({"BLOCK_M": KEEP_BLOCK}, batch * heads, L)](
+            out, seed_tensor(seed, device), L, float(p), BLOCK=KEEP_BLOCK)
     return out.view(batch, heads, L, L).bool()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# torch.library ops; `mbits` is the bit-packed attention mask from pack_attention_mask (or None)
+# torch.library ops; `mbits` is the bit-packed attention mask from pack_attention_mask (or None), `seed` the
+# dropout seed tensor (None without dropout)
 
 @torch.library.custom_op("harmodt_fast::attention_fwd", mutates_args=())
 def attention_fwd_op(qkv: torch.Tensor, mbits: Optional[torch.Tensor], B: int, L: int, heads: int, causal: bool,
-                     dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     dropout_p: float, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_attention_fwd(qkv.contiguous(), mbits, B, L, heads, causal, dropout_p, seed)
 
 
@@ -419,7 +423,7 @@ def _(qkv, mbits, B, L, heads, causal, dropout_p, seed):
 @torch.library.custom_op("harmodt_fast::attention_bwd", mutates_args=())
 def attention_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      mbits: Optional[torch.Tensor], B: int, L: int, heads: int, causal: bool, dropout_p: float,
-                     seed: int) -> torch.Tensor:
+                     seed: Optional[torch.Tensor]) -> torch.Tensor:
     return launch_attention_bwd(dout.contiguous(), qkv.contiguous(), out.contiguous(), lse.contiguous(), mbits, B,
                                 L, heads, causal, dropout_p, seed)
 
@@ -451,24 +455,23 @@ class MaskedAttentionFn(torch.autograd.Function):
         row_offs = [o * L for o in seq_offsets]
         qkv, _ = masked_mm_op(x2d, weight, masks, row_offs, bias, None, True, EPI_NONE, 0, False)
         out, lse = attention_fwd_op(qkv, mbits, B, L, heads, causal, dropout_p, seed)
-        ctx.save_for_backward(x2d, weight, masks, qkv, out, lse, mbits)
+        ctx.save_for_backward(x2d, weight, masks, qkv, out, lse, mbits, seed)
         # task grads are an output accumulated in place (often a view of one buffer that other layers' backward
         # also writes), not an input: kept on ctx, outside save_for_backward's version check
         ctx.task_grads = task_grads
-        ctx.meta = (B, L, heads, causal, dropout_p, seed, row_offs, bias is not None)
+        ctx.meta = (B, L, heads, causal, dropout_p, row_offs, bias is not None)
         return out.view(B, L, H)
 
     @staticmethod
     def backward(ctx, dout):
-        x2d, weight, masks, qkv, out, lse, mbits = ctx.saved_tensors
+        x2d, weight, masks, qkv, out, lse, mbits, seed = ctx.saved_tensors
         task_grads = ctx.task_grads
-        B, L, heads, causal, dropout_p, seed, row_offs, has_bias = ctx.meta
+        B, L, heads, causal, dropout_p, row_offs, has_bias = ctx.meta
         need = ctx.needs_input_grad
         dqkv = attention_bwd_op(dout.reshape(B * L, -1), qkv, out, lse, mbits, B, L, heads, causal, dropout_p, seed)
         dx = dw = db = None
         if need[0]:
-            dx, _ = masked_mm_op(dqkv, weight, masks, row_offs, None, None, False, EPI_NONE, 0, False)
-            dx = dx.view(B, L, -1)
+            dx = masked_mm_op(dqkv, weight, masks, row_offs, None, None, False, EPI_NONE, 0, False)[0].view(B, L, -1)
         if need[1] or (has_bias and need[2]) or task_grads is not None:
             dw, db = masked_dw_op(dqkv, x2d, masks, row_offs, task_grads, need[1], has_bias and need[2], weight.dtype)
             dw = dw if need[1] else None
@@ -479,15 +482,12 @@ class MaskedAttentionFn(torch.autograd.Function):
 def masked_attention_triton(x3d, weight, bias, masks_packed, seq_offsets, heads, mask3=None, causal=False,
                             dropout_p=0.0, task_grads=None, seed=None, mbits=None):
     """The "triton" backend of hf.ops.masked_attention (arguments already checked): x3d [B, L, H], seq_offsets
-    host ints over B, mask3 None or a bool [B, L, L] view, mbits its packed form when the caller has it already.
-    Returns [B, L, H]."""
+    host ints over B, mask3 None or a bool [B, L, L] view, mbits its packed form when the caller has it already,
+    seed (with dropout) a seed tensor, an int, or None for a fresh draw. Returns [B, L, H]."""
     B, L, H = x3d.shape
-    if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device synchronisation
-    seed = 0 if seed is None else int(seed)
+    seed = seed_tensor(seed, x3d.device) if dropout_p > 0 else None
     mbits = pack_attention_mask(mask3) if mbits is None else mbits
-    tensors = (x3d, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x3d, weight, bias)):
         return MaskedAttentionFn.apply(x3d, weight, bias, masks_packed, tuple(seq_offsets), heads, mbits, causal,
                                        float(dropout_p), seed, task_grads)
     x2d = x3d.reshape(B * L, H)

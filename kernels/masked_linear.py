@@ -23,6 +23,7 @@ import triton.language as tl
 from harmodt_fast.kernels._common import (
     ACT_NONE,
     allow_tf32,
+    autotune_configs,
     check_rows_fit,
     device_offsets,
     dot_acc,
@@ -36,25 +37,22 @@ from harmodt_fast.kernels._common import (
     next_pow2,
     num_sms,
     task_tile,
-    tuned,
+    task_tile_grid,
 )
 
 EPI_NONE, EPI_ACT, EPI_ACT_GRAD = 0, 1, 2
 
 
 def _mm_configs():
-    if interpret():
-        # the interpreter's blocks are small so tests cross tiles; BLOCK_R 64 / BLOCK_C 32 take the two forms of
-        # the word expansion (several words per weight column in the forward, one per row in dX). Tests swap in
-        # the SWAP=True config themselves.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_C": 32, "SWAP": False}, num_warps=4)]
-    shapes = [  # (BLOCK_M, BLOCK_R, BLOCK_C, warps, stages, SWAP)
-        (128, 64, 128, 8, 3, True), (128, 64, 64, 4, 4, True), (64, 64, 128, 4, 4, True), (128, 64, 256, 8, 3, True),
-        (64, 32, 64, 4, 4, True), (256, 64, 128, 8, 3, True),
-        (128, 64, 128, 8, 3, False), (128, 64, 256, 8, 3, False), (64, 64, 256, 8, 3, False), (64, 32, 64, 4, 4, False),
+    shapes = [  # (BLOCK_M, BLOCK_R, BLOCK_C, SWAP, warps, stages)
+        (128, 64, 128, True, 8, 3), (128, 64, 64, True, 4, 4), (64, 64, 128, True, 4, 4), (128, 64, 256, True, 8, 3),
+        (64, 32, 64, True, 4, 4), (256, 64, 128, True, 8, 3),
+        (128, 64, 128, False, 8, 3), (128, 64, 256, False, 8, 3), (64, 64, 256, False, 8, 3), (64, 32, 64, False, 4, 4),
     ]
-    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_R": r, "BLOCK_C": c, "SWAP": sw}, num_warps=w, num_stages=s)
-                  for m, r, c, w, s, sw in shapes])
+    # the interpreter's blocks are small so tests cross tiles; BLOCK_R 64 / BLOCK_C 32 take the two forms of the
+    # word expansion (several words per weight column in the forward, one per row in dX). Tests swap in the
+    # SWAP=True config themselves.
+    return autotune_configs(("BLOCK_M", "BLOCK_R", "BLOCK_C", "SWAP"), shapes, (16, 64, 32, False))
 
 
 def _prune_mm(configs, named_args, **kwargs):
@@ -122,15 +120,9 @@ def _masked_mm_kernel(
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _dw_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
-    return tuned([triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-                  for m, w, s in [(64, 8, 3), (32, 8, 4), (128, 8, 3), (64, 4, 3)]])
-
-
-@triton.autotune(configs=_dw_configs(), key=["N", "K", "M_BUCKET", "T", "BLOCK_N", "BLOCK_K", "TASK_SPLIT",
-                                             "HAS_TG", "HAS_DW", "HAS_DB", "ALIGNED", "TF32"],
+@triton.autotune(configs=autotune_configs(("BLOCK_M",), [(64, 8, 3), (32, 8, 4), (128, 8, 3), (64, 4, 3)], (16,)),
+                 key=["N", "K", "M_BUCKET", "T", "BLOCK_N", "BLOCK_K", "TASK_SPLIT", "HAS_TG", "HAS_DW", "HAS_DB",
+                      "ALIGNED", "TF32"],
                  restore_value=["tg_ptr"])
 @triton.jit
 def _masked_dw_kernel(
@@ -224,12 +216,8 @@ def launch_masked_mm(a, weight, masks, offs, transpose_w: bool, bias=None, epilo
     contig_r = transpose_w
     bit_axis_len = in_f  # the weight's row length: bits of one weight row are consecutive
     aligned = bit_axis_len % 32 == 0
-
-    def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_C"]) * (triton.cdiv(M, meta["BLOCK_M"]) + T),)
-
     dummy = out
-    _masked_mm_kernel[grid](
+    _masked_mm_kernel[lambda meta: task_tile_grid(M, T, meta["BLOCK_M"], triton.cdiv(C, meta["BLOCK_C"]))](
         a, weight, masks, offs,
         bias if bias is not None else dummy, aux if aux is not None else dummy, out,
         pre if pre is not None else dummy,
@@ -247,6 +235,25 @@ def _dw_tile(n: int, k: int, task_grads: bool) -> tuple[int, int]:
     return (128, 128) if n * k >= (1 << 20) and not task_grads else (64, 64)
 
 
+def dw_schedule(M: int, N: int, K: int, T: int, task_grads: bool, sms: int) -> tuple:
+    """((dW tiles, splits): the grid, BLOCK_N, BLOCK_K, rows per split, tasks per split). The splits (grid axis 1,
+    at most 65535 on CUDA) stay under 2 * sms: enough programs to fill the GPU, whatever M and T."""
+    bn, bk = _dw_tile(N, K, task_grads)
+    tiles = triton.cdiv(N, bn) * triton.cdiv(K, bk)
+    want = max(1, triton.cdiv(2 * sms, tiles))
+    if task_grads:
+        tps = triton.cdiv(T, min(want, T))
+        splits, rps = triton.cdiv(T, tps), M
+    else:
+        # a split of fewer rows than this costs more in partial sums than it gains in parallelism (the
+        # interpreter uses tiny splits so that small test shapes still cross split and segment boundaries)
+        min_rows = 16 if interpret() else 256
+        splits = min(want, max(1, M // min_rows))
+        rps = triton.cdiv(triton.cdiv(M, splits), min_rows // 2) * (min_rows // 2)
+        splits, tps = triton.cdiv(M, rps), T
+    return (tiles, splits), bn, bk, rps, tps
+
+
 def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=False, task_grads=None):
     """(dW, db) = (Σ_t M_t ⊙ dY_tᵀX_t, Σ dY); adds dY_tᵀX_t into task_grads[t] when given. None for what is
     not asked. task_grads [T, N, K] may have any task stride (a layer's slice of one [T, P] buffer) as long as
@@ -260,19 +267,8 @@ def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=Fal
         db = torch.zeros(N, dtype=weight_dtype, device=dev) if need_db else None
         return dw, db
     check_rows_fit(M, max(N, K))
-    bn, bk = _dw_tile(N, K, task_grads is not None)
-    tiles = triton.cdiv(N, bn) * triton.cdiv(K, bk)
-    want = max(1, triton.cdiv(2 * num_sms(dev), tiles))
-    if task_grads is not None:
-        tps = triton.cdiv(T, min(want, T))
-        splits, rps = triton.cdiv(T, tps), M
-    else:
-        # a split of fewer rows than this costs more in partial sums than it gains in parallelism (the
-        # interpreter uses tiny splits so that small test shapes still cross split and segment boundaries)
-        min_rows = 16 if interpret() else 256
-        splits = min(want, max(1, M // min_rows))
-        rps = triton.cdiv(triton.cdiv(M, splits), min_rows // 2) * (min_rows // 2)
-        splits, tps = triton.cdiv(M, rps), T
+    grid, bn, bk, rps, tps = dw_schedule(M, N, K, T, task_grads is not None, num_sms(dev))
+    splits = grid[1]
     direct = splits == 1
     dw = db = None
     if need_dw:
@@ -282,7 +278,7 @@ def launch_masked_dw(dy, x, masks, offs, weight_dtype, need_dw=True, need_db=Fal
         db = new_output((N,), weight_dtype, dev) if direct else \
             new_output((splits, N), torch.float32, dev)
     dummy = dy
-    _masked_dw_kernel[(tiles, splits)](
+    _masked_dw_kernel[grid](
         dy, x, masks, offs, dw if dw is not None else dummy, db if db is not None else dummy,
         task_grads if task_grads is not None else dummy,
         M, N, K, masks.shape[1], T, rps, tps, m_bucket(M),

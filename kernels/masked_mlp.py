@@ -23,16 +23,16 @@ from harmodt_fast.kernels._common import (
     activation,
     activation_grad,
     allow_tf32,
+    autotune_configs,
     check_rows_fit,
     device_offsets,
     dot_acc,
-    interpret,
     m_bucket,
     masked_weight_tile,
     new_output,
     next_pow2,
     task_tile,
-    tuned,
+    task_tile_grid,
 )
 from harmodt_fast.kernels.masked_linear import EPI_ACT, EPI_ACT_GRAD, EPI_NONE, masked_dw_op, masked_mm_op
 
@@ -42,18 +42,13 @@ FUSE_MAX_OUT = 256
 FUSE_TRAINING = True
 
 
-def _chain_configs():
-    if interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_H": 64}, num_warps=4)]
-    shapes = [(64, 64, 64, 8, 2), (64, 32, 128, 8, 2), (128, 64, 64, 8, 2), (64, 64, 128, 8, 2),
-              (32, 64, 64, 4, 2), (64, 64, 64, 8, 3)]
-    return tuned([triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_H": h}, num_warps=w, num_stages=s)
-                  for m, k, h, w, s in shapes])
+_CHAIN_CONFIGS = [(64, 64, 64, 8, 2), (64, 32, 128, 8, 2), (128, 64, 64, 8, 2), (64, 64, 128, 8, 2),
+                  (32, 64, 64, 4, 2), (64, 64, 64, 8, 3)]  # (BLOCK_M, BLOCK_K, BLOCK_H, warps, stages)
 
 
-@triton.autotune(configs=_chain_configs(), key=["D_IN", "D_MID", "D_OUT", "M_BUCKET", "T", "BACKWARD", "ACT",
-                                                "STORE_MID", "STORE_PRE", "HAS_B1", "HAS_B2", "ALIGNED1",
-                                                "ALIGNED2", "TF32"])
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_K", "BLOCK_H"), _CHAIN_CONFIGS, (16, 32, 64)),
+                 key=["D_IN", "D_MID", "D_OUT", "M_BUCKET", "T", "BACKWARD", "ACT", "STORE_MID", "STORE_PRE", "HAS_B1",
+                      "HAS_B2", "ALIGNED1", "ALIGNED2", "TF32"])
 @triton.jit
 def _masked_chain_kernel(
     a_ptr, w1_ptr, m1_ptr, w2_ptr, m2_ptr, offs_ptr, b1_ptr, b2_ptr, aux_ptr, mid_ptr, pre_ptr, out_ptr,
@@ -137,11 +132,7 @@ def launch_masked_chain(a, w_first, m_first, w_second, m_second, offs, backward:
     if M == 0:
         return out, mid, pre
     dummy = out
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) + T,)
-
-    _masked_chain_kernel[grid](
+    _masked_chain_kernel[lambda meta: task_tile_grid(M, T, meta["BLOCK_M"])](
         a, w_first, m_first, w_second, m_second, offs,
         b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, aux if aux is not None else dummy,
         mid if mid is not None else dummy, pre if pre is not None else dummy, out,

@@ -1,6 +1,7 @@
 """The Triton masked attention block (masked QKV projection + attention) against the reference: masked_linear
 then scaled_dot_product_attention in plain PyTorch. Interpreter mode on small fp32 shapes without a GPU; block
 size 16 there, so L > 16 crosses query/key blocks."""
+import contextlib
 import math
 
 import pytest
@@ -84,15 +85,48 @@ def test_inference_paths(counts, L, H, heads, kind, causal, fused, rng, monkeypa
     close(y, y_ref)
 
 
-def test_dropout_matches_reference_with_the_kernels_keep_mask(rng):
-    counts, L, H, heads, p, seed = [2, 1], 21, 32, 2, 0.3, 1234
+@contextlib.contextmanager
+def launch_args(*kernels):
+    """The arguments (by parameter name) of every launch of `kernels` while open, recorded by Triton's pre-run
+    hooks: the launches themselves run as usual."""
+    seen = {k: [] for k in kernels}
+    hooks = []
+    for k in kernels:
+        fn = getattr(k, "fn", k)  # an autotuned kernel wraps the jitted function
+
+        def hook(*args, _k=k, _names=fn.arg_names, **kwargs):
+            seen[_k].append({**dict(zip(_names, args)), **kwargs})
+
+        fn.add_pre_run_hook(hook)
+        hooks.append((fn, hook))
+    try:
+        yield seen
+    finally:
+        for fn, hook in hooks:
+            fn.pre_run_hooks.remove(hook)
+
+
+@pytest.mark.parametrize("seed", [1234, "tensor", None], ids=["int", "tensor", "drawn"])
+def test_dropout_matches_reference_with_the_kernels_keep_mask(seed, rng):
+    counts, L, H, heads, p = [2, 1], 21, 32, 2, 0.3
     (x, w, b), packed, offsets = make_case(rng, counts, L, H)
     B, D = 3, H // heads
+    seed = torch.tensor([987], device=DEVICE) if seed == "tensor" else seed
     mask3 = attention_mask_3d(dt_mask(rng, B, L, DEVICE), B, L, x.device)
+    dy = torch.randn(B, L, H, generator=rng).to(DEVICE)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = kattn.masked_attention_triton(leaves[0], leaves[1], leaves[2], packed, offsets, heads, mask3, True, p,
-                                      seed=seed)
-    keep = kattn.dropout_keep_mask(seed, B, heads, L, p, device=x.device)
+    with launch_args(kattn._attn_fwd_kernel, kattn._attn_bwd_kernel) as seen:
+        y = kattn.masked_attention_triton(leaves[0], leaves[1], leaves[2], packed, offsets, heads, mask3, True, p,
+                                          seed=seed)
+        y.backward(dy)
+    # the seed reaches both kernels as the same one-element int64 tensor (an int would be specialised by Triton:
+    # a recompile for some draws, a constant baked into a CUDA graph); the backward reuses the forward's
+    (fwd,), (bwd,) = seen[kattn._attn_fwd_kernel], seen[kattn._attn_bwd_kernel]
+    seeds = [fwd["seed_ptr"], bwd["seed_ptr"]]
+    assert all(isinstance(s, torch.Tensor) and s.dtype == torch.int64 and s.numel() == 1 for s in seeds)
+    assert seeds[0].item() == seeds[1].item() == {1234: 1234, None: seeds[0].item()}.get(seed, 987)
+    keep = kattn.dropout_keep_mask(seeds[0].item(), B, heads, L, p, device=x.device)
+    assert torch.equal(keep, kattn.dropout_keep_mask(seeds[0].to(DEVICE), B, heads, L, p, device=x.device))
     assert abs(keep.float().mean().item() - (1 - p)) < 0.05
     # reference with the same keep-mask, written out by hand
     ref = [t.clone().requires_grad_() for t in (x, w, b)]
@@ -101,11 +135,43 @@ def test_dropout_matches_reference_with_the_kernels_keep_mask(rng):
     s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask3[:, None], float("-inf"))
     y_ref = ((s.softmax(-1) * keep / (1 - p)) @ v).transpose(1, 2).reshape(B, L, H)
     close(y.detach(), y_ref.detach())
-    dy = torch.randn(B, L, H, generator=rng).to(DEVICE)
-    y.backward(dy)
     y_ref.backward(dy)
     for got, want in zip(leaves, ref):
         close(got.grad, want.grad)
+
+
+def test_dropout_under_torch_compile(rng):
+    """fullgraph (aot_eager) gives the eager outputs and gradients; the seed stays a tensor in the graph (no .item(),
+    a host synchronisation) and a new seed value is a new input of the same graph, not a recompile."""
+    (x, w, b), packed, offsets = make_case(rng, [2, 1], 9, 32)
+    dy = torch.randn(3, 9, 32, generator=rng).to(DEVICE)
+
+    def block(x, w, b, seed):
+        return kattn.masked_attention_triton(x, w, b, packed, offsets, 2, None, True, 0.25, seed=seed)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+
+    def aot_eager(gm, inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+    compiled = torch.compile(block, backend=aot_eager, fullgraph=True)
+    outs = []
+    for seed in (55, 56):
+        results = []
+        for fn in (block, compiled):
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            y = fn(*leaves, torch.tensor([seed], device=DEVICE))
+            y.backward(dy)
+            results.append([y.detach()] + [t.grad for t in leaves])
+        for got, want in zip(*results):
+            close(got, want)
+        outs.append(results[1][0])
+    assert not torch.equal(outs[0], outs[1])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(graphs) == 1
+    assert not [n for n in graphs[0].graph.nodes if n.target == "item"]
 
 
 def test_attention_ops_pass_opcheck(rng):
@@ -114,11 +180,12 @@ def test_attention_ops_pass_opcheck(rng):
     qkv = torch.randn(B * L, 3 * H, generator=rng).to(DEVICE)
     mbits = kattn.pack_attention_mask(attention_mask_3d(dt_mask(rng, B, L, DEVICE), B, L, qkv.device))
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(kattn.attention_fwd_op, (qkv, mbits, B, L, heads, True, 0.0, 0), test_utils=checks)
-    out, lse = kattn.attention_fwd_op(qkv, mbits, B, L, heads, True, 0.0, 0)
     dout = torch.randn(B * L, H, generator=rng).to(DEVICE)
-    torch.library.opcheck(kattn.attention_bwd_op, (dout, qkv, out, lse, mbits, B, L, heads, True, 0.0, 0),
-                          test_utils=checks)
+    for p, seed in [(0.0, None), (0.2, kattn.seed_tensor(7, qkv.device))]:
+        torch.library.opcheck(kattn.attention_fwd_op, (qkv, mbits, B, L, heads, True, p, seed), test_utils=checks)
+        out, lse = kattn.attention_fwd_op(qkv, mbits, B, L, heads, True, p, seed)
+        torch.library.opcheck(kattn.attention_bwd_op, (dout, qkv, out, lse, mbits, B, L, heads, True, p, seed),
+                              test_utils=checks)
     torch.library.opcheck(kattn.masked_qkv_attention_op,
                           (x.reshape(B * L, H), w, b, packed, offsets, mbits, B, L, heads, True), test_utils=checks)
 
