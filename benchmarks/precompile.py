@@ -92,7 +92,7 @@ def workloads(quick: bool):
         def __call__(self, fn, impl=""):
             if impl.startswith("ours"):
                 fn()
-            return {"wall_ms": None, "gpu_ms": None}
+            return {"wall_ms": 0.0, "gpu_ms": None}
 
     timer, rows, dt, cpu = OursOnly(smoke=True), [], torch.bfloat16, torch.device("cpu")
     bench_kernels.CEILINGS.update(matmul_bf16_tflops=1.0, matmul_fp32_tflops=1.0, copy_tbps=1.0)
@@ -151,8 +151,7 @@ def main(argv=None) -> int:
         print(f"[precompile] {relocate(args.cache)[0]} cache entries relocated to {os.path.abspath(args.cache)}")
         return 0
     # TRITON_INTERPRET=0: compiled kernels even though this machine has no GPU (bench_kernels would set it to 1)
-    os.environ.update(TRITON_CACHE_DIR=os.path.abspath(args.cache), HARMODT_FAST_AUTOTUNE="0",
-                      HARMODT_FAST_DISABLE_CPP="1", TRITON_INTERPRET="0")
+    os.environ.update(TRITON_CACHE_DIR=os.path.abspath(args.cache), HARMODT_FAST_AUTOTUNE="0", TRITON_INTERPRET="0")
     if args.only:
         stand_in_gpu()
         t0 = time.perf_counter()
@@ -175,7 +174,8 @@ def main(argv=None) -> int:
         print(r.stdout.strip() or f"[precompile] {n}: FAILED", flush=True)
     _, compiled = relocate(args.cache, prune=True)
     cubins = set(glob.glob(os.path.join(args.cache, "*", "*.cubin")))
-    record = {"triton": triton.__version__, "ptxas": get_ptxas_version(90), "target": "cuda sm_90",
+    ptxas = get_ptxas_version(90).strip().splitlines()[-2:]  # "Cuda compilation tools, release 12.8, V12.8.93"
+    record = {"triton": triton.__version__, "ptxas": " ".join(ptxas), "target": "cuda sm_90",
               "seconds": round(time.perf_counter() - t0, 1), "workers": args.workers, "kernels": len(cubins),
               "new": len(cubins - before), "compiled": compiled, "failed": [n for n, _ in failed],
               "date": time.strftime("%Y-%m-%d")}
