@@ -7,6 +7,7 @@ one run (FLOPs and bytes in extra_info; render with `python benchmarks/render_be
 masked_linear group: our op (Triton on CUDA, the C++ path on the CPU) against the unmasked dense F.linear (the
 ceiling: the mask is 1 bit per weight) and against materialising W ⊙ M_t per task in plain PyTorch. FLOPs are
 2 x rows x in x out (the matmul work; masking adds none), bytes the operands read and the output written.
+mask_init group: one task's ERK mask of a large-preset layer (exact-count random subset vs a full permutation).
 train_step group: one optimiser step of ours (all tasks in one batch) against the published one-task-per-step
 procedure (benchmarks/published_baseline.py) doing the same number of sequences (T of its steps); FLOPs
 ~ 6 x parameters x tokens, counted.
@@ -147,5 +148,7 @@ def test_bench_mask_init(benchmark, impl):
         return dense
 
     fn = (lambda: random_subset(rng, n, k)) if impl == "random_subset" else permutation
-    benchmark.extra_info.update(weights=n, active=k)
+    # bytes: the random keys drawn and the bool mask written (random_subset); flops: none counted
+    benchmark.extra_info.update({"group": "mask_init", "impl": impl, "device": "cpu", "quick": QUICK, "weights": n,
+                                 "active": k, "flops": 0, "bytes": 5 * n})
     assert int(benchmark(fn).sum()) == k

@@ -41,7 +41,8 @@ def test_op_and_train_step_suites_run_and_render(tmp_path):
     groups = {}
     for b in json.loads(out.read_text())["benchmarks"]:
         groups.setdefault(b["extra_info"]["group"], []).append(b["extra_info"]["impl"])
-    assert groups == {"masked_linear": ["ours", "dense", "materialise-per-task"], "train_step": ["ours", "published"]}
+    assert groups == {"masked_linear": ["ours", "dense", "materialise-per-task"], "train_step": ["ours", "published"],
+                      "mask_init": ["random_subset", "torch.randperm"]}
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- bench:begin -->\nold\n<!-- bench:end -->\ny\n")
     proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "render_benchmarks.py"), str(out),
