@@ -444,23 +444,25 @@ def main(argv=None):
         linear = [("linear-paper", i, o) for i, o in PAPER_LINEAR] + [("linear-large", i, o) for i, o in LARGE_LINEAR]
         attn = [("attention-paper", 400, 75, 256, 8), ("attention-large", 400, 75, 1024, 16)]
         mlps = [("mlp-paper", 256, 1024), ("mlp-large", 1024, 4096)]
-    # results are rewritten after every shape, so a run cut short by a time limit still leaves its table
-    if "linear" in only:
-        for group, n_in, n_out in linear:
-            print(f"{group} {n_in}->{n_out}", flush=True)
-            compiled = args.compiled == "all" or (args.compiled == "paper" and group == "linear-paper")
-            bench_linear(timer, rows, group, n_in, n_out, tasks, rpt, dtype, dev, compiled)
-            write_results(rows, meta, args.out)
-    if "attention" in only:
-        for group, B, L, H, heads in attn:
-            print(f"{group} B={B} L={L} H={H} heads={heads}", flush=True)
-            bench_attention(timer, rows, group, B, L, H, heads, tasks, dtype, dev)
-            write_results(rows, meta, args.out)
-    if "mlp" in only:
-        for group, hidden, mlp in mlps:
-            print(f"{group} {hidden}->{mlp}", flush=True)
-            bench_mlp(timer, rows, group, hidden, mlp, tasks, rpt, dtype, dev)
-            write_results(rows, meta, args.out)
+    # the paper shapes of every op first, then the large ones (what a time limit cuts is the least valuable);
+    # results are rewritten after every shape, so a run cut short still leaves its table
+    for size in ("paper", "large"):
+        if "linear" in only:
+            for group, n_in, n_out in [c for c in linear if c[0].endswith(size)]:
+                print(f"{group} {n_in}->{n_out}", flush=True)
+                compiled = args.compiled == "all" or (args.compiled == "paper" and group == "linear-paper")
+                bench_linear(timer, rows, group, n_in, n_out, tasks, rpt, dtype, dev, compiled)
+                write_results(rows, meta, args.out)
+        if "attention" in only:
+            for group, B, L, H, heads in [c for c in attn if c[0].endswith(size)]:
+                print(f"{group} B={B} L={L} H={H} heads={heads}", flush=True)
+                bench_attention(timer, rows, group, B, L, H, heads, tasks, dtype, dev)
+                write_results(rows, meta, args.out)
+        if "mlp" in only:
+            for group, hidden, mlp in [c for c in mlps if c[0].endswith(size)]:
+                print(f"{group} {hidden}->{mlp}", flush=True)
+                bench_mlp(timer, rows, group, hidden, mlp, tasks, rpt, dtype, dev)
+                write_results(rows, meta, args.out)
     base = write_results(rows, meta, args.out)
     print(f"wrote {base}.json and {base}.md")
     return 0

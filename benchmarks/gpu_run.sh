@@ -132,7 +132,7 @@ else
   SHAPE=(--device cuda --preset paper --tasks 50 --seconds 5)
   KERNELS=(--compiled none)
   SCALE=(--device cuda --sweep-preset large --tasks 50,160)
-  EVAL=(--device cuda --steps 500 --baseline-tasks 5 --baseline-steps 200)
+  EVAL=(--device cuda --steps 100 --baseline-tasks 5 --baseline-steps 100)  # extrapolated to 500 steps
   # compile in parallel: pytest-xdist workers each compile their tests' kernels (16 CPU cores there)
   XDIST=()
   "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
