@@ -93,6 +93,10 @@ def _sweep_case(kind: str, tasks: int, preset: str, device_name: str) -> dict:
         load_extension()
     torch.manual_seed(0)
     model = HarmoDT(cfg).to(device)
+    P = sum(method.masked_sizes(model))
+    if kind == "update-whole" and device.type == "cuda" and 4 * tasks * P > torch.cuda.mem_get_info(device)[0]:
+        return {"skipped": f"the [T, P] buffer ({4 * tasks * P / 2**30:.1f} GiB) exceeds the device's free memory "
+                           f"({torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB)"}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = SyntheticSampler(cfg, device=device)
     batch = sampler.sample()
@@ -111,7 +115,6 @@ def _sweep_case(kind: str, tasks: int, preset: str, device_name: str) -> dict:
         def fn():
             return update(model, batch, cfg, cfg.steps // 2, losses_fn=model.task_losses, amp_dtype=amp)[1]
     times, cpus, peak, out = measure(fn, device, 1)
-    P = sum(method.masked_sizes(model))
     rec = {"time_s": times[0], "cpu_s": cpus[0], "peak_extra_bytes": peak, "masked_weights": P,
            "whole_buffer_bytes": 4 * tasks * P, "sequences": batch.num_rows}
     if isinstance(out, dict):
@@ -190,7 +193,8 @@ def run_all(args) -> None:
             print(f"    FAILED:\n{res.stderr[-3000:]}", flush=True)
         else:
             rec = json.loads(res.stdout.strip().splitlines()[-1])
-            print(f"    {rec['time_s']:.1f} s, peak extra {rec['peak_extra_bytes'] / 2**30:.2f} GiB", flush=True)
+            print(f"    skipped: {rec['skipped']}" if "skipped" in rec else
+                  f"    {rec['time_s']:.1f} s, peak extra {rec['peak_extra_bytes'] / 2**30:.2f} GiB", flush=True)
         rec.update(name=case["name"], kind=case["kind"], started=started, device=args.device,
                    sweep_preset=args.sweep_preset, **({"tasks": case["tasks"]} if "tasks" in case else {}))
         rec["machine"] = machine()
@@ -202,7 +206,7 @@ def run_all(args) -> None:
 def render(out: str) -> None:
     """OUT/results.md (tables) and OUT/scale.png (time and peak memory against T) from OUT/results.jsonl."""
     recs = [json.loads(line) for line in open(os.path.join(out, "results.jsonl")) if line.strip()]
-    ok = [r for r in recs if "error" not in r]
+    ok = [r for r in recs if "error" not in r and "skipped" not in r]
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     lines = ["# Scale benchmark", "", f"Written by benchmarks/bench_scale.py from results.jsonl "
              f"({len(recs)} cases, {len(recs) - len(ok)} failed).", ""]
@@ -251,6 +255,8 @@ def render(out: str) -> None:
                     d = named[other]["peak_extra_bytes"] - base["peak_extra_bytes"]
                     lines.append(f"\n{other}: peak {d / 2**20:+.0f} MiB against the same run without mask updates.")
     for r in recs:
+        if "skipped" in r:
+            lines += ["", f"skipped {r['name']}: {r['skipped']}"]
         if "error" in r:
             lines += ["", f"FAILED {r['name']}:", "```", r["error"][-1500:], "```"]
     with open(os.path.join(out, "results.md"), "w") as f:
