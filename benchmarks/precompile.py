@@ -178,6 +178,8 @@ def main(argv=None) -> int:
     record = {"triton": triton.__version__, "ptxas": " ".join(ptxas), "target": "cuda sm_90",
               "seconds": round(time.perf_counter() - t0, 1), "workers": args.workers, "kernels": len(cubins),
               "new": len(cubins - before), "compiled": compiled, "failed": [n for n, _ in failed],
+              "by_kernel": {k: sum(os.path.basename(c) == k + ".cubin" for c in cubins)
+                            for k in sorted({os.path.basename(c)[: -len(".cubin")] for c in cubins})},
               "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(record), flush=True)
     with open(os.path.join(args.cache, "precompiled.json"), "w") as f:
