@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 
-LOGGERS = ("tensorboard", "wandb")
-
 
 def parse_loggers(value, tensorboard: bool = False) -> tuple[str, ...] | None:
     """config.logger as a tuple of known names (None when empty); `tensorboard` is the older boolean spelling."""
@@ -23,7 +21,7 @@ def parse_loggers(value, tensorboard: bool = False) -> tuple[str, ...] | None:
         names = list(value)
     for name in names:
         if name not in LOGGERS:
-            raise ValueError(f"unknown logger {name!r}; expected one of {LOGGERS}, a list of them, or None")
+            raise ValueError(f"unknown logger {name!r}; expected one of {tuple(LOGGERS)}, a list of them, or None")
     if tensorboard and "tensorboard" not in names:
         names.append("tensorboard")
     return tuple(dict.fromkeys(names)) or None
@@ -77,13 +75,14 @@ class WandbLogger:
         self.run.finish()
 
 
+LOGGERS = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}  # the one registry: config.logger's names
+
+
 class Loggers:
     """The loggers of config.logger, as one: .log(entry) and .close()."""
 
-    _KINDS = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}
-
     def __init__(self, names, out: str, config):
-        self.loggers = [self._KINDS[name](out, config) for name in parse_loggers(names) or ()]
+        self.loggers = [LOGGERS[name](out, config) for name in parse_loggers(names) or ()]
 
     def log(self, entry: dict) -> None:
         for logger in self.loggers:

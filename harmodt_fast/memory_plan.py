@@ -25,6 +25,7 @@ import torch
 from harmodt_fast.activation_memory import attention_path, backward_temporary_bytes, sequence_bytes
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.masks import erk_densities, masked_weight_shapes
+from harmodt_fast.method import AGREEMENT_ENTRIES, update_group_size
 from harmodt_fast.ops.packing import words_for
 from harmodt_fast.runtime import autocast_dtype, pick_device
 from harmodt_fast.tasks import task_names
@@ -270,14 +271,14 @@ def plan_config(config: HarmoDTConfig, device="auto", device_memory=None, transi
 
     update, group = {}, None
     if c.use_masks:
-        group = max(1, min(T, int(c.mask_update_memory_mb * MIB // (4 * Pm))))
+        group = update_group_size(c, Pm)
         k_max = max(c.eta_max, c.eta_min, math.ceil(c.flip_fraction * c.density * Pm))
         threads = torch.get_num_threads() if dev.type == "cpu" else 1
         update = {"task_gradient_rows": group * Pm * 4}
         if group < T:  # streamed (method.streamed_mask_update): ḡ, one flat copy of the masks, the agreement sample
             update["harmony_gradient"] = Pm * 8
             update["mask_copies"] = persistent["task_masks"]
-            update["agreement_sample"] = T * min(Pm, 16384) * 4
+            update["agreement_sample"] = T * min(Pm, AGREEMENT_ENTRIES) * 4
         else:  # whole buffer: the flat masks, the new flat masks and their copy into the layers, the flat weights
             update["mask_copies"] = 3 * persistent["task_masks"]
             update["weight_copy"] = Pm * 4

@@ -108,11 +108,6 @@ def select(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
     return hit
 
 
-def clear_cache() -> None:
-    """Forget the cached backend decisions (after changing TRITON_INTERPRET or the extension's availability)."""
-    _decisions.clear()
-
-
 def runs_fused(op: str, backend: str, device: torch.device) -> bool:
     """Whether a model should call the fused block `op` (e.g. "masked_mlp") with `backend` rather than compose it
     from masked_linear layers: true when `backend` picks a real fused implementation, not the torch reference

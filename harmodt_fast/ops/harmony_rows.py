@@ -40,8 +40,6 @@ class Candidates:
     sum_a: torch.Tensor  # [T] float64
     neg: torch.Tensor  # [T] int64
 
-    def to(self, device) -> "Candidates":
-        return Candidates(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
 class _TorchRows:
