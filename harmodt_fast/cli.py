@@ -99,30 +99,15 @@ def _cmd_evaluate(args) -> int:
 
 
 def _parse_overrides(pairs) -> dict:
-    """--set name=value pairs -> config overrides, each value parsed as the field's type."""
+    """--set name=value pairs -> config overrides, each value parsed by the field's declared type."""
     from harmodt_fast.config import HarmoDTConfig
 
-    defaults = HarmoDTConfig()
     overrides = {}
     for pair in pairs or []:
         name, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--set expects name=value, got {pair!r}")
-        if name not in HarmoDTConfig.field_names():
-            raise ValueError(f"unknown config field {name!r}; known fields: {HarmoDTConfig.field_names()}")
-        current = getattr(defaults, name)
-        if name == "tasks":
-            overrides[name] = value
-        elif name in ("merge_threshold", "eval_workers"):  # int or None
-            overrides[name] = None if value.lower() == "none" else int(value)
-        elif isinstance(current, bool):
-            overrides[name] = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, int):
-            overrides[name] = int(value)
-        elif isinstance(current, float):
-            overrides[name] = float(value)
-        else:
-            overrides[name] = value
+        overrides[name] = HarmoDTConfig.parse_value(name, value)
     return overrides
 
 

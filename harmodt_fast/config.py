@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
 
 METHODS = ("harmodt", "prompt-dt", "mtdt")
@@ -135,6 +138,43 @@ class HarmoDTConfig:
         values = dict(PRESETS[name])
         values.update(overrides)
         return cls(**values)
+
+    @classmethod
+    def parse_value(cls, name: str, text: str):
+        """A field's value from text (a command line's --set), parsed by the field's declared type; a ValueError
+        names the field, its type and the text. "none" is None where the field allows it; bools take
+        true/false/1/0/yes/no/on/off; ints refuse fractions; tuples are comma-separated; dicts are JSON."""
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            raise ValueError(f"unknown config field {name!r}; known fields: {cls.field_names()}")
+        kind = hints[name]
+        options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+        if type(None) in options and text.strip().lower() in ("none", "null"):
+            return None
+        plain = [o for o in options if o is not type(None)]
+        target = str if str in plain else plain[0]  # a str | tuple field (logger) takes the text as it is
+        if name == "tasks":  # a task set or comma-separated names, resolved where the data is known
+            return text
+        try:
+            if target is bool:
+                word = text.strip().lower()
+                if word not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError("expected true or false")
+                return word in ("true", "1", "yes", "on")
+            if target is int:
+                return int(text)
+            if target is float:
+                return float(text)
+            if typing.get_origin(target) is tuple:
+                return tuple(v.strip() for v in text.split(",") if v.strip())
+            if target is dict:
+                value = json.loads(text)
+                if not isinstance(value, dict):
+                    raise ValueError("expected a JSON object")
+                return value
+            return text
+        except ValueError as exc:
+            raise ValueError(f"config field {name!r} ({kind}): cannot parse {text!r}: {exc}") from None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
