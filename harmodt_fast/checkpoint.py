@@ -10,7 +10,8 @@ reads them):
     "state_mean", "state_std":  float32 [T, state_dim] per-task state normalisation
     "eval_prompts":  {field: tensor [T, prompt_len, ...]} one prompt per task (fields of hf.Prompt), or None
     "dataset_fingerprint": str identifying the training data
-and the trainer adds what resuming needs ("optimizer", "scheduler", "sampler", "rng", "history").
+and the trainer adds what resuming needs ("optimizer", "sampler", "rng", "history"; the learning rate is a
+function of the step, so there is no scheduler state).
 
 Reading never runs code: torch.load(weights_only=True) only rebuilds tensors and plain containers, so a file that
 needs anything else (a crafted pickle) is refused before any of it executes.
