@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harmodt_fast as hf  # noqa: E402
 from harmodt_fast.batch import SyntheticSampler  # noqa: E402
 from harmodt_fast.trainer import Trainer  # noqa: E402
+import device_ceilings  # noqa: E402
 from published_baseline import PublishedProcedure  # noqa: E402
 
 ROWS = ("ours", "ours-compiled", "torch", "torch-compiled", "prompt-dt", "published", "mask-update")
@@ -94,7 +95,7 @@ def profile(fn, device, top: int = 0) -> dict:
         ops = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU]
         return {"host_ms": host * 1e3, "cpu_ops": len(ops)}
     kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    dur = lambda e: getattr(e, "device_time", None) if hasattr(e, "device_time") else e.cuda_time  # noqa: E731
+    dur = lambda e: e.device_time if hasattr(e, "device_time") else e.cuda_time  # noqa: E731  (older torch)
     out = {"launches": sum(1 for e in events if e.name in LAUNCH_CALLS), "kernels": len(kernels),
            "host_ms": host * 1e3, "device_ms": sum(dur(e) for e in kernels) / 1e3}
     if top:
@@ -145,10 +146,7 @@ def main(argv=None):
     base_cfg = hf.HarmoDTConfig.from_preset(args.preset, num_tasks=args.tasks, **extra)
     seqs = base_cfg.batch_per_task * base_cfg.num_tasks
     sampler = PrebuiltSampler(base_cfg, device)
-    args.ceilings_record = None
-    if args.ceilings:
-        with open(args.ceilings) as f:
-            args.ceilings_record = json.load(f)["ceilings"]
+    args.ceilings_record = device_ceilings.load(args.ceilings, device) if args.ceilings else None
     rows = []
     trainers: dict[str, Trainer] = {}
 

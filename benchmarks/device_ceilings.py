@@ -3,6 +3,7 @@ that run is taken against (datasheet rates are leads, not ceilings).
 
     python benchmarks/device_ceilings.py --out env.json            # CUDA: the measurement
     python benchmarks/device_ceilings.py --out env.json --quick    # CPU (the dry run): small sizes, not a measurement
+    python benchmarks/device_ceilings.py --digest                   # this checkout's source digest (match a record)
 
 Ceilings:
   matmul_bf16_tflops  an 8192 x 8192 x 8192 bf16 product on random data (torch.matmul, i.e. cuBLAS)
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
+import hashlib
 import json
 import os
 import platform
@@ -25,6 +28,8 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from measure import machine  # noqa: E402
 
 
 def _median_ms(fn, device: torch.device) -> float:
@@ -80,20 +85,23 @@ def floor_ms(flops: float, nbytes: float, dtype: torch.dtype, ceilings: dict) ->
     return max(flops / (tflops * 1e12), nbytes / (ceilings["copy_tbps"] * 1e12)) * 1e3
 
 
-def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=HERE).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+def source_digest() -> str:
+    """sha256 of the project's source files (names and contents): names the code a run used where the checkout
+    has no git history (the GPU machine gets a copy of the working tree); `--digest` prints it for a checkout."""
+    root = os.path.dirname(HERE)
+    digest = hashlib.sha256()
+    for folder in ("harmodt_fast", "kernels", "csrc", "benchmarks", "tests", "scripts"):
+        for path in sorted(glob.glob(os.path.join(root, folder, "**", "*"), recursive=True)):
+            if path.endswith((".py", ".cpp", ".h", ".sh")):
+                with open(path, "rb") as f:
+                    digest.update(os.path.relpath(path, root).encode() + b"\0" + f.read())
+    return digest.hexdigest()
 
 
 def record(device: torch.device) -> dict:
-    """Date, commit, versions and the device's properties."""
-    rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "commit": _run(["git", "rev-parse", "HEAD"]) or "unknown",
-           "changed_files": len(_run(["git", "status", "--short"]).splitlines()),
-           "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device_type": device.type, "cpu_count": os.cpu_count(),
+    """The machine (measure.machine: versions, CPU, commit), the date, the source digest and the device."""
+    rec = {**machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "source_sha256": source_digest(), "device_type": device.type,
            "autotune": os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0"}
     try:
         import triton
@@ -105,19 +113,29 @@ def record(device: torch.device) -> dict:
         p = torch.cuda.get_device_properties(device)
         rec.update(device=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
                    l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1), capability=f"{p.major}.{p.minor}")
-        rec["nvidia_smi"] = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,"
-                                  "clocks.max.sm,power.limit", "--format=csv,noheader"])
+        try:
+            rec["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            rec["nvidia_smi"] = None
     else:
-        rec["device"] = f"cpu ({platform.processor() or platform.machine()})"
+        rec["device"] = f"cpu ({rec.get('cpu') or platform.machine()})"
     return rec
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--out", help="JSON file to write")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="small sizes (the CPU dry run): exercises the code only")
+    ap.add_argument("--digest", action="store_true", help="only print this checkout's source digest")
     args = ap.parse_args(argv)
+    if args.digest:
+        print(source_digest())
+        return 0
+    if not args.out:
+        ap.error("--out is required")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     rec = record(device)
     print(json.dumps(rec), flush=True)

@@ -86,6 +86,12 @@ summarise() {
     || echo "gpu_summary failed (the stages' files are in $WORK)"
 }
 
+skip() {  # skip NAME WHY: records a stage that did not run (exit 125)
+  local t=$(( $(date +%s) - start ))
+  echo "== $1 skipped: $2"
+  echo "$1 125 $t $t 0 0" >> "$WORK/stages.tsv"
+}
+
 stage() {  # stage NAME LIMIT_S POISON COMMAND...: runs under a SIGINT time limit that never passes the budget
   local name="$1" limit="$2" poison="$3"
   shift 3
@@ -93,8 +99,7 @@ stage() {  # stage NAME LIMIT_S POISON COMMAND...: runs under a SIGINT time limi
   local left=$(( BUDGET - 15 - t0 ))
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -lt 5 ]; then
-    echo "== $name skipped: the budget is spent (${t0}s elapsed)"
-    echo "$name 125 $t0 $t0 0 $poison" >> "$WORK/stages.tsv"
+    skip "$name" "the budget is spent (${t0}s elapsed)"
     return 0
   fi
   echo "== $name (limit ${limit}s, ${t0}s elapsed)"
@@ -156,16 +161,14 @@ fi
 if "$PY" -c "import metaworld" 2>/dev/null; then
   stage eval "$(limit_of eval)" 0 "$PY" benchmarks/bench_evaluation.py "${EVAL[@]}" --out "$WORK/eval"
 else
-  echo "== eval skipped: metaworld is not installed and no wheels in .whl/"
-  echo "eval 125 $(( $(date +%s) - start )) $(( $(date +%s) - start )) 0 0" >> "$WORK/stages.tsv"
+  skip eval "metaworld is not installed and no wheels in .whl/"
 fi
 left=$(( BUDGET - 15 - ($(date +%s) - start) ))
 if [ "$left" -ge 45 ]; then
   stage "$OPTIONAL" "$left" 0 "${RUN[@]}" benchmarks/bench_train_step.py "${SHAPE[@]}" \
     --rows ours-compiled,torch-compiled --ceilings "$WORK/env.json" --out "$WORK/$OPTIONAL"
 else
-  echo "== $OPTIONAL skipped: ${left}s left"
-  echo "$OPTIONAL 125 $(( BUDGET - 15 - left )) $(( BUDGET - 15 - left )) 0 0" >> "$WORK/stages.tsv"
+  skip "$OPTIONAL" "${left}s left"
 fi
 summarise
 # what the compile cost grows with: interpreted launches keyed as the JIT would compile them (dry run), the

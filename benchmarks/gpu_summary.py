@@ -135,7 +135,8 @@ def markdown(s: dict, work: str) -> str:
     ceil = env.get("ceilings") or {}
     lines = ["# First GPU run: summary", "",
              f"{env.get('device', '?')}; torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}; "
-             f"commit {str(env.get('commit'))[:10]} ({env.get('changed_files')} changed files); {env.get('date')}; "
+             f"commit {(env.get('git_commit') or 'unknown (no git history)')[:10]}, source sha256 "
+             f"{str(env.get('source_sha256'))[:12]} (`device_ceilings.py --digest` here); {env.get('date')}; "
              f"autotune {'on' if env.get('autotune') else 'off (pinned configs[0])'}.", "",
              f"Measured ceilings: bf16 matmul {_fmt(ceil.get('matmul_bf16_tflops'), '.1f')} TFLOP/s, fp32 matmul "
              f"{_fmt(ceil.get('matmul_fp32_tflops'), '.1f')} TFLOP/s, device copy {_fmt(ceil.get('copy_tbps'), '.2f')} "

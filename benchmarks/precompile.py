@@ -26,6 +26,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import kernel_variants  # noqa: E402
+
 H100_SMS = 132  # H100 SXM and H200 alike
 
 
@@ -71,7 +74,6 @@ def workloads(quick: bool):
     import harmodt_fast as hf
     from harmodt_fast.trainer import Trainer
 
-    sys.path.insert(0, HERE)
     import bench_kernels
     from bench_train_step import PrebuiltSampler
 
@@ -174,13 +176,12 @@ def main(argv=None) -> int:
         print(r.stdout.strip() or f"[precompile] {n}: FAILED", flush=True)
     _, compiled = relocate(args.cache, prune=True)
     cubins = set(glob.glob(os.path.join(args.cache, "*", "*.cubin")))
+    counted = kernel_variants.count(cache=args.cache)
     ptxas = get_ptxas_version(90).strip().splitlines()[-2:]  # "Cuda compilation tools, release 12.8, V12.8.93"
     record = {"triton": triton.__version__, "ptxas": " ".join(ptxas), "target": "cuda sm_90",
-              "seconds": round(time.perf_counter() - t0, 1), "workers": args.workers, "kernels": len(cubins),
+              "seconds": round(time.perf_counter() - t0, 1), "workers": args.workers, "kernels": counted["compiled"],
               "new": len(cubins - before), "compiled": compiled, "failed": [n for n, _ in failed],
-              "by_kernel": {k: sum(os.path.basename(c) == k + ".cubin" for c in cubins)
-                            for k in sorted({os.path.basename(c)[: -len(".cubin")] for c in cubins})},
-              "date": time.strftime("%Y-%m-%d")}
+              "by_kernel": counted["compiled_by_kernel"], "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(record), flush=True)
     with open(os.path.join(args.cache, "precompiled.json"), "w") as f:
         json.dump(record, f, indent=1)

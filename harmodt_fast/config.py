@@ -151,10 +151,10 @@ class HarmoDTConfig:
         options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
         if type(None) in options and text.strip().lower() in ("none", "null"):
             return None
-        plain = [o for o in options if o is not type(None)]
-        target = str if str in plain else plain[0]  # a str | tuple field (logger) takes the text as it is
         if name == "tasks":  # a task set or comma-separated names, resolved where the data is known
             return text
+        plain = [o for o in options if o is not type(None)]
+        target = str if str in plain else plain[0]  # a str | tuple field (logger) takes the text as it is
         try:
             if target is bool:
                 word = text.strip().lower()
