@@ -25,9 +25,10 @@ import torch
 from harmodt_fast.activation_memory import attention_path, backward_temporary_bytes, sequence_bytes
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.masks import erk_densities, masked_weight_shapes
-from harmodt_fast.method import AGREEMENT_ENTRIES, update_group_size
+from harmodt_fast.ops.harmony import score_needs_weight
 from harmodt_fast.ops.packing import words_for
 from harmodt_fast.runtime import autocast_dtype, pick_device
+from harmodt_fast.task_gradients import AGREEMENT_ENTRIES, update_group_size
 from harmodt_fast.tasks import task_names
 
 GIB = 2**30
@@ -274,14 +275,15 @@ def plan_config(config: HarmoDTConfig, device="auto", device_memory=None, transi
         group = update_group_size(c, Pm)
         k_max = max(c.eta_max, c.eta_min, math.ceil(c.flip_fraction * c.density * Pm))
         threads = torch.get_num_threads() if dev.type == "cpu" else 1
-        update = {"task_gradient_rows": group * Pm * 4}
-        if group < T:  # streamed (method.streamed_mask_update): ḡ, one flat copy of the masks, the agreement sample
-            update["harmony_gradient"] = Pm * 8
-            update["mask_copies"] = persistent["task_masks"]
-            update["agreement_sample"] = T * min(Pm, AGREEMENT_ENTRIES) * 4
-        else:  # whole buffer: the flat masks, the new flat masks and their copy into the layers, the flat weights
-            update["mask_copies"] = 3 * persistent["task_masks"]
+        # method.mask_update: G tasks' rows, ḡ, the flat copy of the masks the selection reads (the flips go into
+        # the layers' masks in place), the flat weights for a score that reads them, and the agreement sample
+        # when the rows are not kept (G < T)
+        update = {"task_gradient_rows": group * Pm * 4, "harmony_gradient": Pm * 8,
+                  "mask_copies": persistent["task_masks"]}
+        if score_needs_weight(c.score):
             update["weight_copy"] = Pm * 4
+        if group < T:
+            update["agreement_sample"] = T * min(Pm, AGREEMENT_ENTRIES) * 4
         update["activations"] = group * bpt * per_seq
         if copies:
             update["autocast_weight_copies"] = copies

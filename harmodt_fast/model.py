@@ -8,6 +8,9 @@ norms and heads are shared and unmasked.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,6 +20,7 @@ from harmodt_fast.batch import Batch
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.ops._dispatch import runs_fused
+from harmodt_fast.ops.harmony_rows import Candidates, apply_candidates
 from harmodt_fast.ops.masked_attention import AttentionMask
 
 
@@ -173,6 +177,43 @@ class HarmoDT(nn.Module):
             return None
         return TaskMasks({n: tuple(l.weight.shape) for n, l in layers.items()},
                          {n: l.masks_packed for n, l in layers.items()})
+
+    def masked_sizes(self) -> list[int]:
+        """Entries of each masked weight, in model order: the layout of every flat [P] vector of the mask update."""
+        return [layer.weight.numel() for layer in self.masked_layers().values()]
+
+    def masked_weights_flat(self) -> torch.Tensor:
+        """The masked weights flattened and concatenated in model order, float32 [P] (a copy)."""
+        return torch.cat([layer.weight.detach().flatten() for layer in self.masked_layers().values()]).float()
+
+    @contextlib.contextmanager
+    def recording_task_grads(self, first: int, last: int, out: torch.Tensor):
+        """Inside: a forward and backward over tasks first..last-1's rows (`batch.task_slice(first, last)`) adds
+        each task's gradient of its own loss w.r.t. its effective weights into out [last-first, P] (float32,
+        zeroed here; layout of `masked_weights_flat`). The masked weights' own .grad is not computed (it would be
+        Σ_t M_t ⊙ G_t, unused here). The layers are restored on exit."""
+        layers = self.masked_layers()
+        saved = {name: layer.masks_packed for name, layer in layers.items()}
+        out.zero_()
+        start = 0
+        for name, layer in layers.items():
+            n = layer.weight.numel()
+            layer.masks_packed = saved[name][first:last]  # tasks first..last-1 become 0..G-1
+            layer.task_grads = out[:, start : start + n].view(last - first, *layer.weight.shape)
+            layer.weight.requires_grad_(False)
+            start += n
+        try:
+            yield out
+        finally:
+            for name, layer in layers.items():
+                layer.masks_packed, layer.task_grads = saved[name], None
+                layer.weight.requires_grad_(True)
+
+    def apply_mask_flips(self, k: Sequence[int], candidates: Candidates) -> dict[str, torch.Tensor]:
+        """In place, in the layers' masks: task t's k[t] best prune candidates off and its k[t] best regrow
+        candidates on (indices into the flat [P] layout); returns the update's statistics (hf.ops.harmony_update's)."""
+        layers = self.masked_layers().values()
+        return apply_candidates([layer.masks_packed for layer in layers], self.masked_sizes(), k, candidates)
 
     # forward -----------------------------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -201,7 +201,7 @@ class Trainer:
                 loss, per_task, rows = self._train_step()
                 self.step += 1
                 rows_since += rows
-                if self.config.use_masks and self.step % cfg.mask_interval == 0 and self.step < cfg.steps:
+                if method.mask_update_due(cfg, self.step):
                     self._log({"step": self.step, "mask_update": self._mask_update()})
                 if self.step == 1 or self.step % cfg.log_every == 0 or self.step == end:
                     loss, per_task = self._mean_over_ranks(loss, per_task)
@@ -267,7 +267,6 @@ class Trainer:
 
     # ---- the outer level: harmony mask update ----------------------------------------------------------------
     def _mask_update(self) -> dict:
-        # the whole-buffer update when every task's gradient fits config.mask_update_memory_mb, else streamed
         _, info, agreement = method.mask_update(self.model, self.sampler.sample(), self.config, self.step,
                                                 losses_fn=self.model.task_losses, amp_dtype=self.amp_dtype,
                                                 dist=self.dist)

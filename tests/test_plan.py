@@ -61,7 +61,8 @@ def test_parts_follow_the_formulas():
     assert p.mask_update["activations"] == 14 * 8 * p.sequence_bytes
     assert p.step["activations"] == 50 * 8 * p.sequence_bytes
     whole = hf.plan("paper", 50, 8, device="cuda", mask_update_memory_mb=1e6)  # G = T: the whole [T, P] buffer
-    assert whole.mask_update_group == 50 and "harmony_gradient" not in whole.mask_update
+    assert whole.mask_update_group == 50 and "agreement_sample" not in whole.mask_update
+    assert whole.mask_update["harmony_gradient"] == 8 * Pm and whole.mask_update["mask_copies"] == 50 * Pm // 8
     assert whole.mask_update["task_gradient_rows"] == 50 * Pm * 4
     assert hf.plan("paper", 50, device="cuda", mask_update_memory_mb=1).mask_update_group == 1
     round_robin = hf.plan("paper", 50, 8, device="cuda", schedule="round-robin")

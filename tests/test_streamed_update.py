@@ -12,6 +12,8 @@ from harmodt_fast.model import HarmoDT
 from harmodt_fast.ops.harmony import harmony_update_torch
 from harmodt_fast.ops.harmony_rows import HarmonyRows, apply_candidates, merge_candidates
 from harmodt_fast.ops.packing import pack_masks_torch
+from harmodt_fast.ops.harmony import harmony_update
+from harmodt_fast.task_gradients import clip_factors, task_gradient_rows, task_gradients, update_group_size
 
 BACKENDS = ["torch", "cpp"]
 
@@ -117,28 +119,65 @@ def _fresh(cfg, model):
     return clone
 
 
-@pytest.mark.parametrize("dropout,groups", [(0.0, [1, 2, 5]), (0.1, [5])])
+def _op_on_first_pass_rows(cfg, model, batch, group, seed=3):
+    """The reference for G tasks per pass: hf.ops.harmony_update on the clipped rows the first pass computes (one
+    backward per group, in order; with dropout the grouping decides which rows share a dropout draw)."""
+    masks = model.task_masks()
+    torch.manual_seed(seed)
+    grads = torch.empty(cfg.num_tasks, sum(model.masked_sizes()))
+    for first in range(0, cfg.num_tasks, group):
+        last = min(cfg.num_tasks, first + group)
+        task_gradient_rows(model, batch, first, last, grads[first:last], losses_fn=model.task_losses, amp_dtype=None)
+    rng_after = torch.get_rng_state()
+    grads.mul_(clip_factors(grads, cfg.task_grad_clip, model.masked_sizes())[:, None])
+    k = method.flips_per_task(cfg, cfg.steps // 2, masks)
+    new, _ = harmony_update(model.masked_weights_flat(), grads, masks.flat_packed(), k, cfg.gamma, cfg.score)
+    return masks.with_flat_packed(new), rng_after
+
+
+@pytest.mark.parametrize("dropout,groups", [(0.0, [1, 2, 4, 5]), (0.1, [2, 4, 5])])
 def test_streamed_masks_equal_the_whole_buffer_update(dropout, groups):
     cfg, model, batch = _model_and_batch(dropout=dropout)
     whole, info, agreement, rng = _masks_after(method.mask_update, cfg, _fresh(cfg, model), batch)
-    assert info["passes"] == 1 and info["flips"] > 0
+    assert info["passes"] == 1 and info["tasks_per_pass"] == 5 and info["flips"] > 0
     for group in groups:
-        got, ginfo, gagree, grng = _masks_after(method.streamed_mask_update, cfg, _fresh(cfg, model), batch,
+        got, ginfo, gagree, grng = _masks_after(method.mask_update, cfg, _fresh(cfg, model), batch,
                                                 tasks_per_pass=group)
-        assert got == whole, f"tasks_per_pass={group}"
-        assert ginfo["passes"] == 2 * -(-5 // group) and ginfo["flips"] == info["flips"]
-        assert abs(ginfo["mean_agreement"] - info["mean_agreement"]) <= 1e-9 * abs(info["mean_agreement"]) + 1e-15
-        assert torch.equal(grng, rng)  # the update consumes the RNG of one pass, as the whole-buffer one does
+        # without dropout the grouping cannot matter; with it, the second pass must replay the first one's draws
+        want, want_rng = (whole, rng) if dropout == 0 else _op_on_first_pass_rows(cfg, _fresh(cfg, model), batch, group)
+        assert got == want, f"tasks_per_pass={group}"
+        # all 5 tasks fit: the rows are kept (one pass); else two passes of ceil(5 / G) backward calls
+        assert ginfo["passes"] == (1 if group == 5 else 2 * -(-5 // group)) and ginfo["flips"] == info["flips"]
+        assert abs(ginfo["mean_agreement"] - info["mean_agreement"]) <= 1e-9 * abs(info["mean_agreement"]) + 1e-15 \
+            or dropout > 0
+        assert torch.equal(grng, want_rng)  # the update consumes the RNG of one pass
+        if group == 5:
+            assert torch.equal(gagree, agreement)
+            continue
         # the agreement is sampled on entries: close to the exact one, not equal
         assert gagree.shape == agreement.shape and torch.allclose(gagree.diagonal(), agreement.diagonal())
 
 
+def test_the_update_is_the_harmony_op_on_the_clipped_task_gradients():
+    """The model-level update (rows kept, one pass) gives the masks of hf.ops.harmony_update on the [T, P] buffer of
+    clipped task gradients: the product path computes what the op specifies."""
+    cfg, model, batch = _model_and_batch()
+    masks = model.task_masks()
+    grads = task_gradients(model, batch, losses_fn=model.task_losses, amp_dtype=None)
+    grads.mul_(clip_factors(grads, cfg.task_grad_clip, model.masked_sizes())[:, None])
+    k = method.flips_per_task(cfg, cfg.steps // 2, masks)
+    want, _ = harmony_update(model.masked_weights_flat(), grads, masks.flat_packed(), k, cfg.gamma, cfg.score)
+    got, info, _, _ = _masks_after(method.mask_update, cfg, _fresh(cfg, model), batch)
+    assert info["passes"] == 1 and info["flips"] > 0
+    assert got == masks.with_flat_packed(want)
+
+
 def test_the_memory_budget_picks_the_form():
     cfg, model, batch = _model_and_batch()
-    P = sum(method.masked_sizes(model))
-    assert method.update_group_size(cfg, P) == 5  # the tiny model: every task fits 256 MB
+    P = sum(model.masked_sizes())
+    assert update_group_size(cfg, P) == 5  # the tiny model: every task fits 256 MB
     small = HarmoDTConfig.from_dict({**cfg.to_dict(), "mask_update_memory_mb": 2.5 * 4 * P / 2**20})
-    assert method.update_group_size(small, P) == 2
+    assert update_group_size(small, P) == 2
     _, info, _ = method.mask_update(model, batch, small, 10, losses_fn=model.task_losses, amp_dtype=None)
     assert info["tasks_per_pass"] == 2 and info["passes"] == 6 and info["backend"] in ("cpp", "torch")
     with pytest.raises(ValueError, match="mask_update_memory_mb"):
@@ -149,9 +188,9 @@ def test_task_gradient_rows_leave_the_model_as_it_was():
     cfg, model, batch = _model_and_batch()
     layers = model.masked_layers()
     before = {n: l.masks_packed.clone() for n, l in layers.items()}
-    rows = torch.empty(2, sum(method.masked_sizes(model)))
-    method.task_gradient_rows(model, batch, 1, 3, rows, losses_fn=model.task_losses, amp_dtype=None)
-    whole = method.task_gradients(model, batch, losses_fn=model.task_losses, amp_dtype=None)
+    rows = torch.empty(2, sum(model.masked_sizes()))
+    task_gradient_rows(model, batch, 1, 3, rows, losses_fn=model.task_losses, amp_dtype=None)
+    whole = task_gradients(model, batch, losses_fn=model.task_losses, amp_dtype=None)
     assert torch.allclose(rows, whole[1:3], rtol=1e-5, atol=1e-7)
     assert all(torch.equal(before[n], l.masks_packed) for n, l in layers.items())
     assert all(l.task_grads is None and l.weight.requires_grad for l in layers.values())
@@ -184,7 +223,7 @@ cfg = HarmoDTConfig.from_preset("tiny", num_tasks=80, hidden=128, mlp_hidden=512
 torch.manual_seed(0)
 model = HarmoDT(cfg)
 batch = SyntheticSampler(cfg).sample()
-P = sum(method.masked_sizes(model))
+P = sum(model.masked_sizes())
 def status(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
 ctypes.CDLL("libc.so.6").malloc_trim(0)

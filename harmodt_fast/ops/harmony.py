@@ -36,6 +36,11 @@ from harmodt_fast.ops.packing import pack_masks_torch, popcount_rows, unpack_mas
 SCORES = ("fisher", "magnitude", "harmony")
 STAT_NAMES = ("pruned", "regrown", "mean_agreement", "conflict_fraction")
 
+
+def score_needs_weight(score: str) -> bool:
+    """Whether the prune score reads the weights |θ|."""
+    return score == "magnitude"
+
 _last_impl: dict[str, str] = {}
 
 

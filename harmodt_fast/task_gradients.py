@@ -1,0 +1,184 @@
+"""Per-task gradients for the harmony mask update, within a memory budget (the machinery under method.mask_update).
+
+Task t's gradient g_t is that of its own loss w.r.t. its effective weights, from its own rows only, over the P
+masked entries (the model's flat layout), clipped to norm config.task_grad_clip. `TaskGradientPasses` delivers
+them G tasks at a time (G from config.mask_update_memory_mb: the float32 rows that fit):
+- the first pass sums the harmony gradient ḡ = (1/T) Σ_t g_t (float64, tasks in order 0..T-1) and the clip
+  factors; when every task fits (G = T) it keeps the rows, and that is the only pass;
+- otherwise a second pass recomputes each group's rows (same dropout: the RNG is replayed) for the selection.
+So the masks do not depend on G. Data-parallel, each rank computes its rows' gradients and a reduce-scatter leaves
+it the mean over ranks on its shard of the entries [lo, hi); it scores only that shard, and `gather_candidates`
+merges every rank's candidates exactly, so every rank applies the same flips.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from harmodt_fast import ops
+from harmodt_fast.config import HarmoDTConfig
+from harmodt_fast.distributed import Distributed
+from harmodt_fast.ops.harmony_rows import Candidates, merge_candidates
+
+AGREEMENT_ENTRIES = 16384  # entries (evenly spaced) the task-agreement diagnostic samples when the rows are not kept
+
+
+def update_group_size(config: HarmoDTConfig, total: int) -> int:
+    """G: the tasks whose float32 gradient rows over the `total` masked entries fit mask_update_memory_mb (>= 1)."""
+    fit = int(config.mask_update_memory_mb * 2**20 // max(1, 4 * total))
+    return max(1, min(config.num_tasks, fit))
+
+
+def task_gradient_rows(model, batch, first: int, last: int, out: torch.Tensor, *, losses_fn: Callable,
+                       amp_dtype: torch.dtype | None) -> None:
+    """Tasks first..last-1's gradients into out [last-first, P] (float32, overwritten), from ONE backward over those
+    tasks' rows only (HarmoDT.recording_task_grads)."""
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    try:
+        with model.recording_task_grads(first, last, out):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                losses = losses_fn(batch.task_slice(first, last))
+            losses.sum().backward()  # the sum: task t's rows see only their own loss
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def task_gradients(model, batch, *, losses_fn: Callable, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Every task's (unclipped) gradient, float32 [T, P], from one backward over the batch."""
+    T = model.task_masks().num_tasks
+    grads = torch.empty(T, sum(model.masked_sizes()), device=next(model.parameters()).device)
+    task_gradient_rows(model, batch, 0, T, grads, losses_fn=losses_fn, amp_dtype=amp_dtype)
+    return grads
+
+
+def _norm_pieces(sizes: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
+    """[lo, hi) cut at the layer boundaries and every 2^20 entries (global positions: the same pieces whichever
+    rows buffer holds them), as ranges relative to lo."""
+    cuts = {lo, hi}
+    start = 0
+    for n in sizes:
+        cuts.update(c for c in range(start, start + n, 1 << 20) if lo < c < hi)
+        start += n
+        if lo < start < hi:
+            cuts.add(start)
+    edges = sorted(cuts)
+    return [(a - lo, b - lo) for a, b in zip(edges, edges[1:])]
+
+
+def clip_factors(rows: torch.Tensor, max_norm: float, sizes: list[int], offset: int = 0,
+                 dist: Distributed | None = None) -> torch.Tensor:
+    """Per row (task), min(1, max_norm / (|g_t| + 1e-6)) as float32 [G] (published clip: 0.25). |g_t|² is summed in
+    float64 over fixed pieces of the entries, so any grouping of the rows gives the same factors. rows may be a
+    shard (entries offset..); `dist` then sums the squares over the ranks."""
+    pieces = _norm_pieces(sizes, offset, offset + rows.shape[1])
+    squares = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    for r in range(rows.shape[0]):
+        for a, b in pieces:
+            squares[r] += rows[r, a:b].double().square().sum()
+    if dist is not None:
+        dist.sum_([squares])
+    norms = squares.sqrt().float()
+    return torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class TaskGradientPasses:
+    """The clipped task gradients of one mask update, G tasks at a time (see the module docstring):
+
+        passes = TaskGradientPasses(model, batch, config, losses_fn=..., amp_dtype=..., dist=...)
+        gbar = passes.harmony_gradient()          # ḡ on this rank's entries [lo, hi), float64
+        for first, rows in passes.clipped_rows():  # rows [G', hi - lo]: tasks first..first+G'-1
+            ...
+        passes.agreement()                         # task-gradient cosine [T, T]
+    """
+
+    def __init__(self, model, batch, config: HarmoDTConfig, *, losses_fn: Callable, amp_dtype: torch.dtype | None,
+                 dist: Distributed = Distributed(), tasks_per_pass: int | None = None):
+        self.model, self.batch, self.config, self.dist = model, batch, config, dist
+        self.losses_fn, self.amp_dtype = losses_fn, amp_dtype
+        self.device = next(model.parameters()).device
+        self.sizes = model.masked_sizes()
+        self.T, self.P = config.num_tasks, sum(self.sizes)
+        self.group = min(self.T, tasks_per_pass or update_group_size(config, self.P))
+        self.lo, self.hi = dist.shard_range(self.P)  # (0, P) on one process
+        # every task's rows fit (one process): one pass, the buffer is kept
+        self.keep = self.group == self.T and dist.world == 1
+        self.passes = 1 if self.keep else 2 * -(-self.T // self.group)
+        self._buffer = torch.empty(self.group, self.P, device=self.device)  # the one [G, P] buffer
+        self._factors = torch.ones(self.T, device=self.device)
+        self._rng = _rng_state(self.device)
+        self._sample_at = (torch.arange(min(self.P, AGREEMENT_ENTRIES), device=self.device) * self.P) // max(
+            1, min(self.P, AGREEMENT_ENTRIES))
+        self._sample = torch.zeros(self.T, self._sample_at.numel(), device=self.device)
+
+    def _groups(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each group's rows, averaged over the ranks on this rank's shard (unclipped); both passes replay the RNG,
+        so they see the same dropout."""
+        _set_rng_state(self.device, self._rng)
+        for first in range(0, self.T, self.group):
+            last = min(self.T, first + self.group)
+            rows = self._buffer[: last - first]
+            task_gradient_rows(self.model, self.batch, first, last, rows, losses_fn=self.losses_fn,
+                               amp_dtype=self.amp_dtype)
+            yield first, rows
+
+    def harmony_gradient(self) -> torch.Tensor:
+        """The first pass: clip factors, the agreement sample and ḡ = (1/T) Σ_t g_t, float64 [hi - lo]."""
+        gbar = torch.zeros(self.hi - self.lo, dtype=torch.float64, device=self.device)
+        for first, rows in self._groups():
+            last = first + rows.shape[0]
+            if not self.keep:
+                self._sample[first:last] = rows[:, self._sample_at]
+            shard = self.dist.reduce_scatter_mean(rows)  # the rows themselves on one process
+            self._factors[first:last] = clip_factors(shard, self.config.task_grad_clip, self.sizes, self.lo, self.dist)
+            shard.mul_(self._factors[first:last, None])
+            for r in range(last - first):  # in the reference's order: t = 0, 1, ..., T-1
+                gbar += shard[r].double()
+        return gbar.div_(torch.tensor(float(self.T), dtype=torch.float64, device=self.device))
+
+    def clipped_rows(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The clipped rows of every task on this rank's shard, group by group: the kept buffer, or a second pass."""
+        if self.keep:
+            yield 0, self._buffer
+            return
+        for first, rows in self._groups():
+            shard = self.dist.reduce_scatter_mean(rows)
+            yield first, shard.mul_(self._factors[first : first + rows.shape[0], None])
+
+    def weights(self, needed: bool) -> torch.Tensor:
+        """The masked weights on this rank's entries [hi - lo] (a stride-0 zero when the score does not read them)."""
+        if needed:
+            return self.model.masked_weights_flat()[self.lo : self.hi]
+        return torch.zeros((), device=self.device).expand(self.hi - self.lo)
+
+    def agreement(self) -> torch.Tensor:
+        """Cosine similarity of the task gradients [T, T]: exact from the kept rows, else estimated on
+        AGREEMENT_ENTRIES sampled entries (averaged over the ranks)."""
+        if self.keep:
+            return ops.task_agreement(self._buffer)
+        if self.dist.world > 1:
+            self.dist.average([self._sample])
+        return ops.task_agreement(self._sample)
+
+    def release(self) -> None:
+        """Frees the [G, P] buffer (before the flips are applied)."""
+        self._buffer = self._sample = None
+
+
+def gather_candidates(dist: Distributed, cands: Candidates, k: list[int]) -> Candidates:
+    """Every rank's candidates (of its shard of the entries) merged into the exact selection over all entries."""
+    if dist.world == 1:
+        return cands
+    gathered = zip(*(dist.all_gather_tensor(getattr(cands, f)) for f in Candidates.__dataclass_fields__))
+    return merge_candidates([Candidates(*fields) for fields in gathered], k)
