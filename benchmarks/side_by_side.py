@@ -1,12 +1,14 @@
-"""`harmodt-fast bench`: side-by-side throughput on this machine, in one run, for one preset and task count.
+"""`harmodt-fast bench` (no benchmark named): side-by-side throughput on this machine, in one run, for one preset
+and task count.
 
 - masked_linear (what `auto` picks here) against the same unmasked matmul (F.linear) and against materialising
   W ⊙ M_t per task (the plain-PyTorch reference), forward + backward, at each masked layer shape of the preset
   with batch_per_task sequences of every task;
 - a full training step (mixed-task, all tasks; and round-robin, one task per step), in sequences per second;
 - one harmony mask update over all masked weights.
-Batches are synthetic with the real shapes: the time does not depend on the values. The fuller suites, with the
-published-procedure baseline and the GPU kernel tables, are in benchmarks/ of the source tree.
+Batches are synthetic with the real shapes: the time does not depend on the values. The fuller benchmarks, with
+the published-procedure baseline and the GPU kernel tables, are this package's other modules
+(`harmodt-fast bench --help` lists them).
 """
 from __future__ import annotations
 
