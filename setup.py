@@ -1,6 +1,7 @@
 """Build for harmodt_fast.
 
-- `harmodt_fast/` is the Python package; the Triton kernels in `kernels/` ship inside it as `harmodt_fast.kernels`.
+- `harmodt_fast/` is the Python package; the Triton kernels in `kernels/` ship inside it as `harmodt_fast.kernels`
+  and the benchmarks in `benchmarks/` as `harmodt_fast.benchmarks` (`harmodt-fast bench NAME`).
 - The C++ sources in `csrc/` become the extension `harmodt_fast._C` when torch is importable at build time
   (`pip install --no-build-isolation .`). Without torch at build time nothing is compiled here and
   `harmodt_fast/_ext.py` compiles the same sources on first use, with ninja, into the user's cache folder.
@@ -13,8 +14,9 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-packages = find_packages(include=["harmodt_fast", "harmodt_fast.*"]) + ["harmodt_fast.kernels", "harmodt_fast._csrc"]
-package_dir = {"harmodt_fast.kernels": "kernels", "harmodt_fast._csrc": "csrc"}
+packages = find_packages(include=["harmodt_fast", "harmodt_fast.*"]) + [
+    "harmodt_fast.kernels", "harmodt_fast.benchmarks", "harmodt_fast._csrc"]
+package_dir = {"harmodt_fast.kernels": "kernels", "harmodt_fast.benchmarks": "benchmarks", "harmodt_fast._csrc": "csrc"}
 package_data = {"harmodt_fast._csrc": ["*.cpp", "*.h", "*.cu", "*.cuh"]}
 
 ext_modules = []

@@ -1,9 +1,9 @@
 """The device, its software, and its ceilings measured on it: stage (a) of the GPU run, and what every ratio of
 that run is taken against (datasheet rates are leads, not ceilings).
 
-    python benchmarks/device_ceilings.py --out env.json            # CUDA: the measurement
-    python benchmarks/device_ceilings.py --out env.json --quick    # CPU (the dry run): small sizes, not a measurement
-    python benchmarks/device_ceilings.py --digest                   # this checkout's source digest (match a record)
+    python -m harmodt_fast.benchmarks.device_ceilings --out env.json          # CUDA: the measurement
+    python -m harmodt_fast.benchmarks.device_ceilings --out env.json --quick  # CPU (the dry run): not a measurement
+    python -m harmodt_fast.benchmarks.device_ceilings --digest                # this checkout's source digest
 
 Ceilings:
   matmul_bf16_tflops  an 8192 x 8192 x 8192 bf16 product on random data (torch.matmul, i.e. cuBLAS)
@@ -27,9 +27,9 @@ import time
 
 import torch
 
+from harmodt_fast.benchmarks.measure import machine
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from measure import machine  # noqa: E402
 
 
 def _median_ms(fn, device: torch.device) -> float:

@@ -5,7 +5,7 @@ expert level's action noise N(0, 0.1^2) (exactly the collector's episode runner,
 info["success"] is ever true. `--no-noise` adds a column for the bare scripted policy (Meta-World's own tests
 expect >= 80% from each).
 
-    python benchmarks/expert_success.py --workers 2        # writes benchmarks/results/expert_success_mt50.json
+    python -m harmodt_fast.benchmarks.expert_success --workers 2   # writes benchmarks/results/expert_success_mt50.json
 """
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _task_stats(job):

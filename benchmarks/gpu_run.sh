@@ -49,12 +49,14 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 TEE_PID=$!
 PY="$(command -v python || command -v python3)"
 # A pip-installed harmodt_fast (CI, a user's machine) carries its compiled C++ extension: use it rather than the
-# tree. A bare tree (the GPU machine) runs from the source.
+# tree. A bare tree (the GPU machine) runs from the source. Either way the benchmarks run as
+# `python -m harmodt_fast.benchmarks.NAME`.
 if (cd / && "$PY" -c "import harmodt_fast") 2>/dev/null; then
-  export PYTHONSAFEPATH=1 PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"  # no cwd on sys.path
+  export PYTHONSAFEPATH=1  # no cwd on sys.path
 else
-  export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+BENCH=harmodt_fast.benchmarks
 # the C++ extension is not built here (a ninja build would cost a minute of the GPU's time): CPU-side ops fall
 # back to plain PyTorch
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}" HARMODT_FAST_AUTOTUNE=0 PYTHONUNBUFFERED=1 \
@@ -67,22 +69,22 @@ else
   unset TRITON_INTERPRET
   DEV=cuda
 fi
-# A Triton cache compiled without a GPU (benchmarks/precompile.py) may travel in $TRITON_CACHE_DIR: point its
+# A Triton cache compiled without a GPU (harmodt_fast.benchmarks.precompile) may travel in $TRITON_CACHE_DIR: point its
 # entries at where it is now, and count them, so the summary tells what the GPU still had to compile.
 if ls "$TRITON_CACHE_DIR"/*/*.cubin >/dev/null 2>&1; then
-  "$PY" benchmarks/precompile.py --cache "$TRITON_CACHE_DIR" --relocate
+  "$PY" -m $BENCH.precompile --cache "$TRITON_CACHE_DIR" --relocate
 fi
 ls "$TRITON_CACHE_DIR"/*/*.cubin 2>/dev/null | wc -l > "$WORK/cache_carried.txt"
 cp "$TRITON_CACHE_DIR/precompiled.json" "$WORK/" 2>/dev/null
 # Launches of interpreted kernels are counted by variant (dry run); on the GPU the cache is counted at the end.
-RUN=("$PY" benchmarks/kernel_variants.py --log "$WORK/variants.jsonl" --)
+RUN=("$PY" -m $BENCH.kernel_variants --log "$WORK/variants.jsonl" --)
 PYTEST_EXTRA=()
 "$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_EXTRA=(-o "addopts=-ra")  # addopts name its flag
 start=$(date +%s)
 status=0
 
 summarise() {
-  "$PY" benchmarks/gpu_summary.py --work "$WORK" --out "$OUT" --cache "$TRITON_CACHE_DIR" \
+  "$PY" -m $BENCH.gpu_summary --work "$WORK" --out "$OUT" --cache "$TRITON_CACHE_DIR" \
     || echo "gpu_summary failed (the stages' files are in $WORK)"
 }
 
@@ -120,8 +122,8 @@ limit_of() { for s in "${STAGES[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s##*:}
 
 if [ "$MODE" = dry ]; then
   ENV_ARGS=(--quick)
-  TESTS=(tests/test_kernels_gpu.py tests/test_cuda_step.py
-         "tests/test_kernels_masked_linear.py::test_task_grads_as_a_slice_of_one_task_by_parameter_buffer[triton]")
+  TESTS=(tests/test_gpu_kernels.py tests/test_cuda_step.py
+         "tests/test_masked_linear.py::test_task_grads_as_a_slice_of_one_task_by_parameter_buffer[triton]")
   SHAPE=(--device cpu --preset tiny --tasks 2 --seconds 0 --min-steps 1 --warmup 1 --set layers=1 --set hidden=32
          --set mlp_hidden=64 --set context=3 --set batch_per_task=2 --set backend=triton)
   KERNELS=(--smoke --compiled none)
@@ -132,8 +134,8 @@ else
   ENV_ARGS=()
   # the GPU-only tests first; the interpreter-era kernel tests run compiled on the GPU too (the sm_90 compile
   # checks stay in CPU CI)
-  TESTS=(tests/test_kernels_gpu.py tests/test_cuda_step.py tests/test_kernels_masked_linear.py
-         tests/test_kernels_masked_mlp.py tests/test_kernels_masked_attention.py tests/test_kernels_model.py)
+  TESTS=(tests/test_gpu_kernels.py tests/test_cuda_step.py tests/test_masked_linear.py
+         tests/test_masked_mlp.py tests/test_masked_attention.py tests/test_triton_model.py)
   SHAPE=(--device cuda --preset paper --tasks 50 --seconds 5)
   KERNELS=(--compiled none)
   SCALE=(--device cuda --sweep-preset large --tasks 50,160)
@@ -143,29 +145,29 @@ else
   "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 fi
 
-stage env "$(limit_of env)" 0 "$PY" benchmarks/device_ceilings.py --out "$WORK/env.json" "${ENV_ARGS[@]}"
+stage env "$(limit_of env)" 0 "$PY" -m $BENCH.device_ceilings --out "$WORK/env.json" "${ENV_ARGS[@]}"
 stage tests "$(limit_of tests)" 1 "${RUN[@]}" -m pytest -q -p no:cacheprovider \
   "${PYTEST_EXTRA[@]}" "${XDIST[@]}" -rfE --junitxml="$OUT/tests.xml" --durations=10 "${TESTS[@]}"
-stage train_step "$(limit_of train_step)" 0 "${RUN[@]}" benchmarks/bench_train_step.py "${SHAPE[@]}" \
+stage train_step "$(limit_of train_step)" 0 "${RUN[@]}" -m $BENCH.train_step "${SHAPE[@]}" \
   --rows ours,published,prompt-dt,mask-update --ceilings "$WORK/env.json" --out "$WORK/train_step"
-stage profile "$(limit_of profile)" 0 "${RUN[@]}" benchmarks/bench_train_step.py "${SHAPE[@]}" --rows ours \
+stage profile "$(limit_of profile)" 0 "${RUN[@]}" -m $BENCH.train_step "${SHAPE[@]}" --rows ours \
   --profile-top 15 --ceilings "$WORK/env.json" --out "$WORK/profile"
-stage kernels "$(limit_of kernels)" 0 "${RUN[@]}" benchmarks/bench_kernels.py "${KERNELS[@]}" \
+stage kernels "$(limit_of kernels)" 0 "${RUN[@]}" -m $BENCH.kernels "${KERNELS[@]}" \
   --ceilings "$WORK/env.json" --out "$WORK/kernels"
-stage scale "$(limit_of scale)" 0 "$PY" benchmarks/bench_scale.py --only sweep "${SCALE[@]}" --out "$WORK/scale" \
+stage scale "$(limit_of scale)" 0 "$PY" -m $BENCH.scale --only sweep "${SCALE[@]}" --out "$WORK/scale" \
   --scratch "$WORK/scale_scratch"
 if ! "$PY" -c "import metaworld" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:$WORK/site"
 fi
 if "$PY" -c "import metaworld" 2>/dev/null; then
-  stage eval "$(limit_of eval)" 0 "$PY" benchmarks/bench_evaluation.py "${EVAL[@]}" --out "$WORK/eval"
+  stage eval "$(limit_of eval)" 0 "$PY" -m $BENCH.evaluation "${EVAL[@]}" --out "$WORK/eval"
 else
   skip eval "metaworld is not installed and no wheels in .whl/"
 fi
 left=$(( BUDGET - 15 - ($(date +%s) - start) ))
 if [ "$left" -ge 45 ]; then
-  stage "$OPTIONAL" "$left" 0 "${RUN[@]}" benchmarks/bench_train_step.py "${SHAPE[@]}" \
+  stage "$OPTIONAL" "$left" 0 "${RUN[@]}" -m $BENCH.train_step "${SHAPE[@]}" \
     --rows ours-compiled,torch-compiled --ceilings "$WORK/env.json" --out "$WORK/$OPTIONAL"
 else
   skip "$OPTIONAL" "${left}s left"
@@ -173,7 +175,7 @@ fi
 summarise
 # what the compile cost grows with: interpreted launches keyed as the JIT would compile them (dry run), the
 # compiled kernels in the Triton cache (GPU)
-echo "kernel variants: $("$PY" benchmarks/kernel_variants.py --count "$WORK/variants.jsonl" --cache "$TRITON_CACHE_DIR")"
+echo "kernel variants: $("$PY" -m $BENCH.kernel_variants --count "$WORK/variants.jsonl" --cache "$TRITON_CACHE_DIR")"
 echo "gpu_run: $(( $(date +%s) - start )) s in all; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null  # run.log complete before the command returns

@@ -3,7 +3,7 @@ OUT/summary.json (everything, machine-readable) and OUT/summary.md (the tables a
 a fraction of the ceilings measured on the same device). benchmarks/gpu_run.sh calls it after every stage, so a
 run cut short still brings back what it measured.
 
-    python benchmarks/gpu_summary.py --work SCRATCH --out OUT [--cache TRITON_CACHE_DIR]
+    python -m harmodt_fast.benchmarks.gpu_summary --work SCRATCH --out OUT [--cache TRITON_CACHE_DIR]
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernel_variants  # noqa: E402
+from harmodt_fast.benchmarks import kernel_variants
 
 
 def _json(path):

@@ -1,8 +1,9 @@
 """How many distinct Triton kernel variants a command compiles: what the first GPU run's compile time grows with.
 
-    python benchmarks/kernel_variants.py --log variants.jsonl -- -m pytest -q tests/test_kernels_gpu.py
-    python benchmarks/kernel_variants.py --log variants.jsonl -- benchmarks/bench_train_step.py --device cpu ...
-    python benchmarks/kernel_variants.py --count variants.jsonl [--cache DIR]
+    python -m harmodt_fast.benchmarks.kernel_variants --log variants.jsonl -- -m pytest -q tests/test_gpu_kernels.py
+    python -m harmodt_fast.benchmarks.kernel_variants --log variants.jsonl -- \
+        -m harmodt_fast.benchmarks.train_step --device cpu ...
+    python -m harmodt_fast.benchmarks.kernel_variants --count variants.jsonl [--cache DIR]
 
 Under the Triton interpreter (the dry run) nothing is compiled, so every launch is keyed here as Triton's JIT
 would key its compile: the kernel, its constexprs and launch options, each tensor's dtype and 16-byte alignment,

@@ -1,5 +1,5 @@
 """Time and peak memory of one call, and the machine's description: shared by the benchmarks that run each case
-in a fresh subprocess (bench_harmony.py, bench_scale.py).
+in a fresh subprocess (harmony.py, scale.py).
 
 CPU peak extra memory = VmHWM after the call - VmRSS just before it (/proc/self/status), with free heap memory
 handed back to the OS (glibc malloc_trim) and the peak reset (`echo 5 > /proc/self/clear_refs`) right before the

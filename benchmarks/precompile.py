@@ -1,7 +1,7 @@
 """Compiles, on a machine WITHOUT a GPU, the Triton kernels that the GPU run (benchmarks/gpu_run.sh) launches at
 its shapes, into a Triton cache that can travel with the run, so that the GPU's minutes are not spent compiling.
 
-    python benchmarks/precompile.py --cache .triton-cache [--workers 2]
+    python -m harmodt_fast.benchmarks.precompile --cache .triton-cache [--workers 2]
 
 How: Triton's JIT is pointed at a stand-in driver whose target is an sm_90 GPU (H100/H200: capability 9.0, 132
 SMs), every launch is turned into a compile-only warm-up, and the GPU run's workloads run on CPU tensors of the
@@ -25,9 +25,9 @@ import sys
 import tempfile
 import time
 
+from harmodt_fast.benchmarks import kernel_variants
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import kernel_variants  # noqa: E402
 
 H100_SMS = 132  # H100 SXM and H200 alike
 
@@ -74,8 +74,8 @@ def workloads(quick: bool):
     import harmodt_fast as hf
     from harmodt_fast.trainer import Trainer
 
-    import bench_kernels
-    from bench_train_step import PrebuiltSampler
+    from harmodt_fast.benchmarks import kernels as bench_kernels
+    from harmodt_fast.benchmarks.train_step import PrebuiltSampler
 
     def train(preset, tasks, update=False, **kw):
         cfg = hf.HarmoDTConfig.from_preset(preset, num_tasks=tasks, backend="triton", precision="bf16", **kw)
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     before = set(glob.glob(os.path.join(args.cache, "*", "*.cubin")))
     t0 = time.perf_counter()
     names = [name for name, _ in workloads(args.quick)]
-    cmd = [sys.executable, os.path.abspath(__file__), "--cache", args.cache] + (["--quick"] if args.quick else [])
+    cmd = [sys.executable, "-m", __spec__.name, "--cache", args.cache] + (["--quick"] if args.quick else [])
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(lambda n: subprocess.run(cmd + ["--only", n], capture_output=True, text=True), names))
     failed = [(n, r.stderr[-2000:]) for n, r in zip(names, results) if r.returncode]

@@ -3,7 +3,7 @@
 Near-optimal data spans p = 0..1 and sub-optimal data p = 0..0.5 (see the README, "Datasets"). Per task and p:
 `--episodes` episodes (goal variants 0..n-1), 500 steps, the collector's own episode runner.
 
-    python benchmarks/quality_ramp.py        # writes benchmarks/results/quality_ramp_mt5.json
+    python -m harmodt_fast.benchmarks.quality_ramp        # writes benchmarks/results/quality_ramp_mt5.json
 """
 from __future__ import annotations
 
@@ -12,12 +12,9 @@ import datetime
 import json
 import os
 import platform
-import sys
 import warnings
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Renders a pytest-benchmark JSON (from benchmarks/test_bench_*.py) into markdown tables and a plot.
 
-    python benchmarks/render_benchmarks.py bench.json [--out benchmarks/results/bench] [--readme README.md]
+    python -m harmodt_fast.benchmarks.render_benchmarks bench.json [--out benchmarks/results/bench] [--readme README.md]
 
 Per group (extra_info["group"], else the test's name): every implementation's median time, achieved TFLOP/s and
 GB/s from the counted FLOPs and bytes, and its ratio to the first implementation of the group (ours). With

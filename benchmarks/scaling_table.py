@@ -1,6 +1,6 @@
 """The memory and communication table of docs/scaling.md, computed from the model's real shapes and hf.plan.
 
-    python benchmarks/scaling_table.py            # rewrites the table between the markers in docs/scaling.md
+    python -m harmodt_fast.benchmarks.scaling_table    # rewrites the table between the markers in docs/scaling.md
 
 Per data-parallel rank, for the paper and large presets x 50 and 160 tasks x 1-8 GPUs, global batch_per_task 8:
 - static memory: parameters, gradients and AdamW state (16 bytes per parameter, replicated by DDP) and the packed
@@ -14,14 +14,12 @@ Per data-parallel rank, for the paper and large presets x 50 and 160 tasks x 1-8
 """
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import os
 import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if importlib.util.find_spec("harmodt_fast") is None:  # not installed: the checkout this script sits in
-    sys.path.insert(0, os.path.dirname(HERE))
 
 DOC = os.path.join(os.path.dirname(HERE), "docs", "scaling.md")
 BEGIN, END = "<!-- scaling-table:begin -->", "<!-- scaling-table:end -->"
@@ -67,7 +65,8 @@ def rows() -> list[str]:
     return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     text = open(DOC).read()
     table = "\n".join([BEGIN, *rows(), END])
     text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: table, text, flags=re.S)

@@ -1,5 +1,5 @@
 """pytest-benchmark suites for the masked matmul and the training step, for the device at hand, side by side in
-one run (FLOPs and bytes in extra_info; render with `python benchmarks/render_benchmarks.py bench.json`).
+one run (FLOPs and bytes in extra_info; render with `python -m harmodt_fast.benchmarks.render_benchmarks bench.json`).
 
     pytest benchmarks/test_bench_ops.py --benchmark-enable --benchmark-json=bench.json
     HARMODT_BENCH_QUICK=1 pytest benchmarks/test_bench_ops.py --benchmark-enable ...   # tiny shapes (CI)
@@ -26,7 +26,7 @@ from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.model import HarmoDT
 from harmodt_fast.runtime import autocast_dtype
 
-from published_baseline import PublishedProcedure  # same folder: pytest puts it on sys.path
+from harmodt_fast.benchmarks.published_baseline import PublishedProcedure
 
 QUICK = os.environ.get("HARMODT_BENCH_QUICK") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,7 @@ from harmodt_fast.batch import Prompt
 from harmodt_fast.data import MultiTaskSampler
 from harmodt_fast.policy import Policy
 
-from bench_sampler import SyntheticDataset  # same folder: pytest puts it on sys.path
+from harmodt_fast.benchmarks.sampler import SyntheticDataset
 
 QUICK = os.environ.get("HARMODT_BENCH_QUICK") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,12 +6,12 @@ by the first op that needs them.
 import importlib
 import os
 
-# In a source checkout the Triton kernels sit in the top-level kernels/ folder (setup.py installs them as
-# harmodt_fast.kernels); let the package find them there too.
+# In a source checkout the Triton kernels and the benchmarks sit in the top-level kernels/ and benchmarks/ folders
+# (setup.py installs them as harmodt_fast.kernels and harmodt_fast.benchmarks); let the package find them there too.
 _here = os.path.dirname(os.path.abspath(__file__))
-if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(
-    os.path.join(os.path.dirname(_here), "kernels", "__init__.py")
-):
+if any(not os.path.isdir(os.path.join(_here, sub)) and os.path.isfile(os.path.join(os.path.dirname(_here), sub,
+                                                                                  "__init__.py"))
+       for sub in ("kernels", "benchmarks")):
     __path__.append(os.path.dirname(_here))  # noqa: F821  (package __path__)
 
 __version__ = "0.1.0"

@@ -1,109 +1,55 @@
-"""`harmodt-fast bench`: side-by-side throughput on this machine, in one run, for one preset and task count.
-
-- masked_linear (what `auto` picks here) against the same unmasked matmul (F.linear) and against materialising
-  W ⊙ M_t per task (the plain-PyTorch reference), forward + backward, at each masked layer shape of the preset
-  with batch_per_task sequences of every task;
-- a full training step (mixed-task, all tasks; and round-robin, one task per step), in sequences per second;
-- one harmony mask update over all masked weights.
-Batches are synthetic with the real shapes: the time does not depend on the values. The fuller suites, with the
-published-procedure baseline and the GPU kernel tables, are in benchmarks/ of the source tree.
+"""`harmodt-fast bench [NAME [ARGS...]]`: the benchmarks of harmodt_fast.benchmarks (the top-level benchmarks/
+folder of the source tree) by name. Without a name the command runs the quick side-by-side
+(harmodt_fast.benchmarks.side_by_side); with one, that module's main(ARGS), the same as
+`python -m harmodt_fast.benchmarks.NAME ARGS...`. The benchmarks sit above every other module (they import the
+package root, the CLI's helpers): this is the one place that reaches them, by name, when one runs.
 """
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import tempfile
-import time
+import importlib
 
-import torch
-import torch.nn.functional as F
-
-from harmodt_fast import ops
-from harmodt_fast.config import HarmoDTConfig
-from harmodt_fast.batch import SyntheticSampler
-from harmodt_fast.runtime import pick_device
-from harmodt_fast.trainer import Trainer
-
-
-def _time(fn, device: torch.device, seconds: float) -> float:
-    """Mean seconds per call: one warm-up, then repeats until `seconds` have passed (at least 2 calls)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, rep=max(25, int(seconds * 1000))) / 1e3
-    fn()
-    start, n = time.perf_counter(), 0
-    while n < 2 or time.perf_counter() - start < seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - start) / n
+# name -> what it measures; each is a module of harmodt_fast.benchmarks with main(argv)
+BENCHMARKS = {
+    "kernels": "masked matmul, attention and MLP kernels vs cuBLAS dense and materialising (CUDA; --smoke on CPU)",
+    "train_step": "the training step: ours vs plain PyTorch, the published procedure, unmasked prompt-dt",
+    "scale": "the training step and the mask update against the task count; runs at hundreds of tasks",
+    "evaluation": "batched MT50 evaluation vs the published one-environment-at-a-time loop",
+    "sampler": "MultiTaskSampler.sample() vs a per-sample loop like the published code's",
+    "collect": "collection speed: hf.collect vs a bare scripted-policy loop",
+    "harmony": "the harmony mask update at the paper scale: time and peak memory",
+    "device_ceilings": "this device's ceilings: bf16 and fp32 matmul, copy bandwidth",
+    "expert_success": "the expert collection level's success rate on every MT50 task",
+    "quality_ramp": "success and return of episodes at expert-action probability p",
+}
+# name -> what it does: the tools around the benchmarks, run the same way
+TOOLS = {
+    "gpu_summary": "folds the GPU run's stage outputs into summary.json and summary.md",
+    "kernel_variants": "counts the Triton kernel variants a command compiles",
+    "precompile": "compiles the GPU run's Triton kernels for sm_90 without a GPU",
+    "render_benchmarks": "renders a pytest-benchmark JSON into markdown tables and a plot",
+    "scaling_table": "rewrites the memory and communication table of docs/scaling.md",
+}
 
 
-def run_bench(preset: str = "paper", num_tasks: int = 50, seconds: float = 3.0, device: str = "auto",
-              out: str | None = None, verbose: bool = True) -> dict:
-    dev = pick_device(device)
-    cfg = HarmoDTConfig.from_preset(preset, num_tasks=num_tasks)
-    rows = []
+def listing() -> str:
+    """The names and what each measures or does, for `harmodt-fast bench --help`."""
+    width = max(map(len, {**BENCHMARKS, **TOOLS}))
+    lines = ["benchmarks:"] + [f"  {n:<{width}}  {what}" for n, what in BENCHMARKS.items()]
+    lines += ["tools:"] + [f"  {n:<{width}}  {what}" for n, what in TOOLS.items()]
+    return "\n".join(lines)
 
-    def report(row):
-        rows.append(row)
-        if verbose:
-            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    # masked matmuls at the preset's layer shapes
-    tokens = cfg.tokens_per_sequence * cfg.batch_per_task
-    offsets = torch.arange(num_tasks + 1) * cfg.batch_per_task
-    gen = torch.Generator().manual_seed(0)
-    shapes = {(cfg.hidden, 3 * cfg.hidden), (cfg.hidden, cfg.hidden), (cfg.hidden, cfg.mlp_hidden), (cfg.mlp_hidden, cfg.hidden)}
-    for n_in, n_out in sorted(shapes):
-        x = torch.randn(num_tasks * cfg.batch_per_task, cfg.tokens_per_sequence, n_in, generator=gen).to(dev)
-        x.requires_grad_()
-        w = (torch.randn(n_out, n_in, generator=gen) * 0.02).to(dev).requires_grad_()
-        b = torch.zeros(n_out, device=dev, requires_grad=True)
-        masks = ops.pack_masks(torch.rand(num_tasks, n_out * n_in, generator=gen) < cfg.density).to(dev)
-        dy = torch.randn(x.shape[0], x.shape[1], n_out, generator=gen).to(dev)
-        flops = 6.0 * x.shape[0] * x.shape[1] * n_in * n_out  # forward + dX + dW
+def _module(name: str):
+    return importlib.import_module(f"harmodt_fast.benchmarks.{name}")
 
-        def run(fn):
-            return lambda: torch.autograd.backward(fn(), dy)
 
-        timings = {
-            "dense F.linear": _time(run(lambda: F.linear(x, w, b)), dev, seconds),
-            "masked (auto)": _time(run(lambda: ops.masked_linear(x, w, b, masks, offsets)), dev, seconds),
-        }
-        picked = ops.last_backend("masked_linear")
-        timings["materialise per task (torch)"] = _time(
-            run(lambda: ops.masked_linear(x, w, b, masks, offsets, backend="torch")), dev, seconds)
-        for path, sec in timings.items():
-            report({"what": f"linear {n_in}->{n_out} x {x.shape[0] * x.shape[1]} rows", "path": path,
-                    "backend": picked if path == "masked (auto)" else "", "ms": sec * 1e3,
-                    "tflops": flops / sec / 1e12, "x_dense": timings["dense F.linear"] / sec})
+def run(name: str, argv: list[str]) -> int:
+    """Runs harmodt_fast.benchmarks.<name>'s main(argv); its exit status."""
+    if name not in BENCHMARKS and name not in TOOLS:
+        raise ValueError(f"no benchmark {name!r}; one of {', '.join([*BENCHMARKS, *TOOLS])}")
+    return _module(name).main(list(argv)) or 0
 
-    # full training steps
-    for schedule in ("mixed", "round-robin"):
-        step_cfg = HarmoDTConfig.from_preset(preset, num_tasks=num_tasks, schedule=schedule)
-        trainer = Trainer(step_cfg, SyntheticSampler(step_cfg, device=dev), tempfile.mkdtemp(), dev, "synthetic")
-        sec = _time(trainer._train_step, dev, seconds)
-        seqs = cfg.batch_per_task * (num_tasks if schedule == "mixed" else 1)
-        report({"what": f"train step ({schedule})", "path": f"precision {trainer.amp_dtype or torch.float32}",
-                "backend": ops.last_backend("masked_linear"), "ms": sec * 1e3, "sequences_per_s": seqs / sec})
-        if schedule == "mixed" and step_cfg.use_masks:
-            sec = _time(trainer._mask_update, dev, seconds)
-            report({"what": "mask update (1 backward + harmony_update)", "path": "",
-                    "backend": ops.last_backend("harmony_update"), "ms": sec * 1e3})
 
-    result = {
-        "preset": preset, "num_tasks": num_tasks, "batch_per_task": cfg.batch_per_task, "tokens": tokens,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
-    }
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-        if verbose:
-            print(f"wrote {out}")
-    return result
+def side_by_side(**options) -> dict:
+    """`harmodt-fast bench` without a name: harmodt_fast.benchmarks.side_by_side.run_bench(**options)."""
+    return _module("side_by_side").run_bench(**options)

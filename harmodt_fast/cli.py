@@ -136,9 +136,19 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from harmodt_fast.bench import run_bench
+    # the side-by-side's options default to None so that run_bench's signature holds the one set of defaults
+    given = {k: v for k, v in dict(preset=args.preset, num_tasks=args.tasks, seconds=args.seconds,
+                                   device=args.device, out=args.out).items() if v is not None}
+    if args.name:
+        if given:
+            raise ValueError("--preset, --tasks, --seconds, --device and --out are the side-by-side's (no NAME); "
+                             f"give {args.name}'s own options after its name")
+        from harmodt_fast.bench import run
 
-    run_bench(preset=args.preset, num_tasks=args.tasks, seconds=args.seconds, device=args.device, out=args.out)
+        return run(args.name, args.args)
+    from harmodt_fast.bench import side_by_side
+
+    side_by_side(**given)
     return 0
 
 
@@ -263,12 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("bench", help="throughput here: masked matmuls vs dense, training steps, mask update")
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--tasks", type=int, default=50)
-    p.add_argument("--seconds", type=float, default=3.0, help="time budget per measurement")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    from harmodt_fast.bench import BENCHMARKS, TOOLS, listing
+
+    p = sub.add_parser("bench", help="benchmarks; without NAME: masked matmuls vs dense, training steps, mask update",
+                       description="Without NAME: the quick side-by-side here (masked matmuls vs dense and "
+                       "materialising, training steps, one mask update). With NAME: that benchmark, with its own "
+                       "ARGS (`harmodt-fast bench NAME --help`); the same as `python -m "
+                       "harmodt_fast.benchmarks.NAME ARGS`.", epilog=listing(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", choices=[*BENCHMARKS, *TOOLS], metavar="NAME", help="a benchmark (below)")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the benchmark's own options")
+    p.add_argument("--preset", default=None, help="side-by-side: the preset")
+    p.add_argument("--tasks", type=int, default=None, help="side-by-side: the task count")
+    p.add_argument("--seconds", type=float, default=None, help="side-by-side: time budget per measurement")
+    p.add_argument("--device", default=None, help="side-by-side: auto, cpu or cuda")
+    p.add_argument("--out", default=None, help="side-by-side: write the results as JSON here")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="collect a small MT5 dataset, train the demo preset, evaluate, plot")

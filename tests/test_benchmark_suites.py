@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 BENCH = os.path.join(BENCHMARKS, "test_bench_suites.py")
 
@@ -45,11 +47,46 @@ def test_op_and_train_step_suites_run_and_render(tmp_path):
                       "mask_init": ["random_subset", "torch.randperm"]}
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- bench:begin -->\nold\n<!-- bench:end -->\ny\n")
-    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "render_benchmarks.py"), str(out),
-                           "--readme", str(readme)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "harmodt_fast.benchmarks.render_benchmarks", str(out),
+                           "--readme", str(readme)], cwd=os.path.dirname(BENCHMARKS), capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tables = (tmp_path / "ops.md").read_text()
     assert "**masked_linear**" in tables and "| materialise-per-task |" in tables and "**train_step**" in tables
     assert (tmp_path / "ops.png").stat().st_size > 0
     text = readme.read_text()
     assert "old" not in text and "| published |" in text and text.startswith("x\n") and text.endswith("y\n")
+
+
+def test_bench_names_every_runnable_module_of_the_package():
+    """`harmodt-fast bench NAME` reaches every module of harmodt_fast.benchmarks that has main(argv), and only
+    those; the package is the one installed as harmodt_fast.benchmarks (the source-checkout hook or setup.py)."""
+    import ast
+
+    import harmodt_fast.benchmarks
+    from harmodt_fast.bench import BENCHMARKS as NAMED, TOOLS
+
+    assert os.path.samefile(os.path.dirname(harmodt_fast.benchmarks.__file__), BENCHMARKS)
+    runnable = {name[:-3] for name in os.listdir(BENCHMARKS) if name.endswith(".py") and any(
+        isinstance(node, ast.FunctionDef) and node.name == "main"
+        for node in ast.parse(open(os.path.join(BENCHMARKS, name)).read()).body)}
+    assert runnable == set(NAMED) | set(TOOLS)
+    assert not set(NAMED) & set(TOOLS)
+
+
+def test_bench_command_runs_a_named_benchmark(capsys):
+    """`harmodt-fast bench NAME ARGS` is that module's main(ARGS); the side-by-side's options with a NAME are an
+    error, not silently dropped."""
+    from harmodt_fast.benchmarks.device_ceilings import source_digest
+    from harmodt_fast.cli import main
+
+    assert main(["bench", "device_ceilings", "--digest"]) == 0
+    assert capsys.readouterr().out.strip() == source_digest()
+    assert main(["bench", "--tasks", "3", "device_ceilings", "--digest"]) == 2
+    assert "side-by-side" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--help"])
+    assert stop.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in ("kernels", "train_step", "scale", "evaluation", "sampler",
+                                                   "collect", "harmony", "precompile"))

@@ -71,7 +71,7 @@ def test_summary_holds_every_stage(dry_run):
     _, out, _ = dry_run
     s = json.load(open(out / "summary.json"))
     assert s["env"]["ceilings"]["matmul_bf16_tflops"] > 0 and s["env"]["ceilings"]["copy_tbps"] > 0
-    digest = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_ceilings.py"), "--digest"],
+    digest = subprocess.run([sys.executable, "-m", "harmodt_fast.benchmarks.device_ceilings", "--digest"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.strip()
     assert s["env"]["source_sha256"] == digest  # names the code where the run has no git history
     assert s["tests"]["failed"] == 0 and s["tests"]["passed"] >= 1

@@ -1,4 +1,4 @@
-"""benchmarks/precompile.py: Triton kernels compiled for sm_90 without a GPU, through the JIT path the GPU run
+"""harmodt_fast.benchmarks.precompile: Triton kernels compiled for sm_90 without a GPU, through the JIT path the GPU run
 takes (a stand-in sm_90 driver, compile-only launches), into a cache that travels: pruned to what a cache hit
 reads, relocatable, and found again by a fresh process that launches the same workload (no new compile). Whether
 the GPU machine's Triton accepts it is decided there (same Triton version needed); this checks everything short
@@ -13,7 +13,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "precompile.py")
 
 
 def _nvidia_backend_present() -> bool:
@@ -31,7 +30,8 @@ pytestmark = pytest.mark.skipif(not _nvidia_backend_present(), reason="this Trit
 def precompile(*args):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "harmodt_fast.benchmarks.precompile", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
 
 
 def test_a_carried_cache_is_found_by_a_fresh_process(tmp_path):

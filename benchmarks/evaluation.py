@@ -2,8 +2,8 @@
 procedure's loop (one environment at a time, one batch-1 model forward per step, masked weights copied into the
 model for every task), side by side in one run.
 
-    python benchmarks/bench_evaluation.py --device cpu  --steps 20  --baseline-tasks 5 --baseline-steps 100
-    python benchmarks/bench_evaluation.py --device cuda --steps 500 --baseline-tasks 5 --baseline-steps 500
+    python -m harmodt_fast.benchmarks.evaluation --device cpu  --steps 20  --baseline-tasks 5 --baseline-steps 100
+    python -m harmodt_fast.benchmarks.evaluation --device cuda --steps 500 --baseline-tasks 5 --baseline-steps 500
 
 The model is the paper preset (5.29M parameters, ERK masks at density 0.8) with UNTRAINED weights, random prompts
 and identity state normalisation: throughput does not depend on the weights' values (every episode runs its full

@@ -1,8 +1,8 @@
 """Scale: the mask update and the training step against the task count, and end-to-end runs at hundreds of tasks.
 
-    python benchmarks/bench_scale.py                         # every CPU case; resumes: done cases are skipped
-    python benchmarks/bench_scale.py --only sweep            # or: runs, or one case name
-    python benchmarks/bench_scale.py --device cuda --sweep-preset large --tasks 50,160    # on a GPU
+    python -m harmodt_fast.benchmarks.scale                         # every CPU case; resumes: done cases are skipped
+    python -m harmodt_fast.benchmarks.scale --only sweep            # or: runs, or one case name
+    python -m harmodt_fast.benchmarks.scale --device cuda --sweep-preset large --tasks 50,160    # on a GPU
 
 Every case runs in a fresh subprocess (its peak memory is its own, a kill loses only that case) and appends one
 JSON line to OUT/results.jsonl when it ends; a rerun skips the cases already there. Afterwards OUT/results.md
@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if importlib.util.find_spec("harmodt_fast") is None:  # not installed: the checkout this script sits in
-    sys.path.insert(0, os.path.dirname(HERE))
+from harmodt_fast.benchmarks.measure import machine, measure
 
-from measure import machine, measure  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SWEEP_MODEL = dict(hidden=256, layers=3, heads=8, mlp_hidden=1024)
 RUNS = {
@@ -181,11 +178,11 @@ def run_all(args) -> None:
     if os.path.exists(path):
         done = {json.loads(line)["name"] for line in open(path) if line.strip()}
     todo = [c for c in cases(args) if c["name"] not in done]
-    print(f"[bench_scale] {len(todo)} case(s) to run, {len(done)} done in {path}", flush=True)
+    print(f"[scale] {len(todo)} case(s) to run, {len(done)} done in {path}", flush=True)
     for i, case in enumerate(todo):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case), "--device", args.device,
+        cmd = [sys.executable, "-m", __spec__.name, "--worker", json.dumps(case), "--device", args.device,
                "--scratch", args.scratch, "--sweep-preset", args.sweep_preset]
-        print(f"[bench_scale] ({i + 1}/{len(todo)}) {case['name']} ...", flush=True)
+        print(f"[scale] ({i + 1}/{len(todo)}) {case['name']} ...", flush=True)
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         if res.returncode != 0:
@@ -208,7 +205,7 @@ def render(out: str) -> None:
     recs = [json.loads(line) for line in open(os.path.join(out, "results.jsonl")) if line.strip()]
     ok = [r for r in recs if "error" not in r and "skipped" not in r]
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    lines = ["# Scale benchmark", "", f"Written by benchmarks/bench_scale.py from results.jsonl "
+    lines = ["# Scale benchmark", "", f"Written by benchmarks/scale.py from results.jsonl "
              f"({len(recs)} cases, {len(recs) - len(ok)} failed).", ""]
     sweep = [r for r in ok if r["kind"] != "run"]
     if sweep:

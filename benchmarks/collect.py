@@ -4,7 +4,7 @@ Bare loop: make_env, reset, 500 x (policy.get_action, clip, env.step), nothing r
 workers=1 (in process) on the same tasks, timed inside the worker (env creation excluded, recording and noise
 included); the "expert" level calls the policy every step, "near-optimal" on a share p_i of the steps.
 
-    python benchmarks/bench_collect.py      # writes benchmarks/results/collect_speed_<date>.json
+    python -m harmodt_fast.benchmarks.collect      # writes benchmarks/results/collect_speed_<date>.json
 """
 from __future__ import annotations
 
@@ -13,13 +13,10 @@ import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TASKS = ["reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-close-v3", "assembly-v3"]
 

@@ -1,7 +1,7 @@
 """Task-masked kernels against the alternatives, side by side in one run on one GPU.
 
-    python benchmarks/bench_kernels.py --out benchmarks/results          # the full table (CUDA)
-    python benchmarks/bench_kernels.py --smoke --out /tmp/kb             # CPU: every code path once, tiny shapes
+    python -m harmodt_fast.benchmarks.kernels --out benchmarks/results          # the full table (CUDA)
+    python -m harmodt_fast.benchmarks.kernels --smoke --out /tmp/kb             # CPU: every code path once, tiny shapes
 
 For each masked layer shape of the paper model on MT50 (50 tasks x 8 sequences x 75 tokens = 30,000 rows;
 256->768, 256->256, 256->1024, 1024->256) and of the large preset (hidden 1024, MLP 4096), in bf16:
@@ -18,14 +18,11 @@ Every row carries its FLOPs, its minimum bytes and the floor max(FLOPs / matmul 
 with the ceilings measured on the same device (benchmarks/device_ceilings.py; `--ceilings` reads a record of
 them, else they are measured at the start).
 Results go to <out>/kernels_<device>_<date>.json and .md with the device, torch/triton/CUDA versions and date.
-Also a pytest-benchmark suite (CUDA only; skipped on CPU, where the kernels run in the Triton interpreter and
-timing them means nothing).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -40,12 +37,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # the kernels can only run in the interpreter here (set before triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-if importlib.util.find_spec("harmodt_fast") is None:  # not installed: the checkout this script sits in
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harmodt_fast as hf  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import device_ceilings  # noqa: E402
+from harmodt_fast.benchmarks import device_ceilings  # noqa: E402
 
 CEILINGS: dict = {}  # measured on this run's device (main)
 
@@ -416,7 +409,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        print("bench_kernels: the timing table needs a CUDA GPU; use --smoke to exercise the code paths on CPU")
+        print("kernels: the timing table needs a CUDA GPU; use --smoke to exercise the code paths on CPU")
         return 2
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -466,48 +459,6 @@ def main(argv=None):
     base = write_results(rows, meta, args.out)
     print(f"wrote {base}.json and {base}.md")
     return 0
-
-
-# pytest-benchmark (CUDA only) -----------------------------------------------------------------------------------
-def _cuda_or_skip():
-    import pytest
-
-    if not torch.cuda.is_available():
-        pytest.skip("kernel timings need a CUDA GPU (the CPU runs them in the Triton interpreter)")
-
-
-def _linear_fixture(n_in, n_out, tasks=50, rows=600):
-    from harmodt_fast.kernels._common import device_offsets
-
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    x = torch.randn(tasks * rows, n_in, device=dev, dtype=dt)
-    w = torch.randn(n_out, n_in, device=dev, dtype=dt)
-    packed = hf.ops.pack_masks(torch.rand(tasks, n_in * n_out) < 0.8).to(dev)
-    return x, w, packed, device_offsets(offsets_for(tasks, rows), dev)
-
-
-def test_bench_masked_linear_forward_paper_256x1024(benchmark):
-    _cuda_or_skip()
-    from harmodt_fast.kernels.masked_linear import launch_masked_mm
-
-    x, w, packed, offs = _linear_fixture(256, 1024)
-
-    def run():
-        launch_masked_mm(x, w, packed, offs, True)
-        torch.cuda.synchronize()
-
-    benchmark(run)
-
-
-def test_bench_cublas_forward_paper_256x1024(benchmark):
-    _cuda_or_skip()
-    x, w, _, _ = _linear_fixture(256, 1024)
-
-    def run():
-        F.linear(x, w)
-        torch.cuda.synchronize()
-
-    benchmark(run)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 GRAD_SCALE = 1e-4
 
 
-from measure import machine, measure as _measure  # noqa: E402  (shared with bench_scale.py)
+from harmodt_fast.benchmarks.measure import machine, measure as _measure  # noqa: E402  (shared with scale.py)
 
 
 def _inputs(tasks: int, preset: str, device, dtype, seed: int = 0):

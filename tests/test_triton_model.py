@@ -28,7 +28,7 @@ def attach_task_grads(model):
 
 
 def test_model_triton_backend_matches_torch_backend(rng):
-    # one block keeps the interpreter quick; GELU is covered by test_kernels_masked_mlp.py
+    # one block keeps the interpreter quick; GELU is covered by test_masked_mlp.py
     cfg = hf.HarmoDTConfig.from_preset("tiny", num_tasks=3, dropout=0.0, layers=1)
     torch.manual_seed(0)
     model = hf.HarmoDT(cfg).to(DEVICE)

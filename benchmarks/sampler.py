@@ -10,8 +10,8 @@ The dataset is synthetic with the shape of the real one (MT50, 500-step episodes
 count only changes memory, not the cost per batch of either path (default 200 episodes per task, 5M transitions;
 --episodes 2000 gives the paper's 50M). Batch shape: the paper's (8 rows per task, K = 20, prompt 5) for MT50.
 
-    python benchmarks/bench_sampler.py                    # CPU, writes benchmarks/results/sampler_cpu_<date>.json
-    python benchmarks/bench_sampler.py --device cuda      # device-resident mode on a GPU (sampler_cuda_<date>.json)
+    python -m harmodt_fast.benchmarks.sampler                # CPU, writes benchmarks/results/sampler_cpu_<date>.json
+    python -m harmodt_fast.benchmarks.sampler --device cuda  # device-resident mode on a GPU (sampler_cuda_<date>.json)
 """
 from __future__ import annotations
 
@@ -28,11 +28,9 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import harmodt_fast as hf  # noqa: E402
-from harmodt_fast.data import MultiTaskSampler  # noqa: E402
-from harmodt_fast.data.dataset import TaskData  # noqa: E402
+import harmodt_fast as hf
+from harmodt_fast.data import MultiTaskSampler
+from harmodt_fast.data.dataset import TaskData
 
 
 class SyntheticDataset:
@@ -204,7 +202,7 @@ def main(argv=None):
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "harmodt_fast": hf.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_sampler.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m harmodt_fast.benchmarks.sampler " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"sampler_{sampler.device.type}_{datetime.date.today().isoformat()}_t{torch.get_num_threads()}.json")

@@ -13,7 +13,7 @@ a timed step) and the device is synchronised before and after every timed region
 one step under torch.profiler, the kernel launches per step and the host time (until the step returns) against
 the device time (kernels' summed duration).
 
-    python benchmarks/bench_train_step.py --device cuda --preset paper --tasks 50 --out benchmarks/results
+    python -m harmodt_fast.benchmarks.train_step --device cuda --preset paper --tasks 50 --out benchmarks/results
 
 FLOPs (flops_per_sequence): 2.23 GFLOP per sequence forward+backward at the paper preset (75 tokens), so a step
 over MT50 x 8 sequences is 0.89 TFLOP; with --ceilings (device_ceilings.py's record) every row states its
@@ -34,12 +34,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harmodt_fast as hf  # noqa: E402
-from harmodt_fast.batch import SyntheticSampler  # noqa: E402
-from harmodt_fast.trainer import Trainer  # noqa: E402
-import device_ceilings  # noqa: E402
-from published_baseline import PublishedProcedure  # noqa: E402
+import harmodt_fast as hf
+from harmodt_fast.batch import SyntheticSampler
+from harmodt_fast.benchmarks import device_ceilings
+from harmodt_fast.benchmarks.published_baseline import PublishedProcedure
+from harmodt_fast.trainer import Trainer
 
 ROWS = ("ours", "ours-compiled", "torch", "torch-compiled", "prompt-dt", "published", "mask-update")
 
@@ -228,7 +227,7 @@ def write(rows, args, cfg, device) -> str:
             "ceilings": args.ceilings_record, "poison": os.environ.get("HARMODT_POISON") == "1",  # False to time
             "autotune": os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:]), "rows": rows}
+            "command": "python -m harmodt_fast.benchmarks.train_step " + " ".join(sys.argv[1:]), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"train_step_{device.type}_{args.preset}_T{cfg.num_tasks}_{meta['date'][:10]}")
     with open(stem + ".json", "w") as f:
@@ -247,13 +246,6 @@ def write(rows, args, cfg, device) -> str:
                     f"{fmt(r.get('launches'), 'd')} | {fmt(r.get('host_ms'), '.2f')} | "
                     f"{fmt(r.get('device_ms'), '.2f')} |\n")
     return stem + ".json"
-
-
-def test_train_step_tiny(benchmark):
-    """pytest-benchmark entry (run with: pytest benchmarks/bench_train_step.py --benchmark-enable)."""
-    cfg = hf.HarmoDTConfig.from_preset("tiny", num_tasks=5)
-    tr = Trainer(cfg, SyntheticSampler(cfg), tempfile.mkdtemp(), torch.device("cpu"), "synthetic")
-    benchmark(tr._train_step)
 
 
 if __name__ == "__main__":
