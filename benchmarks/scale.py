@@ -14,7 +14,7 @@ Cases:
   T = 5, 50, 160, 320 (--tasks):
     step             one mixed training step (after one warm-up step)
     update-whole     the whole-buffer mask update: every task's gradient in one float32 [T, P] buffer
-    update-streamed  the streamed mask update (mask_update_memory_mb = 256: G tasks' rows at a time, two passes)
+    update-streamed  the streamed mask update (G = min(the rows that fit 256 MB, T - 1) tasks at a time, two passes)
   Time: wall clock of the call; memory: the peak extra bytes of the call (benchmarks/measure.py). The two
   updates start from the same model and batch: "same masks" compares the sha256 of their new masks.
 - runs (hf.train end to end on synthetic data whose task names are not Meta-World's, written once to
@@ -79,6 +79,7 @@ def _sweep_case(kind: str, tasks: int, preset: str, device_name: str) -> dict:
     from harmodt_fast.config import HarmoDTConfig
     from harmodt_fast.model import HarmoDT
     from harmodt_fast.runtime import autocast_dtype
+    from harmodt_fast.task_gradients import update_group_size
 
     device = torch.device(device_name)
     model_kw = SWEEP_MODEL if preset == "reduced" else {}
@@ -90,7 +91,7 @@ def _sweep_case(kind: str, tasks: int, preset: str, device_name: str) -> dict:
         load_extension()
     torch.manual_seed(0)
     model = HarmoDT(cfg).to(device)
-    P = sum(method.masked_sizes(model))
+    P = sum(model.masked_sizes())
     if kind == "update-whole" and device.type == "cuda" and 4 * tasks * P > torch.cuda.mem_get_info(device)[0]:
         return {"skipped": f"the [T, P] buffer ({4 * tasks * P / 2**30:.1f} GiB) exceeds the device's free memory "
                            f"({torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB)"}
@@ -106,11 +107,12 @@ def _sweep_case(kind: str, tasks: int, preset: str, device_name: str) -> dict:
     step()  # warm-up (and the optimiser state exists, as in training)
     if kind == "step":
         fn = step
-    else:  # the streamed form even where the whole buffer would fit (its cost at small T)
-        update = method.mask_update if kind == "update-whole" else method.streamed_mask_update
+    else:  # streamed: at most T - 1 tasks per pass, even where every row would fit (its cost at small T)
+        group = None if kind == "update-whole" else max(1, min(update_group_size(cfg, P), tasks - 1))
 
         def fn():
-            return update(model, batch, cfg, cfg.steps // 2, losses_fn=model.task_losses, amp_dtype=amp)[1]
+            return method.mask_update(model, batch, cfg, cfg.steps // 2, losses_fn=model.task_losses, amp_dtype=amp,
+                                      tasks_per_pass=group)[1]
     times, cpus, peak, out = measure(fn, device, 1)
     rec = {"time_s": times[0], "cpu_s": cpus[0], "peak_extra_bytes": peak, "masked_weights": P,
            "whole_buffer_bytes": 4 * tasks * P, "sequences": batch.num_rows}
