@@ -54,7 +54,7 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
              target_return: float | None = None, max_episode_steps: int = MAX_EPISODE_STEPS,
              unseen: bool = False, merge_threshold: int | None = None, device: str = "auto",
              precision: str | None = None, backend: str | None = None, workers: int | None = None,
-             max_envs: int | None = None, progress: bool = False) -> dict:
+             max_envs: int | None = None, progress: bool = False, model=None) -> dict:
     """Rolls out a trained model in Meta-World by the paper's protocol and returns the report (a JSON-able dict).
 
     checkpoint_or_result: a checkpoint file, a run folder holding checkpoint.pt, an export folder (hf.export), an
@@ -72,6 +72,8 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
         "torch" (None: the checkpoint config's, "auto" unless it was trained with another).
     workers: environment worker processes (None: one per CPU, at most one per environment; 0: in this process).
     max_envs: at most this many environments open at once (at least one per task); None: all episodes at once.
+    model: roll out this model, which holds the run's weights (the trainer's live one), instead of building one; it
+        runs on its own device (`device` is ignored), in eval mode, and is left in the mode it had.
 
     The report has "mean_success", "per_task" {task: {"success_rate", "mean_return", "mean_length", "successes",
     "returns", "lengths", "seen"}}, "episodes", "env_steps", "env_steps_per_s" (over the rollout loop),
@@ -83,18 +85,23 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     requested, order, new, threshold = task_order(state, tasks, unseen, merge_threshold, source)
     _check_counts(episodes, max_episode_steps)
     torch.manual_seed(seed)
-    dev = pick_device(device)
+    dev = pick_device(device) if model is None else next(model.parameters()).device
     from harmodt_fast.ops._dispatch import check_backend
 
     check_backend(state.config.get("backend", "auto") if backend is None else backend, dev)  # before any env starts
 
     def make_policy():  # runs while the workers build their environments
         return policy_from_checkpoint(state, order, dev, new=new, threshold=threshold, target_return=target_return,
-                                      precision=precision, backend=backend, seed=seed)
+                                      precision=precision, backend=backend, seed=seed, model=model)
 
     envs = [_environment(t, state, source) for t in order]
-    stats = rollout(order, episodes, make_policy, seed=seed, max_episode_steps=max_episode_steps, workers=workers,
-                    max_envs=max_envs, progress=progress, envs=envs)
+    was_training = model is not None and model.training
+    try:
+        stats = rollout(order, episodes, make_policy, seed=seed, max_episode_steps=max_episode_steps,
+                        workers=workers, max_envs=max_envs, progress=progress, envs=envs)
+    finally:
+        if model is not None:
+            model.train(was_training)
     policy = stats.pop("policy")
     wall = time.perf_counter() - wall0
 

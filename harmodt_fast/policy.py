@@ -90,18 +90,25 @@ def task_order(state: RunState, tasks, unseen: bool, merge_threshold: int | None
 
 
 def policy_from_checkpoint(state: RunState, order, device: torch.device, *, new=(), threshold=None,
-                           target_return=None, precision=None, backend=None, seed: int = 0) -> "Policy":
-    """The policy of `state` on the tasks of `order` (task_order's)."""
+                           target_return=None, precision=None, backend=None, seed: int = 0,
+                           model=None) -> "Policy":
+    """The policy of `state` on the tasks of `order` (task_order's). model: act with this model, which holds the
+    state's weights on `device` (the trainer's live one), instead of building one; it is put in eval mode and
+    otherwise left as it is, so it takes no unseen tasks and no backend (both would change it)."""
     trained = list(state.tasks)
     config = state.harmodt_config()
     if precision is not None:
         config = dataclasses.replace(config, precision=precision)
-    model, _ = model_from_checkpoint(state, device=device)
-    if backend is not None:
-        for layer in model.masked_layers().values():
-            layer.backend = backend
-    if new:
-        _append_consensus_mask(model, threshold)
+    if model is not None:
+        if new or backend is not None:
+            raise ValueError("a given model takes no unseen tasks and no backend: they would change it")
+    else:
+        model, _ = model_from_checkpoint(state, device=device)
+        if backend is not None:
+            for layer in model.masked_layers().values():
+                layer.backend = backend
+        if new:
+            _append_consensus_mask(model, threshold)
     mean, std = _state_stats(state, order, trained)
     prompt = _prompts(state, config, order, trained, mean, std, seed) if config.use_prompt else None
     task_ids = [trained.index(t) if t in trained else len(trained) for t in order]

@@ -282,11 +282,15 @@ class Trainer:
     def _evaluate(self) -> None:
         from harmodt_fast.evaluation import evaluate, save_report
 
-        self.save()
+        self.save()  # for resuming; the evaluation reads the live model and state, not the file
         if self.dist.main:
-            report = evaluate(self.ckpt_path, episodes=self.config.eval_episodes, seed=self.config.seed,
-                              device=str(self.device), max_episode_steps=self.config.eval_max_steps,
-                              workers=self.config.eval_workers)
+            # on forked RNG streams: evaluate reseeds torch's, and training goes on with its own (a run resumed
+            # from this checkpoint draws the same)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                report = evaluate(self._policy_state(), model=self.model, episodes=self.config.eval_episodes,
+                                  seed=self.config.seed, max_episode_steps=self.config.eval_max_steps,
+                                  workers=self.config.eval_workers)
+            report["checkpoint"] = self.ckpt_path  # the state evaluated is the one just saved there
             path = save_report(report, self._evaluation_path())
             # the log keeps the summary; the file keeps every episode
             self._log({"step": self.step, "eval": {
