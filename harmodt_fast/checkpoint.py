@@ -109,14 +109,10 @@ class RunState:
 
     # ---- reading it -----------------------------------------------------------------------------------------------
     def harmodt_config(self):
+        """The HarmoDTConfig of `config`."""
         from harmodt_fast.config import HarmoDTConfig
 
         return HarmoDTConfig.from_dict(self.config)
-
-    def policy_part(self) -> "RunState":
-        """The same state without the resume part (what an export holds)."""
-        return RunState(self.config, self.model, self.tasks, self.state_mean, self.state_std, self.step,
-                        self.eval_prompts, self.dataset_fingerprint, self.task_envs)
 
     # ---- resuming -------------------------------------------------------------------------------------------------
     def check_resumable(self, config, fingerprint: str, name: str) -> None:
@@ -191,7 +187,8 @@ def _read_file(path: str, map_location="cpu") -> dict:
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, *_MIGRATIONS):
-        raise CheckpointError(f"{path}: not a harmodt_fast checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})")
+        what = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a harmodt_fast checkpoint (format {what!r})")
     return ckpt
 
 
