@@ -1,7 +1,8 @@
-"""Checkpoints: written atomically (temporary file in the same folder, fsync, rename), read with checks.
+"""The run's state on disk: one owner, RunState (what a checkpoint holds, how it is written, read, checked, migrated
+from older formats and matched against a run that wants to resume it).
 
-A checkpoint is a dict saved with torch.save. Keys every checkpoint has (the trainer writes them, evaluation
-reads them):
+A checkpoint file is RunState.to_dict() saved with torch.save, written atomically (temporary file in the same
+folder, fsync, rename):
     "format":        CHECKPOINT_FORMAT
     "config":        HarmoDTConfig.to_dict()
     "model":         the model's state dict (the packed task masks are buffers in it)
@@ -10,48 +11,169 @@ reads them):
     "state_mean", "state_std":  float32 [T, state_dim] per-task state normalisation
     "eval_prompts":  {field: tensor [T, prompt_len, ...]} one prompt per task (fields of hf.Prompt), or None
     "dataset_fingerprint": str identifying the training data
-and the trainer adds what resuming needs ("optimizer", "sampler", "rng", "history"; the learning rate is a
-function of the step, so there is no scheduler state).
+    "task_envs":     {task: gymnasium EnvSpec JSON} for tasks without a Meta-World name
+and what resuming needs ("optimizer", "sampler", "rng", "history", "task_agreement", "world_size"; the learning
+rate is a function of the step, so there is no scheduler state).
 
 Reading never runs code: torch.load(weights_only=True) only rebuilds tensors and plain containers, so a file that
-needs anything else (a crafted pickle) is refused before any of it executes.
+needs anything else (a crafted pickle) is refused before any of it executes. Older formats are migrated as they are
+read (_MIGRATIONS, keyed by the format they upgrade).
 
 An export (`export(run, folder)`) is the pickle-free form for sharing a trained policy: `config.json` (the config,
 task names, step), `model.safetensors` (the state dict, packed masks included) and `tasks.safetensors` (per-task
-state normalisation and prompts). `read_run` turns either form into the same checkpoint dict.
+state normalisation and prompts). `read_run` turns either form into a RunState (an export's has no resume part).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
-from dataclasses import fields
+import warnings
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from harmodt_fast._io import atomic_write, read_json_format
 from harmodt_fast.batch import Prompt
 
-CHECKPOINT_FORMAT = "harmodt_fast/1"
+CHECKPOINT_FORMAT = "harmodt_fast/2"
 CHECKPOINT_NAME = "checkpoint.pt"
-EXPORT_FORMAT = "harmodt_fast-export/1"
+EXPORT_FORMAT = "harmodt_fast-export/2"
 EXPORT_FILES = ("config.json", "model.safetensors", "tasks.safetensors")
+# each export format holds the model of the checkpoint format of the same number (read_export migrates alike)
+_EXPORT_TO_CHECKPOINT_FORMAT = {"harmodt_fast-export/1": "harmodt_fast/1", EXPORT_FORMAT: CHECKPOINT_FORMAT}
 _REQUIRED = ("config", "model", "tasks", "state_mean", "state_std")
+# config fields that only change logging, not the training trajectory: a resumed run may change them
+# (the backend and compile too: they compute the same step, to rounding)
+NON_TRAJECTORY_FIELDS = frozenset({"log_every", "checkpoint_every", "eval_every", "eval_episodes", "eval_max_steps",
+                                   "eval_workers", "logger", "tensorboard", "extra", "backend", "compile"})
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the run asking for it."""
 
 
+@dataclass
+class RunState:
+    """What a checkpoint holds (the module docstring lists the fields). The resume part (optimizer ... world_size)
+    is None where the source lacks it: an export, or a checkpoint written by hand for evaluation."""
+
+    config: dict  # HarmoDTConfig.to_dict() as written (harmodt_config() builds the config)
+    model: dict[str, torch.Tensor]
+    tasks: list[str]
+    state_mean: torch.Tensor
+    state_std: torch.Tensor
+    step: int = 0
+    eval_prompts: dict[str, torch.Tensor] | None = None
+    dataset_fingerprint: str | None = None
+    task_envs: dict[str, str] = field(default_factory=dict)
+    optimizer: dict | None = None
+    sampler: dict | None = None
+    rng: list[dict] | None = None  # one {"torch", "cuda"} per rank (dropout streams)
+    history: list[dict] = field(default_factory=list)
+    task_agreement: torch.Tensor | None = None
+    world_size: int | None = None
+
+    # ---- the file's dict ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, d: dict, name: str = "checkpoint dict", warn_resume: bool = False) -> "RunState":
+        """A checkpoint dict of this or an older format (migrated; a dict without "format" counts as this one).
+        warn_resume: warn about what a migration changes for a run that resumes from it (the trainer's rank 0)."""
+        fmt = d.get("format", CHECKPOINT_FORMAT)
+        while fmt != CHECKPOINT_FORMAT:
+            if fmt not in _MIGRATIONS:
+                raise CheckpointError(f"{name}: not a harmodt_fast checkpoint (format {fmt!r})")
+            d = _MIGRATIONS[fmt](d, name, warn_resume)
+            fmt = d["format"]
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise CheckpointError(f"{name}: checkpoint lacks {missing}")
+        state = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+        state.tasks, state.step, state.task_envs = list(state.tasks), int(state.step), dict(state.task_envs or {})
+        return state
+
+    def save(self, path: str) -> str:
+        """Writes the checkpoint file atomically (a run killed mid-write keeps the previous one); returns path."""
+        return save_atomic(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str, map_location="cpu", warn_resume: bool = False) -> "RunState":
+        """A checkpoint file, or the checkpoint inside a run folder; CheckpointError names what is wrong."""
+        if os.path.isdir(path):
+            path = os.path.join(path, CHECKPOINT_NAME)
+        return cls.from_dict(_read_file(path, map_location), path, warn_resume)
+
+    # ---- reading it -----------------------------------------------------------------------------------------------
+    def harmodt_config(self):
+        """The HarmoDTConfig of `config`."""
+        from harmodt_fast.config import HarmoDTConfig
+
+        return HarmoDTConfig.from_dict(self.config)
+
+    # ---- resuming -------------------------------------------------------------------------------------------------
+    def check_resumable(self, config, fingerprint: str, name: str) -> None:
+        """Refuses (CheckpointError) to resume this state in a run of `config` on data `fingerprint`: the config may
+        differ only in NON_TRAJECTORY_FIELDS (a field the checkpoint lacks, added since, counts as its default)."""
+        mine, theirs = config.to_dict(), {**_config_defaults(), **dict(self.config)}
+        diff = sorted(k for k in mine if k not in NON_TRAJECTORY_FIELDS and mine[k] != theirs.get(k))
+        if diff:
+            details = ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} now" for k in diff[:6])
+            raise CheckpointError(f"{name} belongs to a run with another config ({details}); "
+                                  f"use another output folder (it was not overwritten)")
+        if self.dataset_fingerprint != fingerprint:
+            raise CheckpointError(f"{name} was trained on other data (fingerprint {self.dataset_fingerprint} vs "
+                                  f"{fingerprint}); use another output folder (it was not overwritten)")
+        lacking = [k for k in ("optimizer", "sampler", "rng") if getattr(self, k) is None]
+        if lacking:
+            raise CheckpointError(f"{name} holds no resume state ({', '.join(lacking)} missing: an export or a "
+                                  f"policy-only checkpoint); use another output folder (it was not overwritten)")
+
+
+def _config_defaults() -> dict:
+    from harmodt_fast.config import HarmoDTConfig
+
+    return {f.name: f.default for f in fields(HarmoDTConfig) if f.default is not dataclasses.MISSING}
+
+
+# ---- older formats ----------------------------------------------------------------------------------------------
+_REMOVED_HEADS = ("predict_state.", "predict_return.")
+
+
+def _from_format_1(d: dict, name: str, warn_resume: bool) -> dict:
+    """Format 1 -> 2. The model had two heads the action loss never trained (predict_state, predict_return): their
+    weights are dropped. Early format-1 files hold a list of sampler states, one per rank, each rank having drawn
+    its own batch_per_task rows per task; batch_per_task is now the global batch, so such a run continues from
+    rank 0's sampler with a global batch world_size times smaller."""
+    model = {k: v for k, v in d["model"].items() if not k.startswith(_REMOVED_HEADS)} if "model" in d else None
+    sampler = d.get("sampler")
+    if isinstance(sampler, list):
+        if len(sampler) > 1 and warn_resume:
+            warnings.warn(f"{name} was written by {len(sampler)} processes that each drew their own "
+                          f"batch_per_task rows per task (an older version); batch_per_task now means the global "
+                          f"batch, so this run continues from rank 0's sampler with {len(sampler)}x fewer rows per "
+                          f"step than before", stacklevel=4)
+        sampler = sampler[0]
+    migrated = {**d, "format": "harmodt_fast/2", "sampler": sampler}
+    if model is not None:
+        migrated["model"] = model
+    return migrated
+
+
+_MIGRATIONS = {"harmodt_fast/1": _from_format_1}  # format -> a function giving the next format's dict
+
+
+# ---- files ----------------------------------------------------------------------------------------------------------
 def save_atomic(obj, path: str) -> str:
     """torch.save to `path` without ever leaving a partial file there: a killed run keeps the previous one."""
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Reads a checkpoint file, or the checkpoint inside a run folder; CheckpointError names what is wrong."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
+def _read_file(path: str, map_location="cpu") -> dict:
+    """The dict of a checkpoint file, read with weights_only (a file that would run code is refused)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -64,9 +186,16 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                               f"({what}), and loading them would run code from the file; nothing was loaded") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a harmodt_fast checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, *_MIGRATIONS):
+        what = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a harmodt_fast checkpoint (format {what!r})")
     return ckpt
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """The dict of a checkpoint file (or a run folder's), in the current format: RunState.load(path).to_dict(),
+    for code that inspects or edits the file's dict."""
+    return RunState.load(path, map_location).to_dict()
 
 
 def prompt_to_dict(prompt: Prompt | None) -> dict | None:
@@ -77,41 +206,41 @@ def prompt_from_dict(d: dict | None) -> Prompt | None:
     return None if d is None else Prompt(**d)
 
 
-def model_from_checkpoint(ckpt: dict, device="cpu"):
-    """(model in eval mode, config) from a loaded checkpoint dict."""
-    from harmodt_fast.config import HarmoDTConfig
+def model_from_checkpoint(run: "RunState | dict", device="cpu"):
+    """(model in eval mode, config) from a RunState or a checkpoint dict."""
     from harmodt_fast.model import HarmoDT
 
-    config = HarmoDTConfig.from_dict(ckpt["config"])
+    state = run if isinstance(run, RunState) else RunState.from_dict(run)
+    config = state.harmodt_config()
     model = HarmoDT(config)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(state.model)
     return model.to(device).eval(), config
 
 
 # ---- reading any run form, checked ----------------------------------------------------------------------------------
-def read_run(source) -> tuple[dict, str]:
-    """(checkpoint dict, a name for messages) from a checkpoint file, a run folder, an export folder, an object with
-    a `.checkpoint` path (hf.train's result) or a loaded dict; checks that its parts agree with each other."""
-    if isinstance(source, dict):
-        ckpt, name = source, "checkpoint dict"
+def read_run(source) -> tuple[RunState, str]:
+    """(RunState, a name for messages) from a checkpoint file, a run folder, an export folder, an object with a
+    `.checkpoint` path (hf.train's result), a loaded checkpoint dict or a RunState; checks that its parts agree."""
+    if isinstance(source, RunState):
+        state, name = source, "run state"
+    elif isinstance(source, dict):
+        state, name = RunState.from_dict(source), "checkpoint dict"
     else:
         path = getattr(source, "checkpoint", source)
         if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"expected a checkpoint path, a run or export folder, a TrainResult or a checkpoint "
-                             f"dict, got {type(source).__name__}")
+            raise ValueError(f"expected a checkpoint path, a run or export folder, a TrainResult, a checkpoint "
+                             f"dict or a RunState, got {type(source).__name__}")
         name = os.fspath(path)
         is_export = os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")) and not \
             os.path.isfile(os.path.join(name, CHECKPOINT_NAME))
-        ckpt = read_export(name) if is_export else load_checkpoint(name)
-    check_consistent(ckpt, name)
-    return ckpt, name
+        state = read_export(name) if is_export else RunState.load(name)
+    check_consistent(state, name)
+    return state, name
 
 
-def check_consistent(ckpt: dict, name: str) -> None:
-    missing = [k for k in _REQUIRED if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{name}: checkpoint lacks {missing}")
-    tasks, cfg = list(ckpt["tasks"]), ckpt["config"]
+def check_consistent(state: RunState, name: str) -> None:
+    """CheckpointError naming every disagreement between the config, the task list, the statistics and prompts."""
+    tasks, cfg = list(state.tasks), state.config
     T, S = len(tasks), cfg.get("state_dim")
     problems = []
     if cfg.get("num_tasks") != T:
@@ -119,9 +248,9 @@ def check_consistent(ckpt: dict, name: str) -> None:
     if cfg.get("tasks") is not None and list(cfg["tasks"]) != tasks:
         problems.append(f"config.tasks {list(cfg['tasks'])} differs from the task list {tasks}")
     for key in ("state_mean", "state_std"):
-        if tuple(ckpt[key].shape) != (T, S):
-            problems.append(f"{key} has shape {tuple(ckpt[key].shape)}, expected ({T}, {S})")
-    prompts = ckpt.get("eval_prompts")
+        if tuple(getattr(state, key).shape) != (T, S):
+            problems.append(f"{key} has shape {tuple(getattr(state, key).shape)}, expected ({T}, {S})")
+    prompts = state.eval_prompts
     if prompts is not None:
         for f in (f.name for f in fields(Prompt)):
             if f not in prompts or prompts[f].shape[0] != T:
@@ -133,20 +262,20 @@ def check_consistent(ckpt: dict, name: str) -> None:
 
 # ---- export: config.json + safetensors, no pickle -------------------------------------------------------------------
 def export(run, folder) -> str:
-    """Writes the policy of a run (checkpoint file, run folder, TrainResult or dict) to `folder` as config.json,
-    model.safetensors (weights and packed masks) and tasks.safetensors (per-task normalisation and prompts);
-    `hf.load_policy(folder)` and `hf.evaluate(folder)` read it without unpickling anything. Returns the folder."""
+    """Writes the policy of a run (checkpoint file, run folder, TrainResult, dict or RunState) to `folder` as
+    config.json, model.safetensors (weights and packed masks) and tasks.safetensors (per-task normalisation and
+    prompts); `hf.load_policy(folder)` and `hf.evaluate(folder)` read it without unpickling anything. Returns the
+    folder."""
     from safetensors.torch import save
 
-    ckpt, _ = read_run(run)
+    state, _ = read_run(run)
     folder = os.path.abspath(os.fspath(folder))
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()}
-    per_task = {"state_mean": ckpt["state_mean"].float().contiguous(), "state_std": ckpt["state_std"].float().contiguous()}
-    for f, v in (ckpt.get("eval_prompts") or {}).items():
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.model.items()}
+    per_task = {"state_mean": state.state_mean.float().contiguous(), "state_std": state.state_std.float().contiguous()}
+    for f, v in (state.eval_prompts or {}).items():
         per_task[f"prompt.{f}"] = v.cpu().contiguous()
-    meta = {"format": EXPORT_FORMAT, "config": ckpt["config"], "tasks": list(ckpt["tasks"]),
-            "step": int(ckpt.get("step", 0)), "dataset_fingerprint": ckpt.get("dataset_fingerprint"),
-            "task_envs": ckpt.get("task_envs") or {}}
+    meta = {"format": EXPORT_FORMAT, "config": state.config, "tasks": list(state.tasks), "step": int(state.step),
+            "dataset_fingerprint": state.dataset_fingerprint, "task_envs": state.task_envs or {}}
     atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(save(tensors)))
     atomic_write(os.path.join(folder, "tasks.safetensors"), lambda f: f.write(save(per_task)))
     # config.json last: a folder with it is complete
@@ -154,8 +283,8 @@ def export(run, folder) -> str:
     return folder
 
 
-def read_export(folder: str) -> dict:
-    """An export folder as a checkpoint dict (what load_checkpoint returns, minus the resume state)."""
+def read_export(folder: str) -> RunState:
+    """An export folder (this format or an older one, migrated) as a RunState without the resume part."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -163,7 +292,7 @@ def read_export(folder: str) -> dict:
     for path in paths.values():
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: missing (an export folder holds {', '.join(EXPORT_FILES)})")
-    meta = read_json_format(paths["config.json"], EXPORT_FORMAT, "harmodt_fast export", CheckpointError)
+    meta = _read_export_meta(paths["config.json"])
     loaded = {}
     for name in ("model.safetensors", "tasks.safetensors"):
         try:
@@ -175,7 +304,21 @@ def read_export(folder: str) -> dict:
         if key not in per_task:
             raise CheckpointError(f"{paths['tasks.safetensors']}: no {key!r} tensor")
     prompts = {k.removeprefix("prompt."): v for k, v in per_task.items() if k.startswith("prompt.")}
-    return {"format": CHECKPOINT_FORMAT, "config": meta["config"], "model": loaded["model.safetensors"],
-            "step": int(meta.get("step", 0)), "tasks": list(meta["tasks"]), "state_mean": per_task["state_mean"],
-            "state_std": per_task["state_std"], "eval_prompts": prompts or None,
-            "dataset_fingerprint": meta.get("dataset_fingerprint"), "task_envs": meta.get("task_envs") or {}}
+    return RunState.from_dict({
+        "format": _EXPORT_TO_CHECKPOINT_FORMAT[meta["format"]], "config": meta["config"],
+        "model": loaded["model.safetensors"], "step": int(meta.get("step", 0)), "tasks": list(meta["tasks"]),
+        "state_mean": per_task["state_mean"], "state_std": per_task["state_std"], "eval_prompts": prompts or None,
+        "dataset_fingerprint": meta.get("dataset_fingerprint"), "task_envs": meta.get("task_envs") or {}}, folder)
+
+
+def _read_export_meta(path: str) -> dict:
+    """config.json of an export of this format or an older one; the error names this format when neither fits."""
+    try:
+        return read_json_format(path, EXPORT_FORMAT, "harmodt_fast export", CheckpointError)
+    except CheckpointError as current:
+        for older in (f for f in _EXPORT_TO_CHECKPOINT_FORMAT if f != EXPORT_FORMAT):
+            try:
+                return read_json_format(path, older, "harmodt_fast export", CheckpointError)
+            except CheckpointError:
+                pass
+        raise current from None

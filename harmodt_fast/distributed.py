@@ -8,7 +8,7 @@ import hashlib
 import inspect
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -156,17 +156,15 @@ class Distributed:
                              f"the global batch and gives this rank's slice (MultiTaskSampler(..., rank={self.rank}, "
                              f"world={self.world})); got {type(sampler).__name__} for rank {has[0]} of {has[1]}")
 
-    def data_parallel(self, model: torch.nn.Module, losses_fn: Callable, device: torch.device,
-                      ignore: Sequence[str] = ()) -> torch.nn.Module:
+    def data_parallel(self, model: torch.nn.Module, losses_fn: Callable, device: torch.device) -> torch.nn.Module:
         """torch's DistributedDataParallel around `losses_fn(batch)` (the per-task losses of `model`): its backward
-        averages the gradients over the ranks in buckets, overlapped with the backward itself. `ignore`: names of
-        `model`'s parameters the loss never reaches (DDP would wait for their gradients forever otherwise).
-        Calling `model` (or losses_fn) directly, outside this wrapper, leaves DDP out: its hooks only act after a
-        forward through the wrapper."""
+        averages the gradients over the ranks in buckets, overlapped with the backward itself. The loss must reach
+        every parameter of `model` (DDP would wait for the others' gradients forever). Calling `model` (or
+        losses_fn) directly, outside this wrapper, leaves DDP out: its hooks only act after a forward through the
+        wrapper."""
         from torch.nn.parallel import DistributedDataParallel
 
         wrapper = _LossModule(model, losses_fn)
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in ignore])
         # no buffer sync before each forward: the only buffers are the task masks, which change only in the mask
         # update (identically on every rank, verified by hash), so a broadcast per step would buy nothing
         # (torch 2.13 renamed broadcast_buffers)

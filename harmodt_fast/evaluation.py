@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from harmodt_fast._io import atomic_write
-from harmodt_fast.checkpoint import CheckpointError, read_run
+from harmodt_fast.checkpoint import CheckpointError, RunState, read_run
 from harmodt_fast.envs import MAX_EPISODE_STEPS, goal_variants, make_env, scripted_policy
 from harmodt_fast.policy import policy_from_checkpoint, task_order
 from harmodt_fast.runtime import pick_device, progress_bar
@@ -54,11 +54,11 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
              target_return: float | None = None, max_episode_steps: int = MAX_EPISODE_STEPS,
              unseen: bool = False, merge_threshold: int | None = None, device: str = "auto",
              precision: str | None = None, backend: str | None = None, workers: int | None = None,
-             max_envs: int | None = None, progress: bool = False) -> dict:
+             max_envs: int | None = None, progress: bool = False, model=None) -> dict:
     """Rolls out a trained model in Meta-World by the paper's protocol and returns the report (a JSON-able dict).
 
     checkpoint_or_result: a checkpoint file, a run folder holding checkpoint.pt, an export folder (hf.export), an
-        object with a `.checkpoint` path (what hf.train returns) or a loaded checkpoint dict.
+        object with a `.checkpoint` path (what hf.train returns), a loaded checkpoint dict or a RunState.
     tasks: None (the checkpoint's tasks), a task-set name ("MT10"), a comma-separated string or a list of names.
         A task the checkpoint was not trained on is an error unless `unseen=True`: then it is evaluated with the
         consensus mask of `merge_threshold` (default: the checkpoint config's, which defaults to half the trained
@@ -72,29 +72,36 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
         "torch" (None: the checkpoint config's, "auto" unless it was trained with another).
     workers: environment worker processes (None: one per CPU, at most one per environment; 0: in this process).
     max_envs: at most this many environments open at once (at least one per task); None: all episodes at once.
+    model: roll out this model, which holds the run's weights (the trainer's live one), instead of building one; it
+        runs on its own device (`device` is ignored), in eval mode, and is left in the mode it had.
 
     The report has "mean_success", "per_task" {task: {"success_rate", "mean_return", "mean_length", "successes",
     "returns", "lengths", "seen"}}, "episodes", "env_steps", "env_steps_per_s" (over the rollout loop),
     "model_time_share" (model time / wall time of the call), the timings, the device, precision and backend that ran.
     """
     wall0 = time.perf_counter()
-    ckpt, source = _load(checkpoint_or_result)
-    trained = list(ckpt["tasks"])
-    requested, order, new, threshold = task_order(ckpt, tasks, unseen, merge_threshold, source)
+    state, source = _load(checkpoint_or_result)
+    trained = list(state.tasks)
+    requested, order, new, threshold = task_order(state, tasks, unseen, merge_threshold, source)
     _check_counts(episodes, max_episode_steps)
     torch.manual_seed(seed)
-    dev = pick_device(device)
+    dev = pick_device(device) if model is None else next(model.parameters()).device
     from harmodt_fast.ops._dispatch import check_backend
 
-    check_backend(ckpt["config"].get("backend", "auto") if backend is None else backend, dev)  # before any env starts
+    check_backend(state.config.get("backend", "auto") if backend is None else backend, dev)  # before any env starts
 
     def make_policy():  # runs while the workers build their environments
-        return policy_from_checkpoint(ckpt, order, dev, new=new, threshold=threshold, target_return=target_return,
-                                      precision=precision, backend=backend, seed=seed)
+        return policy_from_checkpoint(state, order, dev, new=new, threshold=threshold, target_return=target_return,
+                                      precision=precision, backend=backend, seed=seed, model=model)
 
-    envs = [_environment(t, ckpt, source) for t in order]
-    stats = rollout(order, episodes, make_policy, seed=seed, max_episode_steps=max_episode_steps, workers=workers,
-                    max_envs=max_envs, progress=progress, envs=envs)
+    envs = [_environment(t, state, source) for t in order]
+    was_training = model is not None and model.training
+    try:
+        stats = rollout(order, episodes, make_policy, seed=seed, max_episode_steps=max_episode_steps,
+                        workers=workers, max_envs=max_envs, progress=progress, envs=envs)
+    finally:
+        if model is not None:
+            model.train(was_training)
     policy = stats.pop("policy")
     wall = time.perf_counter() - wall0
 
@@ -107,7 +114,7 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
 
         masked_backend = ops.last_backend("masked_linear")
     report.update({
-        "checkpoint": source, "step": int(ckpt.get("step", 0)), "method": policy.config.method,
+        "checkpoint": source, "step": state.step, "method": policy.config.method,
         "unseen_tasks": new, "merge_threshold": threshold,
         "target_return": policy.target_return, "rtg_scale": policy.config.rtg_scale,
         "device": str(dev), "precision": "bf16" if policy.amp_dtype == torch.bfloat16 else "fp32",
@@ -122,24 +129,24 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
 
 
 # ---- the checkpoint ------------------------------------------------------------------------------------------------
-def _load(source) -> tuple[dict, str]:
-    """(checkpoint dict, a name for messages), checked (checkpoint.read_run), for Meta-World's dimensions."""
-    ckpt, name = read_run(source)
-    cfg = ckpt["config"]
+def _load(source) -> tuple[RunState, str]:
+    """(RunState, a name for messages), checked (checkpoint.read_run), for Meta-World's dimensions."""
+    state, name = read_run(source)
+    cfg = state.config
     if (cfg.get("state_dim"), cfg.get("act_dim")) != (OBS_DIM, ACT_DIM):
         raise CheckpointError(f"{name}: inconsistent checkpoint: state/action dims {cfg.get('state_dim')}/"
                               f"{cfg.get('act_dim')} are not Meta-World's {OBS_DIM}/{ACT_DIM}")
-    return ckpt, name
+    return state, name
 
 
-def _environment(task: str, ckpt: dict, name: str):
+def _environment(task: str, state: RunState, name: str):
     """What EnvGroup builds for a task: its Meta-World name, or ("spec", EnvSpec JSON) of the environment a Minari
     dataset recorded for it (a Meta-World one of ours is used by its task name, with the usual goal variants)."""
     from harmodt_fast.tasks import TASK_SETS
 
     if task in TASK_SETS["MT50"]:
         return task
-    spec_json = (ckpt.get("task_envs") or {}).get(task)
+    spec_json = state.task_envs.get(task)
     if spec_json is None:
         raise ValueError(f"{name}: task {task!r} has no environment: it is not a Meta-World task name and the "
                          f"checkpoint holds no environment for it (only Minari datasets that record one give it)")

@@ -137,9 +137,6 @@ class HarmoDT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.predict_action = nn.Sequential(nn.Linear(cfg.hidden, cfg.act_dim), nn.Tanh())
-        # kept for parity with Prompt-DT's parameter count; not trained by the action loss
-        self.predict_state = nn.Linear(cfg.hidden, cfg.state_dim)
-        self.predict_return = nn.Linear(cfg.hidden, 1)
         # as published: GPT-2's N(0, 0.02) init inside the blocks only; embeddings and heads keep PyTorch's
         # defaults (so the timestep embedding starts N(0, 1))
         self.blocks.apply(self._init_weights)
@@ -256,10 +253,6 @@ class HarmoDT(nn.Module):
             return err * batch.num_slices / (batch.global_task_steps * self.config.act_dim).clamp_min(1)
         count = torch.zeros(num_tasks, device=preds.device).index_add_(0, ids, valid.float().sum(1))
         return err / (count * self.config.act_dim).clamp_min(1)
-
-    def untrained_parameters(self) -> list[str]:
-        """Names of the parameters the action loss never reaches (the state and return heads)."""
-        return [n for n, _ in self.named_parameters() if n.startswith(("predict_state.", "predict_return."))]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

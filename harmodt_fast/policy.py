@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from harmodt_fast.batch import Batch, Prompt, offsets_from_counts
-from harmodt_fast.checkpoint import CheckpointError, model_from_checkpoint, prompt_from_dict, read_run
-from harmodt_fast.config import HarmoDTConfig
+from harmodt_fast.checkpoint import CheckpointError, RunState, model_from_checkpoint, prompt_from_dict, read_run
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.runtime import autocast_dtype, pick_device
 
@@ -40,8 +39,8 @@ _PROMPT_FIELDS = [f.name for f in dataclasses.fields(Prompt)]
 def load_policy(source, device: str = "auto", *, tasks=None, unseen: bool = False,
                 merge_threshold: int | None = None, target_return: float | None = None,
                 precision: str | None = None, backend: str | None = None, seed: int = 0) -> "Policy":
-    """The policy of a checkpoint file, a run folder, an export folder (hf.export), a TrainResult or a loaded
-    checkpoint dict. Nothing is unpickled beyond tensors and plain containers.
+    """The policy of a checkpoint file, a run folder, an export folder (hf.export), a TrainResult, a loaded
+    checkpoint dict or a RunState. Nothing is unpickled beyond tensors and plain containers.
 
     tasks: the tasks it may act on (None: the trained ones); a task it was not trained on needs unseen=True (the
     consensus mask of `merge_threshold` trained tasks, default the config's). target_return: the return-to-go it is
@@ -49,17 +48,17 @@ def load_policy(source, device: str = "auto", *, tasks=None, unseen: bool = Fals
     backend: the masked_linear backend of every masked layer (None: the model's); seed: the Meta-World seed of
     the scripted episode that gives an unseen task its prompt.
     """
-    ckpt, name = read_run(source)
-    _, order, new, threshold = task_order(ckpt, tasks, unseen, merge_threshold, name)
-    return policy_from_checkpoint(ckpt, order, pick_device(device), new=new, threshold=threshold,
+    state, name = read_run(source)
+    _, order, new, threshold = task_order(state, tasks, unseen, merge_threshold, name)
+    return policy_from_checkpoint(state, order, pick_device(device), new=new, threshold=threshold,
                                   target_return=target_return, precision=precision, backend=backend, seed=seed)
 
 
-def task_order(ckpt: dict, tasks, unseen: bool, merge_threshold: int | None, name: str):
+def task_order(state: RunState, tasks, unseen: bool, merge_threshold: int | None, name: str):
     """(requested, order, new, threshold): the tasks asked for, in the order asked; the same in model task-id order
     (trained ones in checkpoint order, then the unseen ones); those not trained on; the consensus threshold (None
     when there are none)."""
-    trained = list(ckpt["tasks"])
+    trained = list(state.tasks)
     if tasks is None:
         requested = list(trained)
     else:
@@ -82,7 +81,7 @@ def task_order(ckpt: dict, tasks, unseen: bool, merge_threshold: int | None, nam
                          f"unseen=True (--unseen) to evaluate them with the consensus mask of the trained tasks")
     threshold = None
     if new:
-        default = HarmoDTConfig.from_dict(ckpt["config"]).consensus_threshold  # half the trained tasks unless set
+        default = state.harmodt_config().consensus_threshold  # half the trained tasks unless set
         threshold = int(default if merge_threshold is None else merge_threshold)
         if not 1 <= threshold <= len(trained):
             raise ValueError(f"merge threshold must be in 1..{len(trained)} (the trained tasks), got {threshold}")
@@ -90,20 +89,28 @@ def task_order(ckpt: dict, tasks, unseen: bool, merge_threshold: int | None, nam
     return requested, order, new, threshold
 
 
-def policy_from_checkpoint(ckpt: dict, order, device: torch.device, *, new=(), threshold=None, target_return=None,
-                           precision=None, backend=None, seed: int = 0) -> "Policy":
-    trained = list(ckpt["tasks"])
-    config = HarmoDTConfig.from_dict(ckpt["config"])
+def policy_from_checkpoint(state: RunState, order, device: torch.device, *, new=(), threshold=None,
+                           target_return=None, precision=None, backend=None, seed: int = 0,
+                           model=None) -> "Policy":
+    """The policy of `state` on the tasks of `order` (task_order's). model: act with this model, which holds the
+    state's weights on `device` (the trainer's live one), instead of building one; it is put in eval mode and
+    otherwise left as it is, so it takes no unseen tasks and no backend (both would change it)."""
+    trained = list(state.tasks)
+    config = state.harmodt_config()
     if precision is not None:
         config = dataclasses.replace(config, precision=precision)
-    model, _ = model_from_checkpoint(ckpt, device=device)
-    if backend is not None:
-        for layer in model.masked_layers().values():
-            layer.backend = backend
-    if new:
-        _append_consensus_mask(model, threshold)
-    mean, std = _state_stats(ckpt, order, trained)
-    prompt = _prompts(ckpt, config, order, trained, mean, std, seed) if config.use_prompt else None
+    if model is not None:
+        if new or backend is not None:
+            raise ValueError("a given model takes no unseen tasks and no backend: they would change it")
+    else:
+        model, _ = model_from_checkpoint(state, device=device)
+        if backend is not None:
+            for layer in model.masked_layers().values():
+                layer.backend = backend
+        if new:
+            _append_consensus_mask(model, threshold)
+    mean, std = _state_stats(state, order, trained)
+    prompt = _prompts(state, config, order, trained, mean, std, seed) if config.use_prompt else None
     task_ids = [trained.index(t) if t in trained else len(trained) for t in order]
     return Policy(model, config, order, task_ids, mean, std, prompt,
                   config.target_return if target_return is None else float(target_return),
@@ -122,17 +129,17 @@ def _append_consensus_mask(model, threshold: int) -> None:
     }))
 
 
-def _state_stats(ckpt, order, trained) -> tuple[torch.Tensor, torch.Tensor]:
+def _state_stats(state: RunState, order, trained) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task normalisation [len(order), state_dim]; unseen tasks get the mean of the trained tasks' statistics."""
-    mean_all, std_all = ckpt["state_mean"].float(), ckpt["state_std"].float()
+    mean_all, std_all = state.state_mean.float(), state.state_std.float()
     rows = [(mean_all[trained.index(t)], std_all[trained.index(t)]) if t in trained
             else (mean_all.mean(0), std_all.mean(0)) for t in order]
     return torch.stack([m for m, _ in rows]), torch.stack([s for _, s in rows])
 
 
-def _prompts(ckpt, config, order, trained, mean, std, seed) -> Prompt:
+def _prompts(state: RunState, config, order, trained, mean, std, seed) -> Prompt:
     """One prompt row per task of `order` ([len(order), prompt_len, ...])."""
-    stored = prompt_from_dict(ckpt.get("eval_prompts"))
+    stored = prompt_from_dict(state.eval_prompts)
     if stored is None and any(t in trained for t in order):
         raise CheckpointError("the checkpoint's method uses prompts but it has no eval_prompts")
     rows = []

@@ -356,14 +356,13 @@ def _plots(report: dict, out: str) -> dict:
         first = next((r for r in report["runs"] if r["quality"] == quality and r["method"] == "harmodt"), None)
         if first is None:
             continue
-        from harmodt_fast.checkpoint import load_checkpoint, model_from_checkpoint
+        from harmodt_fast.checkpoint import RunState, model_from_checkpoint
 
-        ckpt = load_checkpoint(os.path.join(out, first["run_dir"]))
-        masks = model_from_checkpoint(ckpt)[0].task_masks()
-        names = list(ckpt["tasks"])
+        state = RunState.load(os.path.join(out, first["run_dir"]))
+        masks = model_from_checkpoint(state)[0].task_masks()
         figures[f"mask_overlap_{quality}"] = plots.mask_overlap_heatmap(
-            masks, names, os.path.join(folder, f"mask_overlap_{quality}.png"))
-        if ckpt.get("task_agreement") is not None:
+            masks, state.tasks, os.path.join(folder, f"mask_overlap_{quality}.png"))
+        if state.task_agreement is not None:
             figures[f"task_agreement_{quality}"] = plots.agreement_heatmap(
-                ckpt["task_agreement"], names, os.path.join(folder, f"task_agreement_{quality}.png"))
+                state.task_agreement, state.tasks, os.path.join(folder, f"task_agreement_{quality}.png"))
     return {k: os.path.relpath(v, out) for k, v in figures.items()}

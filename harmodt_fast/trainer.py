@@ -16,22 +16,14 @@ import math
 import os
 import signal
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from harmodt_fast import ops
 from harmodt_fast._io import atomic_write
 from harmodt_fast.batch import rows_per_slice
-from harmodt_fast.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_NAME,
-    CheckpointError,
-    load_checkpoint,
-    prompt_to_dict,
-    save_atomic,
-)
+from harmodt_fast.checkpoint import CHECKPOINT_NAME, RunState, prompt_to_dict
 from harmodt_fast import method
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.distributed import Distributed, init_distributed, world_size_from_env
@@ -41,12 +33,6 @@ from harmodt_fast.model import HarmoDT
 from harmodt_fast.memory_plan import refuse_if_over_memory
 from harmodt_fast.runtime import autocast_dtype, pick_device, progress_bar
 from harmodt_fast.tasks import task_names
-
-
-# config fields that only change logging, not the training trajectory: a resumed run may change them
-# (the backend and compile too: they compute the same step, to rounding)
-_NON_TRAJECTORY_FIELDS = {"log_every", "checkpoint_every", "eval_every", "eval_episodes", "eval_max_steps",
-                          "eval_workers", "logger", "tensorboard", "extra", "backend", "compile"}
 
 
 @dataclass
@@ -165,7 +151,7 @@ class Trainer:
         self._unused: dict[str, torch.Tensor] = {}  # entries no task uses (refreshed after each mask update)
         self.task_envs: dict[str, str] = {}  # task -> gymnasium EnvSpec JSON, for tasks without a Meta-World name
         if os.path.exists(self.ckpt_path):
-            self._resume(load_checkpoint(self.ckpt_path))
+            self._resume(RunState.load(self.ckpt_path, warn_resume=dist.main))
         else:  # a run killed before its first checkpoint starts over: so does its log
             self._truncate_metrics(0)
         self._unused = method.unused_entries(self.model)
@@ -176,7 +162,7 @@ class Trainer:
         # the training step's losses: through DDP with several processes (its backward averages the gradients);
         # everything else (mask update, checkpoints, evaluation) uses self.model itself, outside DDP's hooks
         self._step_losses = self._task_losses if dist.world == 1 else dist.data_parallel(
-            self.model, self._task_losses, device, ignore=self.model.untrained_parameters())
+            self.model, self._task_losses, device)
         self._loggers = Loggers(config.logger if dist.main else None, self.out, config)  # after a refused resume
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -295,11 +281,15 @@ class Trainer:
     def _evaluate(self) -> None:
         from harmodt_fast.evaluation import evaluate, save_report
 
-        self.save()
+        self.save()  # for resuming; the evaluation reads the live model and state, not the file
         if self.dist.main:
-            report = evaluate(self.ckpt_path, episodes=self.config.eval_episodes, seed=self.config.seed,
-                              device=str(self.device), max_episode_steps=self.config.eval_max_steps,
-                              workers=self.config.eval_workers)
+            # on forked RNG streams: evaluate reseeds torch's, and training goes on with its own (a run resumed
+            # from this checkpoint draws the same)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                report = evaluate(self._policy_state(), model=self.model, episodes=self.config.eval_episodes,
+                                  seed=self.config.seed, max_episode_steps=self.config.eval_max_steps,
+                                  workers=self.config.eval_workers)
+            report["checkpoint"] = self.ckpt_path  # the state evaluated is the one just saved there
             path = save_report(report, self._evaluation_path())
             # the log keeps the summary; the file keeps every episode
             self._log({"step": self.step, "eval": {
@@ -331,70 +321,42 @@ class Trainer:
         if not self.dist.main:
             self.dist.barrier()
             return self.ckpt_path
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "tasks": list(self.sampler.tasks),
-            "state_mean": self.sampler.state_mean.float().cpu(),
-            "state_std": self.sampler.state_std.float().cpu(),
-            "eval_prompts": prompt_to_dict(self.sampler.eval_prompt()) if self.config.use_prompt else None,
-            "dataset_fingerprint": self.fingerprint,
-            "world_size": self.dist.world,
-            "sampler": self.sampler.state_dict(),  # one: every rank draws the same global batch (checked above)
-            "rng": rngs,  # one per rank (dropout)
-            "history": self.history,
-            "task_agreement": self.task_agreement,
-            "task_envs": self.task_envs,
-        }
-        save_atomic(state, self.ckpt_path)
+        state = replace(
+            self._policy_state(), optimizer=self.optimizer.state_dict(), world_size=self.dist.world,
+            sampler=self.sampler.state_dict(),  # one: every rank draws the same global batch (checked above)
+            rng=rngs,  # one per rank (dropout)
+            history=self.history, task_agreement=self.task_agreement)
+        state.save(self.ckpt_path)
         self.dist.barrier()
         return self.ckpt_path
 
-    def _resume(self, ckpt: dict) -> None:
-        # a field the checkpoint's config lacks (added since it was written) counts as that field's default
-        mine, theirs = self.config.to_dict(), {**_field_defaults(), **dict(ckpt["config"])}
-        diff = sorted(k for k in mine if k not in _NON_TRAJECTORY_FIELDS and mine[k] != theirs.get(k))
-        if diff:
-            details = ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} now" for k in diff[:6])
-            raise CheckpointError(f"{self.ckpt_path} belongs to a run with another config ({details}); "
-                                  f"use another output folder (it was not overwritten)")
-        if ckpt.get("dataset_fingerprint") != self.fingerprint:
-            raise CheckpointError(f"{self.ckpt_path} was trained on other data (fingerprint "
-                                  f"{ckpt.get('dataset_fingerprint')} vs {self.fingerprint}); use another output "
-                                  f"folder (it was not overwritten)")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.sampler.load_state_dict(self._sampler_state(ckpt))
+    def _policy_state(self) -> RunState:
+        """The run state without its resume part, from the live model (no copy of the weights)."""
+        return RunState(
+            config=self.config.to_dict(), model=self.model.state_dict(), step=self.step,
+            tasks=list(self.sampler.tasks), state_mean=self.sampler.state_mean.float().cpu(),
+            state_std=self.sampler.state_std.float().cpu(),
+            eval_prompts=prompt_to_dict(self.sampler.eval_prompt()) if self.config.use_prompt else None,
+            dataset_fingerprint=self.fingerprint, task_envs=self.task_envs)
+
+    def _resume(self, state: RunState) -> None:
+        state.check_resumable(self.config, self.fingerprint, self.ckpt_path)
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.sampler.load_state_dict(state.sampler)
         # any process count: the ranks the checkpoint has continue their dropout streams, the others start theirs
         # from the seed (so a resume on more processes differs from an uninterrupted run by its dropout only)
-        rank, rngs = self.dist.rank, ckpt["rng"]
+        rank, rngs = self.dist.rank, state.rng
         if rank < len(rngs):
             torch.set_rng_state(rngs[rank]["torch"])
             if rngs[rank].get("cuda") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rngs[rank]["cuda"], self.device)
         else:
             torch.manual_seed(self.dist.rank_seed(self.config.seed))
-        self.step = int(ckpt["step"])
-        self.history = list(ckpt.get("history", []))
-        self.task_agreement = ckpt.get("task_agreement")
+        self.step = state.step
+        self.history = list(state.history)
+        self.task_agreement = state.task_agreement
         self._truncate_metrics(self.step)
-
-    def _sampler_state(self, ckpt: dict) -> dict:
-        """The checkpoint's sampler state. Older checkpoints hold a list, one per rank, each rank having drawn its
-        own batch_per_task rows per task; batch_per_task is now the global batch, so such a run continues from
-        rank 0's sampler with a global batch world_size times smaller (said once, on rank 0)."""
-        state = ckpt["sampler"]
-        if not isinstance(state, list):
-            return state
-        if len(state) > 1 and self.dist.main:
-            warnings.warn(f"{self.ckpt_path} was written by {len(state)} processes that each drew their own "
-                          f"batch_per_task rows per task (an older version); batch_per_task now means the global "
-                          f"batch, so this run continues from rank 0's sampler with {len(state)}x fewer rows per "
-                          f"step than before", stacklevel=2)
-        return state[0]
 
     def _truncate_metrics(self, step: int) -> None:
         """Drops log lines written after the checkpoint we resume from (the steps are about to be redone)."""
@@ -406,12 +368,6 @@ class Trainer:
 
 
 _STOP_CHECK_EVERY = 10  # steps between the data-parallel "did a rank get a signal?" checks
-
-
-def _field_defaults() -> dict:
-    import dataclasses
-
-    return {f.name: f.default for f in dataclasses.fields(HarmoDTConfig) if f.default is not dataclasses.MISSING}
 
 
 def _compiled_task_losses(model: HarmoDT, config: HarmoDTConfig):

@@ -108,4 +108,4 @@ def test_cli_info(capsys):
 
     assert main(["info", "--preset", "paper", "--tasks", "50", "--json"]) == 0
     out = capsys.readouterr().out
-    assert '"mask_bytes_packed": 29491200' in out and '"parameters": 5286956' in out
+    assert '"mask_bytes_packed": 29491200' in out and '"parameters": 5276676' in out

@@ -1,5 +1,5 @@
 """hf.load_policy in a plain loop against hf.evaluate's rollout, on a model trained by hf.train on collected data;
-pickle-free exports; checkpoints that would run code are refused before anything runs."""
+pickle-free exports (checkpoints that would run code are refused: test_checkpoint.py)."""
 import json
 import os
 import pickle
@@ -108,31 +108,3 @@ def test_export_loads_without_pickle_and_acts_the_same(run, tmp_path, monkeypatc
 def test_our_checkpoints_load_with_weights_only(run):
     ckpt = torch.load(run.checkpoint, weights_only=True)  # the resume state too (sampler, RNG, history)
     assert ckpt["step"] == 6 and ckpt["sampler"]["tasks"] == TASKS
-
-
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):  # unpickling this would create the marker file
-        return (open, (self.marker, "w"))
-
-
-def test_a_checkpoint_that_would_run_code_is_refused(run, tmp_path):
-    marker = tmp_path / "pwned"
-    ckpt = load_checkpoint(run.checkpoint)
-    ckpt["extra_object"] = _Payload(str(marker))
-    bad = tmp_path / "run" / "checkpoint.pt"
-    bad.parent.mkdir()
-    torch.save(ckpt, bad)
-    assert not marker.exists()
-    for reader in (load_checkpoint, hf.load_policy, lambda p: hf.evaluate(p, episodes=1, workers=0)):
-        with pytest.raises(CheckpointError, match=r"checkpoint\.pt: refused: .*would run code"):
-            reader(str(bad))
-        assert not marker.exists()
-    with pytest.raises(CheckpointError, match="refused"):
-        hf.export(str(bad.parent), tmp_path / "export")
-    assert not marker.exists() and not (tmp_path / "export").exists()
-    # the same file through plain pickle would have run it: the test's payload is real
-    torch.load(bad, weights_only=False)
-    assert marker.exists()

@@ -34,6 +34,55 @@ def test_train_writes_checkpoint_history_and_resumes(dataset, tmp_path):
     assert any("mask_update" in l for l in lines)
 
 
+def _outcome(report: dict) -> dict:
+    """A report without its timings (and the source: a file for one, the trainer's run state for the other)."""
+    timing = {"env_steps_per_s", "model_time_share", "model_share_of_rollout", "checkpoint"}
+    return {k: v for k, v in json.loads(json.dumps(report)).items() if k not in timing and not k.endswith("_s")}
+
+
+def test_evaluation_during_training_uses_the_live_model(dataset, tmp_path, monkeypatch):
+    """The periodic evaluation rolls out the trainer's model and run state, not the checkpoint file: its reports
+    are those of evaluating the saved checkpoint, the model is left in its mode and on its device, and training
+    goes on with its own random streams: a run resumed after an evaluated step, and one that never evaluates,
+    train exactly as the uninterrupted run."""
+    import harmodt_fast.checkpoint as checkpoint
+    import harmodt_fast.evaluation as evaluation
+
+    real, calls = evaluation.evaluate, []
+
+    def spy(source, **kw):
+        model = kw["model"]
+        before = (model.training, next(model.parameters()).device)
+        report = real(source, **kw)
+        calls.append((type(source).__name__, before, (model.training, next(model.parameters()).device)))
+        return report
+
+    kw = dict(preset="tiny", steps=4, mask_interval=3, eval_every=2, eval_episodes=2, eval_max_steps=6,
+              eval_workers=0, progress=False, precision="fp32", device="cpu")
+    again = dict(episodes=2, max_episode_steps=6, workers=0, seed=0, device="cpu")
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    with monkeypatch.context() as m:  # a fresh run reads no checkpoint: the evaluation must not either
+        m.setattr(checkpoint, "_read_file", lambda *a: pytest.fail("the evaluation read the checkpoint file"))
+        first = hf.train(dataset, tmp_path / "a", stop_at=2, **kw)
+    saved = json.load(open(tmp_path / "a" / "evaluation_step2.json"))
+    assert saved["checkpoint"] == first.checkpoint and saved["step"] == 2
+    assert _outcome(saved) == _outcome(real(first.checkpoint, **again))
+    resumed = hf.train(dataset, tmp_path / "a", **kw)
+    saved = json.load(open(tmp_path / "a" / "evaluation_step4.json"))
+    assert saved["step"] == 4 and _outcome(saved) == _outcome(real(resumed.checkpoint, **again))
+    cpu = torch.device("cpu")
+    assert calls == [("RunState", (True, cpu), (True, cpu))] * 2
+    straight = hf.train(dataset, tmp_path / "b", **kw)
+    losses = {h["step"]: h["loss"] for h in resumed.history}  # it also logged step 2, where it stopped
+    assert len(calls) == 4 and all(h["loss"] == losses[h["step"]] for h in straight.history)
+    unevaluated = hf.train(dataset, tmp_path / "c", **{**kw, "eval_every": 0})  # evaluation leaves training be
+    assert len(calls) == 4 and not any(n.startswith("evaluation") for n in os.listdir(tmp_path / "c"))
+    a = load_checkpoint(straight.checkpoint)["model"]
+    for other in (resumed, unevaluated):
+        b = load_checkpoint(other.checkpoint)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_train_checks_dataset_before_work(dataset, tmp_path):
     with pytest.raises(ValueError, match=r"not in the dataset"):
         hf.train(dataset, tmp_path, preset="tiny", steps=2, tasks=["reach-v3", "push-v3"])
