@@ -220,7 +220,7 @@ def _model_shapes(config: HarmoDTConfig) -> _ModelShapes:
     with torch.device("meta"):
         model = HarmoDT(HarmoDTConfig.from_dict({**config.to_dict(), "method": method}))
     # autocast's weight copies that backward keeps: of the Linears whose input needs a gradient (the blocks' and
-    # the action head's; the embeddings' inputs are data, predict_state/return never run)
+    # the action head's; the embeddings' inputs are data)
     cast = sum(m.weight.numel() for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.startswith(("blocks.", "predict_action")))
     return _ModelShapes(model.num_parameters(), max(p.numel() for p in model.parameters()),

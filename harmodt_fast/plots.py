@@ -141,14 +141,16 @@ def agreement_heatmap(agreement, tasks, path: str) -> str:
 
 
 def plot_all(report: dict, checkpoint, out_dir: str, metrics_path: str | None = None) -> dict:
-    """Draws every figure the inputs allow into out_dir. checkpoint: a path, a run folder or a loaded checkpoint
-    dict (for the masks and the stored task agreement). Returns {figure name: path, or the reason it was skipped}."""
-    from harmodt_fast.checkpoint import model_from_checkpoint, read_run
+    """Draws every figure the inputs allow into out_dir. checkpoint: a path, a run folder, a loaded checkpoint
+    dict or a RunState (for the masks and the stored task agreement). Returns {figure name: path, or the reason
+    it was skipped}."""
+    from harmodt_fast.checkpoint import RunState, model_from_checkpoint, read_run
 
     os.makedirs(out_dir, exist_ok=True)
     out = {"success_bars": success_bars(report, os.path.join(out_dir, "success_per_task.png"))}
-    ckpt = checkpoint if isinstance(checkpoint, dict) else read_run(os.fspath(checkpoint))[0]  # or an export
-    if metrics_path is None and not isinstance(checkpoint, dict):
+    loaded = isinstance(checkpoint, (dict, RunState))
+    state = read_run(checkpoint if loaded else os.fspath(checkpoint))[0]  # or an export
+    if metrics_path is None and not loaded:
         path = os.fspath(checkpoint)
         metrics_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
                                     "metrics.jsonl")
@@ -157,12 +159,12 @@ def plot_all(report: dict, checkpoint, out_dir: str, metrics_path: str | None = 
         out["success_curve"] = curve or f"skipped: no evaluation lines in {metrics_path}"
     else:
         out["success_curve"] = "skipped: no metrics.jsonl next to the checkpoint"
-    tasks = list(ckpt["tasks"])
-    model, _ = model_from_checkpoint(ckpt)
+    tasks = list(state.tasks)
+    model, _ = model_from_checkpoint(state)
     masks = model.task_masks()
     out["mask_overlap"] = (mask_overlap_heatmap(masks, tasks, os.path.join(out_dir, "mask_overlap.png"))
                            if masks is not None else "skipped: the model has no task masks")
-    agreement = ckpt.get("task_agreement")
+    agreement = state.task_agreement
     out["task_agreement"] = (agreement_heatmap(agreement, tasks, os.path.join(out_dir, "task_agreement.png"))
                              if agreement is not None else "skipped: the checkpoint has no task_agreement "
                              "(written by the trainer at a mask update)")

@@ -234,30 +234,3 @@ def test_one_process_collectives_are_the_identity():
     assert d.reduce_scatter_mean(x) is x and d.shard_range(5) == (0, 5)
     assert d.all_gather_tensor(x)[0] is x and len(d.all_gather_tensor(x)) == 1
     d.check_same("anything", b"x", step=0)
-
-
-def test_checkpoints_with_one_sampler_state_per_rank_still_load(tmp_path):
-    """Older checkpoints held a list of sampler states (one per rank): one of one loads as before; several load
-    rank 0's with a warning (their ranks drew their own batches, batch_per_task now means the global batch)."""
-    from harmodt_fast.batch import SyntheticSampler
-    from harmodt_fast.checkpoint import save_atomic
-    from harmodt_fast.trainer import Trainer
-
-    config = hf.HarmoDTConfig.from_preset("tiny", num_tasks=2, steps=4, mask_interval=2, precision="fp32")
-
-    def trainer(out):
-        return Trainer(config, SyntheticSampler(config, seed=0), str(out), torch.device("cpu"), "synthetic")
-
-    trainer(tmp_path / "new").run(stop_at=2, progress=False)
-    new = load_checkpoint(str(tmp_path / "new"))
-    assert isinstance(new["sampler"], dict)
-    for name, count in (("one", 1), ("two", 2)):
-        os.makedirs(tmp_path / name)
-        save_atomic({**new, "sampler": [new["sampler"]] * count, "rng": new["rng"] * count},
-                    str(tmp_path / name / "checkpoint.pt"))
-        if count == 1:
-            resumed = trainer(tmp_path / name)
-        else:
-            with pytest.warns(UserWarning, match="written by 2 processes.*rank 0's sampler"):
-                resumed = trainer(tmp_path / name)
-        assert resumed.step == 2 and resumed.run(progress=False).step == 4
