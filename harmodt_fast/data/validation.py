@@ -265,9 +265,9 @@ def validate_episode_arrays(name: str, obs, actions, rewards, dones, success=Non
     if lengths["observations"] == 0:
         raise DatasetError(f"{name}: empty episode (0 steps)")
     for field, arr in arrays.items():
-        if field in flag_fields:
-            if arr.dtype.kind != "b":
-                _check_values(f"{name}: {field}", arr, _zero_one, "{0, 1}")
+        if field in flag_fields:  # bool bytes too: a memory-mapped file may hold a 2 under a bool dtype
+            _check_values(f"{name}: {field}", arr.view(np.uint8) if arr.dtype.kind == "b" else arr, _zero_one,
+                          "{0, 1}")
         else:
             _check_values(f"{name}: {field}", arr, _bounded, f"[-{MAX_ABS_VALUE:g}, {MAX_ABS_VALUE:g}]")
 
