@@ -189,6 +189,7 @@ def test_object_arrays_are_never_loaded(ours):
     ("dones", np.array([0, 0, 1, 0, 0, 0, np.nan]), r"dones: non-finite value \(first at row 6\)"),
     ("dones", np.array(["no"] * 7), r"dones have dtype <U2, expected bool or 0/1 numbers"),
     ("success", np.array([0, 0, 2, 0, 0, 0, 1]), r"success: value 2 at row 2 is outside \{0, 1\}"),
+    ("success", np.array([0, 2, 0, 0, 0, 0, 1], np.uint8).view(bool), r"success: value 2 at row 1 is outside"),
     ("episode_starts", np.array([0.0, 3.5, 7.0]), r"episode_starts have shape \(3,\) dtype float64, expected"),
     ("episode_starts", np.array([0, 5, 3, 7], np.uint64), "episode starts do not split the 7 transitions"),
     ("rewards", np.float32(1.0), r"rewards have shape \(\), expected \[T\]"),
