@@ -185,6 +185,8 @@ def test_object_arrays_are_never_loaded(ours):
     ("rewards", np.full(7, 3e38, np.float32), r"rewards: value 3\.\d+e\+38 at row 0 is outside \[-1e\+06, 1e\+06\]"),
     ("observations", np.full((7, 39), -2e6), r"observations: value -2000000\.0 at row 0 is outside"),
     ("actions", np.full((7, 4), np.nan, np.float32), r"actions: non-finite value \(first at row 0\)"),
+    ("rewards", np.array([0, 0, 0, np.inf, 0, 0, 0], np.float16), r"rewards: non-finite value \(first at row 3\)"),
+    ("observations", np.full((7, 39), np.iinfo(np.int64).min), r"observations: value -9223372036854775808 at row 0"),
     ("observations", np.ones((7, 39), np.complex64), r"observations have dtype complex64, expected real numbers"),
     ("dones", np.array([0, 0, 1, 0, 0, 0, np.nan]), r"dones: non-finite value \(first at row 6\)"),
     ("dones", np.array(["no"] * 7), r"dones have dtype <U2, expected bool or 0/1 numbers"),

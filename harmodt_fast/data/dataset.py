@@ -26,7 +26,7 @@ import numpy as np
 from harmodt_fast._io import read_json_format
 from harmodt_fast.data.validation import (
     EPISODE_FIELDS, REQUIRED_FIELDS, STEP_FIELDS, DatasetError, check_episode_starts, check_manifest, check_npy_file,
-    check_npz_episode, check_task_names, mtdiff_episode_files, validate_episode_arrays,
+    check_npz_episode, check_task_names, mtdiff_episode_files, task_key, validate_episode_arrays,
 )
 from harmodt_fast.tasks import to_v3
 
@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"
 STATE_DIM = 39  # Meta-World's dimensions: what collection writes; loaded data may have others
 ACT_DIM = 4
 _HASH_BLOCK = 1 << 24
+
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -301,16 +302,9 @@ def load_folder(path, verify: bool = True, max_episodes: int | None = None) -> D
     if not sources:
         raise DatasetError(f"{path}: neither a {MANIFEST} nor task folders with {{i}}.npz episode files")
     check_task_names(list(sources), path)  # also: two folders of one Meta-World task (reach-v2, reach-v3)
-    sources = {_v3_or_own(entry): files for entry, files in sources.items()}
+    sources = {task_key(entry): files for entry, files in sources.items()}
     from harmodt_fast.tasks import TASK_SETS
 
     order = {t: i for i, t in enumerate(TASK_SETS["MT50"])}  # the paper's order, as hf.TASK_SETS lists tasks
     tasks = sorted(sources, key=lambda t: (order.get(t, len(order)), t))  # then other names, sorted
     return Dataset(path, "mtdiff", tasks, None, verify, max_episodes, sources)
-
-
-def _v3_or_own(name: str) -> str:
-    try:
-        return to_v3(name)
-    except ValueError:  # not a Meta-World name: a task of its own, named by its folder
-        return name

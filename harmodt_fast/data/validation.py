@@ -49,6 +49,14 @@ class DatasetError(ValueError):
 
 
 # task names --------------------------------------------------------------------------------------------------------
+def task_key(name: str) -> str:
+    """The task a name means: its v3 name for a Meta-World name of any version, else the name itself."""
+    try:
+        return to_v3(name)
+    except ValueError:  # not a Meta-World name: a task of its own
+        return name
+
+
 def check_task_names(names, where: str, plain: bool = True) -> list[str]:
     """The task names as a list: strings, not empty, unique also across Meta-World versions; `plain`: also plain
     names (they become paths under the dataset folder)."""
@@ -61,10 +69,7 @@ def check_task_names(names, where: str, plain: bool = True) -> list[str]:
         if plain and (not _PLAIN_NAME.fullmatch(name) or name.startswith(".")):
             raise DatasetError(f"{where}: task name {name!r} is not a plain name (no /, \\, : or control "
                                f"characters, not starting with '.'): task names are folder names")
-        try:
-            key = to_v3(name)
-        except ValueError:
-            key = name
+        key = task_key(name)
         if key in seen:
             raise DatasetError(f"{where}: task {name!r} is listed twice (as {seen[key]!r} and {name!r})")
         seen[key] = name
@@ -232,7 +237,10 @@ def _check_values(name: str, array: np.ndarray, ok, rule: str) -> None:
 
 
 def _bounded(block):
-    return np.abs(block.astype(np.float64, copy=False)) <= MAX_ABS_VALUE
+    # float32/64 compare in their own type (1e6 is exact in float32); float16 (1e6 would round to inf) and
+    # integers (abs of the minimum wraps) in float64
+    own = block.dtype.kind == "f" and block.dtype.itemsize >= 4
+    return np.abs(block if own else block.astype(np.float64)) <= MAX_ABS_VALUE
 
 
 def _zero_one(block):
