@@ -133,6 +133,15 @@ def test_bad_manifest_fields(ours, change, match):
     assert message.startswith(os.path.join(ours, MANIFEST))
 
 
+def test_manifest_nested_too_deeply_or_too_large(ours, monkeypatch):
+    path = os.path.join(ours, MANIFEST)
+    with open(path, "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)  # RecursionError inside json
+    assert refused(ours, r"cannot be read as JSON \(nested too deeply\)").startswith(path)
+    monkeypatch.setattr(validation, "MAX_MANIFEST_BYTES", 1000)
+    assert refused(ours, r"200000 bytes, more than the 1000 a manifest may hold").startswith(path)
+
+
 @pytest.mark.parametrize("name", ["../outside-xyz", "/tmp/abs-task", "a/b", "a\\b", "", ".", "..", ".hidden",
                                   "c:x", "tab\tname"])
 def test_task_names_that_are_paths_are_refused(ours, name):

@@ -26,9 +26,8 @@ import numpy as np
 from harmodt_fast._io import read_json_format
 from harmodt_fast.data.validation import (
     EPISODE_FIELDS, REQUIRED_FIELDS, STEP_FIELDS, DatasetError, check_episode_starts, check_manifest, check_npy_file,
-    check_npz_episode, check_task_names, mtdiff_episode_files, task_key, validate_episode_arrays,
+    check_manifest_size, check_npz_episode, check_task_names, mtdiff_episode_files, task_key, validate_episode_arrays,
 )
-from harmodt_fast.tasks import to_v3
 
 __all__ = ["ACT_DIM", "EPISODE_FIELDS", "FORMAT", "MANIFEST", "STATE_DIM", "STEP_FIELDS", "Dataset", "DatasetError",
            "TaskData", "common_dims", "file_sha256", "load_folder", "read_checked_npy", "read_manifest",
@@ -113,15 +112,10 @@ class Dataset:
         return f"Dataset({self.path!r}, {self.kind}, {len(self.tasks)} tasks)"
 
     def _task_name(self, task: str) -> str:
-        if task in self.tasks:
-            return task
-        try:
-            v3 = to_v3(task)
-        except ValueError:
-            v3 = None
-        if v3 not in self.tasks:
+        key = task if task in self.tasks else task_key(task)
+        if key not in self.tasks:
             raise KeyError(f"task {task!r} is not in the dataset {self.path} (tasks: {self.tasks})")
-        return v3
+        return key
 
     def dims(self, tasks=None) -> tuple[int, int]:
         """(state_dim, act_dim) of the data; DatasetError naming the tasks when they disagree."""
@@ -268,7 +262,11 @@ def read_checked_npy(root: str, rel: str, entry: dict | None, verify: bool = Tru
 
 def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, MANIFEST)
-    manifest = read_json_format(mpath, FORMAT, "harmodt_fast dataset manifest", DatasetError)
+    check_manifest_size(mpath)
+    try:
+        manifest = read_json_format(mpath, FORMAT, "harmodt_fast dataset manifest", DatasetError)
+    except RecursionError as exc:  # json's decoder on deeply nested arrays
+        raise DatasetError(f"{mpath}: cannot be read as JSON (nested too deeply)") from exc
     check_manifest(manifest, mpath)
     return manifest
 

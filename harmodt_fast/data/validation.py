@@ -4,8 +4,9 @@ and the field or task.
 - Task names are strings, unique (two Meta-World names of one task, e.g. reach-v2 and reach-v3, are one task).
   Where a name becomes a path (our manifest, MTDiff folders) it must be a plain name: not empty, no `/`, `\\`,
   `:` or control characters, not starting with `.` (so never `.`, `..` or hidden).
-- Our manifest: every known field has its type; `files` maps `{task}/{field}.npy` of known fields and listed
-  tasks to {sha256, bytes, shape, dtype}; every task lists its step arrays and episode_starts.
+- Our manifest: at most MAX_MANIFEST_BYTES; every known field has its type; `files` maps `{task}/{field}.npy` of
+  known fields and listed tasks to {sha256, bytes, shape, dtype}; every task lists its step arrays and
+  episode_starts.
 - .npy headers (ours and the members of MTDiff .npz files) are parsed before anything is loaded, and the shape
   and dtype they declare must fill exactly the bytes there are; nothing holding Python objects is loaded. An MTDiff
   episode file, and the sum of its members' declared sizes, is at most MAX_EPISODE_FILE_BYTES.
@@ -35,6 +36,8 @@ REQUIRED_FIELDS = STEP_FIELDS + ("episode_starts",)
 # headroom while every square (state variance, action MSE: <= 1e12) and every return of a 1e4-step episode
 # (<= 1e10, divided by rtg_scale) stays far inside float32's and bf16's range (3.4e38). 3e38 rewards trained NaN.
 MAX_ABS_VALUE = 1e6
+# an MT50 manifest is ~100 KB, 1000 tasks' ~2 MB: a larger one is not read into memory
+MAX_MANIFEST_BYTES = 64 << 20
 # an episode file past 1 GiB would hold >= 6.8M steps of 39 float32 observations: no replay episode is that long
 MAX_EPISODE_FILE_BYTES = 1 << 30
 _PLAIN_NAME = re.compile(r"[^/\\:\x00-\x1f]+")
@@ -102,6 +105,12 @@ def _check_fields(obj, types: dict, where: str, required=()) -> None:
     for key, kind in types.items():
         if key in obj and not _is(obj[key], kind):
             raise DatasetError(f"{where}: {key!r} must be {kind}, got {obj[key]!r}")
+
+
+def check_manifest_size(mpath: str) -> None:
+    size = os.path.getsize(mpath)
+    if size > MAX_MANIFEST_BYTES:
+        raise DatasetError(f"{mpath}: {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may hold")
 
 
 def check_manifest(manifest: dict, mpath: str) -> None:
