@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import numbers
 import os
 import platform
 import re
@@ -28,7 +29,7 @@ import numpy as np
 from harmodt_fast.data.dataset import (
     ACT_DIM, FORMAT, MANIFEST, STATE_DIM, STEP_FIELDS, DatasetError, file_sha256, read_manifest,
 )
-from harmodt_fast._io import atomic_write
+from harmodt_fast._io import atomic_write, folder_lock
 from harmodt_fast.runtime import progress_bar
 from harmodt_fast.tasks import resolve_tasks
 
@@ -138,6 +139,13 @@ def _collect_chunk(job: dict) -> dict:
     arrays["final_observations"] = np.stack([e["final_observation"] for e in eps])
     _save_npz_atomic(os.path.join(job["folder"], f"{lo:06d}-{hi:06d}.npz"), arrays)
     return {"task": task, "episodes": hi - lo, "steps": int(lengths.sum()), "seconds": seconds}
+
+
+def _integer(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (
+            hi is not None and value > hi):
+        raise ValueError(f"{name} must be an integer in {lo}..{'' if hi is None else hi}, got {value!r}")
+    return int(value)
 
 
 def _params(tasks, quality, episodes, seed, episode_steps) -> dict:
@@ -273,33 +281,44 @@ def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", s
 
     tasks: a task-set name ("MT5"), a comma-separated string or a list of v3 names.
     episode_steps: steps per episode (the env's limit is 500; fewer gives short episodes, e.g. for tests).
-    workers: processes (spawn context); None = the CPUs available; 1 runs in this process. As with any spawned
+    workers: processes (spawn context); None = the CPUs available; 0 or 1 runs in this process. As with any spawned
         pool, a script that calls collect with workers > 1 needs the `if __name__ == "__main__":` guard.
     chunk_episodes: episodes per work item (and per resumable chunk file); None picks a size from the work.
     Resumable: finished chunks are kept in `out/.partial/` and a second call with the same arguments collects only
     what is missing; a finished folder is returned as it is. Different arguments for an existing folder are a
-    ValueError.
+    ValueError. Every argument is checked before anything is written; the folder is held by one collection at a
+    time (a second one at once is a DatasetError naming the holder).
     """
     if format not in ("harmodt_fast", "minari"):
         raise ValueError(f"unknown format {format!r}; expected 'harmodt_fast' or 'minari'")
     if format == "minari":
-        from harmodt_fast.data.minari_data import export_minari
+        from harmodt_fast.data.minari_data import check_dataset_id, export_minari
 
+        check_dataset_id(minari_id)
         folder = collect(tasks, out, episodes_per_task, quality, seed, workers, episode_steps, chunk_episodes,
                          progress, verbose)
         return export_minari(folder, minari_id)
     tasks = resolve_tasks(tasks)
     if quality not in QUALITIES:
         raise ValueError(f"unknown quality {quality!r}; expected one of {QUALITIES}")
-    if int(episodes_per_task) < 1:
-        raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
     from harmodt_fast.envs import MAX_EPISODE_STEPS
 
-    if not 1 <= int(episode_steps) <= MAX_EPISODE_STEPS:
-        raise ValueError(f"episode_steps must be in 1..{MAX_EPISODE_STEPS}, got {episode_steps}")
+    E = _integer("episodes_per_task", episodes_per_task, 1)
+    seed = _integer("seed", seed, 0)  # numpy seeds are non-negative
+    episode_steps = _integer("episode_steps", episode_steps, 1, MAX_EPISODE_STEPS)
+    if chunk_episodes is not None:
+        chunk_episodes = _integer("chunk_episodes", chunk_episodes, 1)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, _integer("workers", workers, 0))
     out = os.path.abspath(os.fspath(out))
-    params = _params(tasks, quality, episodes_per_task, seed, episode_steps)
+    with folder_lock(out, DatasetError):
+        return _collect_locked(tasks, out, E, quality, seed, workers, episode_steps, chunk_episodes, progress,
+                               verbose)
 
+
+def _collect_locked(tasks, out, E, quality, seed, workers, episode_steps, chunk_episodes, progress, verbose) -> str:
+    params = _params(tasks, quality, E, seed, episode_steps)
     if os.path.exists(os.path.join(out, MANIFEST)):
         manifest = read_manifest(out)
         old = {k: manifest.get(k) for k in params}
@@ -326,16 +345,9 @@ def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", s
             json.dump(params, f, indent=1)
         os.replace(ppath + ".tmp", ppath)
 
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, int(workers))
-    E = int(episodes_per_task)
     if chunk_episodes is None:
         # at most ~50 chunk files per task; otherwise small enough to keep every worker busy to the end
         chunk_episodes = max(math.ceil(E / 50), min(20, math.ceil(E * len(tasks) / (4 * workers))))
-    if int(chunk_episodes) < 1:
-        raise ValueError(f"chunk_episodes must be >= 1, got {chunk_episodes}")
-    chunk_episodes = int(chunk_episodes)
     jobs = []
     for task in tasks:
         folder = os.path.join(partial, task)
@@ -346,7 +358,7 @@ def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", s
         for lo, hi in _missing(_done_ranges(folder), E):
             for a in range(lo, hi, chunk_episodes):
                 jobs.append(dict(task=task, lo=a, hi=min(hi, a + chunk_episodes), quality=quality, episodes=E,
-                                 seed=int(seed), episode_steps=int(episode_steps), folder=folder))
+                                 seed=seed, episode_steps=episode_steps, folder=folder))
     total = E * len(tasks)
     done = total - sum(j["hi"] - j["lo"] for j in jobs)
     steps = seconds = 0.0

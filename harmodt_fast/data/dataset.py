@@ -8,7 +8,7 @@ files (loadable with `np.load(..., mmap_mode="r")`, so a 50M-transition MT50 dat
     goal_index [E] int32            expert_prob [E] float32  (how each episode was collected)
     final_observations [E, 39] float32  (the observation after each episode's last action; older datasets lack it)
 The manifest lists every data file with its sha256; a file is hashed again when it is read, so damage anywhere in
-it is a DatasetError, not training data.
+it is a DatasetError, not training data. What is checked besides: harmodt_fast.data.validation.
 
 MTDiff layout (the published replay buffers): `{task}/{i}.npz` per episode with `observations`, `actions`,
 `rewards` and `dones` or `terminals` (optionally `success`); task folders may use v1/v2/v3 names.
@@ -16,27 +16,28 @@ MTDiff layout (the published replay buffers): `{task}/{i}.npz` per episode with 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from harmodt_fast._io import read_json_format
-from harmodt_fast.tasks import to_v3
+from harmodt_fast.data.validation import (
+    EPISODE_FIELDS, REQUIRED_FIELDS, STEP_FIELDS, DatasetError, check_episode_starts, check_manifest, check_npy_file,
+    check_manifest_size, check_npz_episode, check_task_names, mtdiff_episode_files, task_key, validate_episode_arrays,
+)
+
+__all__ = ["ACT_DIM", "EPISODE_FIELDS", "FORMAT", "MANIFEST", "STATE_DIM", "STEP_FIELDS", "Dataset", "DatasetError",
+           "TaskData", "common_dims", "file_sha256", "load_folder", "read_checked_npy", "read_manifest",
+           "validate_episode_arrays"]
 
 FORMAT = "harmodt_fast-dataset/1"
 MANIFEST = "manifest.json"
 STATE_DIM = 39  # Meta-World's dimensions: what collection writes; loaded data may have others
 ACT_DIM = 4
-STEP_FIELDS = ("observations", "actions", "rewards", "dones", "success")
-EPISODE_FIELDS = ("episode_starts", "goal_index", "expert_prob")
 _HASH_BLOCK = 1 << 24
-
-
-class DatasetError(ValueError):
-    """A dataset file that is missing, damaged or inconsistent; the message names the file and the problem."""
 
 
 def file_sha256(path: str) -> str:
@@ -84,41 +85,6 @@ class TaskData:
         return (counts[self.episode_starts[1:]] - counts[self.episode_starts[:-1]]) > 0
 
 
-def _check_finite(name: str, array: np.ndarray) -> None:
-    # in blocks: a memory-mapped file is not pulled into memory twice
-    flat = array.reshape(len(array), -1) if array.ndim else array.reshape(1)
-    step = max(1, (1 << 24) // max(1, flat.shape[1] if flat.ndim > 1 else 1))
-    for lo in range(0, len(flat), step):
-        block = flat[lo : lo + step]
-        if not np.isfinite(block).all():
-            bad = lo + int(np.argwhere(~np.isfinite(block))[0][0])
-            raise DatasetError(f"{name}: non-finite value (first at row {bad})")
-
-
-def validate_episode_arrays(name: str, obs, actions, rewards, dones, success=None) -> None:
-    """Shape, length and finiteness checks shared by both layouts; `name` is the file named in errors."""
-    # any dimensions (the data decides; every task of a dataset must agree, see Dataset.dims)
-    if obs.ndim != 2 or obs.shape[1] < 1:
-        raise DatasetError(f"{name}: observations have shape {tuple(obs.shape)}, expected [T, state_dim]")
-    if actions.ndim != 2 or actions.shape[1] < 1:
-        raise DatasetError(f"{name}: actions have shape {tuple(actions.shape)}, expected [T, act_dim]")
-    T = len(obs)
-    if T == 0:
-        raise DatasetError(f"{name}: empty episode (0 steps)")
-    lengths = {"observations": T, "actions": len(actions), "rewards": len(rewards), "dones": len(dones)}
-    if success is not None:
-        lengths["success"] = len(success)
-    if len(set(lengths.values())) != 1:
-        raise DatasetError(f"{name}: arrays have unequal lengths {lengths}")
-    for field, arr in (("rewards", rewards), ("dones", dones)) + ((("success", success),) if success is not None else ()):
-        if arr.ndim != 1:
-            raise DatasetError(f"{name}: {field} have shape {tuple(arr.shape)}, expected [T]")
-    for field, arr in (("observations", obs), ("actions", actions), ("rewards", rewards)):
-        if not np.issubdtype(arr.dtype, np.number):
-            raise DatasetError(f"{name}: {field} have dtype {arr.dtype}, expected a number type")
-        _check_finite(f"{name}: {field}", arr)
-
-
 def common_dims(task_data: dict, where) -> tuple[int, int]:
     """(state_dim, act_dim) shared by every task's TaskData; DatasetError naming the tasks when they disagree."""
     seen = {t: (int(d.observations.shape[1]), int(d.actions.shape[1])) for t, d in task_data.items()}
@@ -146,15 +112,10 @@ class Dataset:
         return f"Dataset({self.path!r}, {self.kind}, {len(self.tasks)} tasks)"
 
     def _task_name(self, task: str) -> str:
-        if task in self.tasks:
-            return task
-        try:
-            v3 = to_v3(task)
-        except ValueError:
-            v3 = None
-        if v3 not in self.tasks:
+        key = task if task in self.tasks else task_key(task)
+        if key not in self.tasks:
             raise KeyError(f"task {task!r} is not in the dataset {self.path} (tasks: {self.tasks})")
-        return v3
+        return key
 
     def dims(self, tasks=None) -> tuple[int, int]:
         """(state_dim, act_dim) of the data; DatasetError naming the tasks when they disagree."""
@@ -206,18 +167,15 @@ class Dataset:
     def _read_ours(self, task: str) -> TaskData:
         files = self.manifest["files"]
         arrays = {}
-        for field in STEP_FIELDS + ("episode_starts",):
+        for field in REQUIRED_FIELDS:
             rel = f"{task}/{field}.npy"
             arrays[field] = read_checked_npy(self.path, rel, files.get(rel), self.verify)
         name = os.path.join(self.path, task)
-        starts = arrays["episode_starts"]
-        N = len(arrays["observations"])
-        if starts.ndim != 1 or len(starts) < 2 or starts[0] != 0 or starts[-1] != N or np.any(np.diff(starts) <= 0):
-            raise DatasetError(f"{os.path.join(name, 'episode_starts.npy')}: episode starts do not split the "
-                               f"{N} transitions into non-empty episodes")
         validate_episode_arrays(name, arrays["observations"], arrays["actions"], arrays["rewards"],
                                 arrays["dones"], arrays["success"])
-        return TaskData(**{f: arrays[f] for f in STEP_FIELDS}, episode_starts=np.asarray(starts, dtype=np.int64))
+        starts = check_episode_starts(os.path.join(name, "episode_starts.npy"), arrays["episode_starts"],
+                                      len(arrays["observations"]))
+        return TaskData(**{f: arrays[f] for f in STEP_FIELDS}, episode_starts=starts)
 
     # MTDiff layout ---------------------------------------------------------------------------------------------
     def _read_mtdiff(self, task: str) -> TaskData:
@@ -244,9 +202,7 @@ class Dataset:
 
 
 def _read_mtdiff_episode(fname: str, raw: bytes):
-    import io
-    import zipfile
-
+    check_npz_episode(fname, raw)  # before any array is allocated
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             keys = set(z.files)
@@ -259,7 +215,7 @@ def _read_mtdiff_episode(fname: str, raw: bytes):
             succ = z["success"] if "success" in keys else None
     except DatasetError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except Exception as exc:  # zipfile and zlib raise their own errors for damaged members (CRC, deflate)
         raise DatasetError(f"{fname}: cannot be read as an .npz episode ({type(exc).__name__}: {exc})") from exc
     # replay buffers often store per-step scalars as [T, 1]
     rew = rew.reshape(len(rew)) if rew.ndim == 2 and rew.shape[1:] == (1,) else rew
@@ -285,7 +241,7 @@ def read_checked_npy(root: str, rel: str, entry: dict | None, verify: bool = Tru
         raise DatasetError(f"{path}: not listed in {os.path.join(root, MANIFEST)}")
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: missing (listed in the manifest)")
-    size = os.path.getsize(path)
+    size = os.path.getsize(path)  # the entry's types were checked with the manifest
     if size != entry["bytes"]:
         raise DatasetError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
     if verify:
@@ -293,6 +249,7 @@ def read_checked_npy(root: str, rel: str, entry: dict | None, verify: bool = Tru
         if digest != entry["sha256"]:
             raise DatasetError(f"{path}: checksum mismatch (sha256 {digest[:12]}..., manifest "
                                f"{entry['sha256'][:12]}...): the file is damaged")
+    check_npy_file(path)  # its header declares exactly its size, whatever verify says
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -305,16 +262,13 @@ def read_checked_npy(root: str, rel: str, entry: dict | None, verify: bool = Tru
 
 def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, MANIFEST)
-    manifest = read_json_format(mpath, FORMAT, "harmodt_fast dataset manifest", DatasetError)
-    for key in ("tasks", "files"):
-        if key not in manifest:
-            raise DatasetError(f"{mpath}: no {key!r} entry")
+    check_manifest_size(mpath)
+    try:
+        manifest = read_json_format(mpath, FORMAT, "harmodt_fast dataset manifest", DatasetError)
+    except RecursionError as exc:  # json's decoder on deeply nested arrays
+        raise DatasetError(f"{mpath}: cannot be read as JSON (nested too deeply)") from exc
+    check_manifest(manifest, mpath)
     return manifest
-
-
-def _numeric_key(fname: str):
-    stem = os.path.basename(fname)[: -len(".npz")]
-    return int(stem)
 
 
 def load_folder(path, verify: bool = True, max_episodes: int | None = None) -> Dataset:
@@ -340,21 +294,13 @@ def load_folder(path, verify: bool = True, max_episodes: int | None = None) -> D
         folder = os.path.join(path, entry)
         if not os.path.isdir(folder) or entry.startswith("."):
             continue
-        npz = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".npz")]
-        if not npz:
-            continue
-        try:
-            task = to_v3(entry)
-        except ValueError:  # not a Meta-World name: a task of its own, named by its folder
-            task = entry
-        if task in sources:
-            raise DatasetError(f"{folder}: a second folder for task {task}")
-        bad = [f for f in npz if not re.fullmatch(r"\d+\.npz", os.path.basename(f))]
-        if bad:
-            raise DatasetError(f"{bad[0]}: episode files must be named {{i}}.npz with an integer i")
-        sources[task] = sorted(npz, key=_numeric_key)
+        files = mtdiff_episode_files(folder)
+        if files:
+            sources[entry] = files
     if not sources:
         raise DatasetError(f"{path}: neither a {MANIFEST} nor task folders with {{i}}.npz episode files")
+    check_task_names(list(sources), path)  # also: two folders of one Meta-World task (reach-v2, reach-v3)
+    sources = {task_key(entry): files for entry, files in sources.items()}
     from harmodt_fast.tasks import TASK_SETS
 
     order = {t: i for i, t in enumerate(TASK_SETS["MT50"])}  # the paper's order, as hf.TASK_SETS lists tasks

@@ -20,10 +20,8 @@ import warnings
 
 import numpy as np
 
-from harmodt_fast.data.dataset import (
-    ACT_DIM, STATE_DIM, Dataset, DatasetError, TaskData, file_sha256, load_folder, read_checked_npy,
-    validate_episode_arrays,
-)
+from harmodt_fast.data.dataset import ACT_DIM, STATE_DIM, Dataset, TaskData, file_sha256, load_folder, read_checked_npy
+from harmodt_fast.data.validation import DatasetError, check_task_names, validate_episode_arrays
 
 PREFIX = "minari:"
 ENTRY_POINT = "harmodt_fast.envs:make_gym_env"
@@ -82,6 +80,7 @@ class MinariTaskDataset(Dataset):
     dataset recorded its environment."""
 
     def __init__(self, sources: dict, max_episodes: int | None = None):
+        check_task_names(list(sources), "the {task: Minari dataset} mapping", plain=False)  # not used as paths
         self._minari, self.env_specs, self._hashes = {}, {}, {}
         for task, ref in sources.items():
             ds, name = _open(ref)
@@ -110,17 +109,19 @@ class MinariTaskDataset(Dataset):
         for ep in ds.iterate_episodes(ids):
             n = len(ep.actions)
             obs = np.asarray(ep.observations)
+            where = f"Minari dataset {name} episode {ep.id}"
             if obs.shape[:1] != (n + 1,):
-                raise DatasetError(f"Minari dataset {name} episode {ep.id}: {obs.shape[0]} observations for {n} "
-                                   f"actions (expected one more)")
-            dones = np.asarray(ep.terminations, bool) | np.asarray(ep.truncations, bool)
+                raise DatasetError(f"{where}: observations of shape {obs.shape} for {n} actions (expected one "
+                                   f"more observation)")
+            terminations, truncations = np.asarray(ep.terminations), np.asarray(ep.truncations)
             info_success = (ep.infos or {}).get("success")
-            success = (np.asarray(info_success).reshape(-1)[1:].astype(bool) if info_success is not None
-                       and len(info_success) == n + 1 else np.zeros(n, bool))
-            validate_episode_arrays(f"Minari dataset {name} episode {ep.id}", obs[:-1], np.asarray(ep.actions),
-                                    np.asarray(ep.rewards), dones, success)
-            parts.append((obs[:-1].astype(np.float32), np.asarray(ep.actions, np.float32),
-                          np.asarray(ep.rewards, np.float32), dones, success))
+            info_success = None if info_success is None else np.asarray(info_success).reshape(-1)
+            success = info_success[1:] if info_success is not None and len(info_success) == n + 1 else np.zeros(n, bool)
+            actions, rewards = np.asarray(ep.actions), np.asarray(ep.rewards)
+            validate_episode_arrays(where, obs[:-1], actions, rewards, terminations, success,
+                                    {"truncations": truncations})
+            parts.append((obs[:-1].astype(np.float32), actions.astype(np.float32), rewards.astype(np.float32),
+                          terminations.astype(bool) | truncations.astype(bool), success.astype(bool)))
         if not parts:
             raise DatasetError(f"Minari dataset {name}: no episodes")
         lengths = np.array([len(p[0]) for p in parts], np.int64)
@@ -142,7 +143,11 @@ def load_minari(source, max_episodes: int | None = None) -> MinariTaskDataset:
     if isinstance(source, dict):
         if not source:
             raise DatasetError("an empty {task: Minari dataset} mapping")
-        return MinariTaskDataset({str(t): os.fspath(r) for t, r in source.items()}, max_episodes)
+        bad = [t for t, r in source.items() if not isinstance(r, (str, os.PathLike))]
+        if bad:
+            raise DatasetError(f"the {{task: Minari dataset}} mapping: task {bad[0]!r} names {source[bad[0]]!r}, "
+                               f"not a dataset id or folder")
+        return MinariTaskDataset({t: os.fspath(r) for t, r in source.items()}, max_episodes)
     ds, name = _open(source)
     task = _meta_world_task(ds.spec.env_spec) or name
     return MinariTaskDataset({task: os.fspath(source)}, max_episodes)
@@ -159,6 +164,12 @@ def env_spec(task: str):
                                          kwargs={"task": task}, max_episode_steps=MAX_EPISODE_STEPS)
 
 
+def check_dataset_id(dataset_id) -> None:
+    """A Minari dataset id pattern with '{task}' (one Minari dataset per task); else a ValueError."""
+    if not isinstance(dataset_id, str) or "{task}" not in dataset_id:
+        raise ValueError(f"dataset_id must contain '{{task}}' (one Minari dataset per task), got {dataset_id!r}")
+
+
 def export_minari(dataset, dataset_id: str = "harmodt_fast/{task}-v0", tasks=None) -> dict[str, str]:
     """Writes every task of one of our dataset folders as a Minari dataset `dataset_id.format(task=...)` (under
     MINARI_DATASETS_PATH); returns {task: "minari:<id>"}, which load_dataset reads back as one dataset."""
@@ -170,8 +181,7 @@ def export_minari(dataset, dataset_id: str = "harmodt_fast/{task}-v0", tasks=Non
     if ds.kind != "harmodt_fast":
         raise DatasetError(f"{ds.path}: only datasets collected by hf.collect can be exported to Minari (they keep "
                            f"each episode's last observation); this one is {ds.kind}")
-    if "{task}" not in dataset_id:
-        raise ValueError(f"dataset_id must contain '{{task}}' (one Minari dataset per task), got {dataset_id!r}")
+    check_dataset_id(dataset_id)
     out = {}
     for task in tasks or ds.tasks:
         rel = f"{task}/final_observations.npy"

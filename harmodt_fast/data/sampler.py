@@ -32,6 +32,7 @@ import torch
 
 from harmodt_fast.batch import Batch, Prompt, offsets_from_counts, rows_per_slice
 from harmodt_fast.data.dataset import STEP_FIELDS, DatasetError, TaskData, common_dims
+from harmodt_fast.data.validation import check_episode_starts, validate_episode_arrays
 
 _BLOCK = 1 << 20  # rows per host->device copy while building
 
@@ -53,9 +54,13 @@ def _task_data(dataset, task: str) -> TaskData:
     if not episodes:
         raise DatasetError(f"task {task}: no episodes")
     lengths = [len(e["rewards"]) for e in episodes]
-    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     cat = {f: np.concatenate([np.asarray(e[f]) if f in e else np.zeros(len(e["rewards"]), bool) for e in episodes])
            for f in STEP_FIELDS}
+    # the checks a loaded dataset passes, on the episodes this object gave
+    where = f"{getattr(dataset, 'path', 'the dataset')}: task {task}"
+    validate_episode_arrays(where, *(cat[f] for f in STEP_FIELDS))
+    starts = check_episode_starts(where, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                                  len(cat["observations"]))
     return TaskData(**cat, episode_starts=starts)
 
 
