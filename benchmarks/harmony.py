@@ -2,6 +2,7 @@
 
     python benchmarks/bench_harmony.py                      # CPU: cpp op vs the PyTorch reference
     python benchmarks/bench_harmony.py --device cuda        # GPU: torch ops on the device vs the reference there
+    python benchmarks/bench_harmony.py --versus ../other     # the whole-buffer cpp op here vs another checkout
 
 Every case runs in a fresh subprocess, so that its peak memory is its own:
 - CPU: peak extra memory = VmHWM after the call - VmRSS just before it, from /proc/self/status, with free heap
@@ -17,9 +18,13 @@ new packed masks: the cases that take the same gradients must agree bit for bit.
 
 The inputs are those of a mask update in training: ERK masks at density 0.8 (hf.TaskMasks.erk over the paper
 model's masked weights, flattened in model order), gradients ~N(0, 1e-4) (fp32, and bf16 for the cpp op), k = 100
-flips per task (the schedule's peak), gamma 10, score fisher. "cpp stream" feeds the same gradients layer by layer
-(views of the [T, P] buffer) through hf.ops.HarmonyStream. task_agreement is timed against the plain expression
-(float64 copy, one matmul).
+flips per task (the schedule's peak), gamma 10, score fisher. "cpp-rows" feeds the same gradients layer by layer
+(views of the [T, P] buffer, all T rows, ḡ summed by the engine) through HarmonyRows, then writes the flips with
+apply_candidates. task_agreement is timed against the plain expression (float64 copy, one matmul).
+
+--versus ROOT times the whole-buffer cpp harmony_update of this checkout and of the checkout at ROOT (each with
+its own built extension) side by side, rounds alternating between them, at T = 10 and 50 tasks x 2^20 entries
+(random masks at density 0.8, k = 100), and prints the medians and their ratio (no files written).
 
 Writes results/harmony_<device>_<date>.json and a markdown table beside it.
 """
@@ -90,18 +95,21 @@ def worker(args) -> dict:
     elif case == "torch-device":
         fn = lambda: hf.ops.harmony_update(weight, grads, packed, k, gamma, score, backend="torch")  # noqa: E731
         hf.ops.harmony_update(*small, k, gamma, score, backend="torch")
-    elif case == "cpp-stream" or case == "torch-stream":
+    elif case == "cpp-rows" or case == "torch-rows":
+        from harmodt_fast.ops.harmony_rows import HarmonyRows, apply_candidates
+
         backend = case.split("-")[0]
 
         def fn():
-            stream = hf.ops.HarmonyStream(T, P, packed, k, gamma, score, backend=backend)
+            rows = HarmonyRows(T, P, packed, k, gamma, score, backend=backend)
             start = 0
             for n in sizes:  # layer by layer, views of the [T, P] buffer
-                stream.feed(weight[start : start + n], grads[:, start : start + n])
+                rows.feed_rows(weight[start : start + n], grads[:, start : start + n], None, 0, start)
                 start += n
-            return stream.finish()
+            new = packed.clone()
+            return new, apply_candidates([new], [P], rows.k, rows.candidates())
 
-        hf.ops.HarmonyStream(T, 4096, small[2], k, gamma, score, backend=backend).feed(*small[:2])
+        HarmonyRows(T, 4096, small[2], k, gamma, score, backend=backend).feed_rows(*small[:2], None, 0, 0)
     elif case in ("agreement-cpp", "agreement-torch"):
         backend = case.split("-")[1]
         fn = lambda: hf.ops.task_agreement(grads, backend=backend)  # noqa: E731
@@ -134,6 +142,52 @@ def worker(args) -> dict:
     return rec
 
 
+# --- this checkout vs another ---------------------------------------------------------------------------------------
+VERSUS_SHAPES = [(10, 1 << 20), (50, 1 << 20)]
+VERSUS_WORKER = r"""
+import hashlib, json, sys, time
+import torch
+import harmodt_fast as hf
+T, P, k, calls = (int(v) for v in sys.argv[1:5])
+gen = torch.Generator().manual_seed(0)
+grads = torch.randn(T, P, generator=gen) * 1e-4
+weight = torch.randn(P, generator=gen)
+packed = hf.ops.pack_masks(torch.rand(T, P, generator=gen) < 0.8)
+new = hf.ops.harmony_update(weight, grads, packed, k, 10.0, "fisher", backend="cpp")[0]  # warm-up (and load)
+times = []
+for _ in range(calls):
+    t0 = time.perf_counter()
+    hf.ops.harmony_update(weight, grads, packed, k, 10.0, "fisher", backend="cpp")
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"times": times, "masks": hashlib.sha256(new.numpy().tobytes()).hexdigest(), "file": hf.__file__}))
+"""
+
+
+def versus(other: str, rounds: int, calls: int, k: int) -> int:
+    roots = {"this": os.path.dirname(HERE), "other": os.path.abspath(other)}
+    times = {(name, shape): [] for name in roots for shape in VERSUS_SHAPES}
+    masks = {}
+    for r in range(rounds):
+        for shape in VERSUS_SHAPES:
+            for name in (("this", "other") if r % 2 == 0 else ("other", "this")):  # alternate who goes first
+                env = dict(os.environ, PYTHONPATH=roots[name])
+                res = subprocess.run([sys.executable, "-c", VERSUS_WORKER, *map(str, (*shape, k, calls))], env=env,
+                                     capture_output=True, text=True, cwd=roots[name])
+                if res.returncode != 0:
+                    raise RuntimeError(f"{name} failed:\n{res.stderr[-3000:]}")
+                out = json.loads(res.stdout.strip().splitlines()[-1])
+                assert out["file"].startswith(roots[name]), (out["file"], roots[name])
+                times[name, shape] += out["times"]
+                masks.setdefault(shape, set()).add(out["masks"])
+    print(f"whole-buffer cpp harmony_update, k={k}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+          f"{rounds} rounds x {calls} calls; this={roots['this']} other={roots['other']}")
+    for shape in VERSUS_SHAPES:
+        a, b = statistics.median(times["this", shape]), statistics.median(times["other", shape])
+        print(f"T={shape[0]:3d} P={shape[1]}: this {1e3 * a:8.1f} ms  other {1e3 * b:8.1f} ms  this/other {a / b:.3f}"
+              f"  (masks equal: {len(masks[shape]) == 1})")
+    return 0
+
+
 # --- driver ---------------------------------------------------------------------------------------------------
 def run_case(args, case: str, dtype: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--dtype", dtype, "--device", args.device,
@@ -156,18 +210,22 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--skip-reference", action="store_true", help="skip the slow reference (no speed-up column)")
+    ap.add_argument("--versus", metavar="ROOT", help="time the whole-buffer cpp op here vs the checkout at ROOT")
+    ap.add_argument("--rounds", type=int, default=6, help="--versus: alternating rounds (one process each)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.versus:
+        return versus(args.versus, args.rounds, args.repeats, args.k)
 
     if args.device == "cpu":
-        plan = [("cpp", "fp32"), ("cpp", "bf16"), ("cpp-stream", "fp32"), ("reference", "fp32"),
+        plan = [("cpp", "fp32"), ("cpp", "bf16"), ("cpp-rows", "fp32"), ("reference", "fp32"),
                 ("agreement-cpp", "fp32"), ("agreement-torch", "fp32"), ("agreement-plain", "fp32")]
     else:
-        plan = [("torch-device", "fp32"), ("torch-device", "bf16"), ("torch-stream", "fp32"), ("reference", "fp32"),
+        plan = [("torch-device", "fp32"), ("torch-device", "bf16"), ("torch-rows", "fp32"), ("reference", "fp32"),
                 ("agreement-torch", "fp32"), ("agreement-plain", "fp32")]
     if args.skip_reference:
         plan = [p for p in plan if p[0] != "reference"]

@@ -1,18 +1,19 @@
-// The harmony mask update in one pass over the per-task gradients, and the T x T task-gradient cosine similarity.
+// The harmony mask update's selection over the per-task gradients, and the T x T task-gradient cosine similarity.
 //
 // Semantics: harmodt_fast/ops/harmony.py (the reference harmony_update_torch); the masks must match it bit for bit.
 // That fixes the arithmetic: float64 throughout, ḡ summed over tasks in order t = 0..T-1 and then divided by T,
 // a_t = ḡ·g_t, prune score (γ·a_t) + s_t rounded as two operations, ties to the lower index (with -0.0 == +0.0,
 // as the reference's stable sort compares values with < and >).
 //
-// Layout of the work: entries are processed in sub-chunks of SUB entries, OpenMP-parallel over sub-chunks. Per
-// sub-chunk, ḡ is built in a thread-local buffer (the T gradient rows of the sub-chunk stay in cache for the
-// second sweep), then every task sweeps its row once: agreement, statistics, and a bounded heap of its best k
-// prune and regrow candidates. Each thread keeps its own heaps for the current feed, filtered by the worst key the
-// state's heaps already keep; they are merged into the state's heaps at the end of the feed. So the extra memory
-// is O(threads x T x k) plus O(threads x SUB), never T x P, and the same state accepts the gradients in consecutive
-// chunks (the streaming form) with exactly the masks of one whole-vector call: every candidate order is total,
-// (value, index).
+// One state, fed task rows (harmodt_fast/ops/harmony_rows.py): grads [G, p] of tasks first.. over entries
+// offset.., with ḡ given, or, when the rows are all T tasks, summed from them here. Entries are processed in
+// sub-chunks of SUB entries, OpenMP-parallel over sub-chunks. Per sub-chunk, ḡ is built in a thread-local buffer
+// when not given (the T gradient rows of the sub-chunk stay in cache for the second sweep), then every row is swept
+// once: agreement, statistics, and a bounded heap of its task's best k prune and regrow candidates. Each thread
+// keeps its own heaps for the current feed, filtered by the worst key the state's heaps already keep; they are
+// merged into the state's heaps at the end of the feed. So the extra memory is O(threads x T x k) plus
+// O(threads x SUB), never T x P, and feeds in consecutive chunks give exactly the candidates of one feed: every
+// candidate order is total, (value, index).
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -21,6 +22,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <vector>
 
@@ -83,6 +87,8 @@ struct Bounded {
   }
 };
 
+// The scores this op implements; their ids must equal the C++ ids of the score table in ops/harmony.py, which
+// harmodt_fast/_ext.py checks once, through score_ids(), when the extension loads.
 enum Score : int64_t { FISHER = 0, MAGNITUDE = 1, HARMONY = 2 };
 
 // Per-thread scratch for one feed.
@@ -196,47 +202,39 @@ void sweep_rows(const scalar_t* G, int64_t row_stride, int64_t rows, int64_t fir
   }
 }
 
-// Entries [j0, j0 + m) of the chunk (global index base + j): ḡ of all T rows, then one sweep per task.
+// Rows 0..rows-1 of the chunk (tasks first..) over entries [j0, j0 + m), global index base + j. ḡ is `gbar`
+// (already / T) or, when null, summed here from the rows, which are then all T tasks. Marks L bad on NaN or inf.
 template <typename scalar_t>
-void sweep_subchunk(const scalar_t* G, int64_t row_stride, int64_t T, int64_t j0, int64_t m, int64_t base,
-                    const torch::Tensor& weight, const uint32_t* words, int64_t W, double gamma, int64_t score,
-                    Local& L) {
-  double* gb = L.gbar.data();
-  {  // ḡ in the reference's order: t = 0, 1, ..., T-1, then / T
-    const scalar_t* g0 = G + j0;
-    for (int64_t j = 0; j < m; ++j) gb[j] = static_cast<double>(g0[j]);
-  }
-  for (int64_t t = 1; t < T; ++t) {
-    const scalar_t* gt = G + t * row_stride + j0;
-    for (int64_t j = 0; j < m; ++j) gb[j] += static_cast<double>(gt[j]);
-  }
-  // The float64 sum of fp32/bf16/fp16 values cannot overflow, so it is finite exactly when every task's entry is:
-  // one check per entry covers all T rows. (x - x is NaN for inf and NaN, 0 otherwise.)
+void sweep_subchunk(const scalar_t* G, int64_t row_stride, int64_t rows, int64_t first, int64_t j0, int64_t m,
+                    int64_t base, const double* gbar, const torch::Tensor& weight, const uint32_t* words, int64_t W,
+                    double gamma, int64_t score, Local& L) {
+  const double* gb;
   int64_t nonfinite = 0;
-  for (int64_t j = 0; j < m; ++j) nonfinite += !(gb[j] - gb[j] == 0.0);
-  if (nonfinite) {
-    L.bad_grad = true;
-    return;
-  }
-  const double Td = static_cast<double>(T);
-  for (int64_t j = 0; j < m; ++j) gb[j] = gb[j] / Td;
-  const double* mag;
-  if (!magnitude_for(score, weight, j0, m, L, &mag)) return;
-  sweep_rows<scalar_t>(G, row_stride, T, 0, j0, m, base, gb, mag, words, W, gamma, score, L);
-}
-
-// Row mode, entries [j0, j0 + m): ḡ is given (already / T), so every gradient is checked for NaN and inf here.
-template <typename scalar_t>
-void sweep_given_gbar(const scalar_t* G, int64_t row_stride, int64_t rows, int64_t first, int64_t j0, int64_t m,
-                      int64_t base, const double* gbar, const torch::Tensor& weight, const uint32_t* words,
-                      int64_t W, double gamma, int64_t score, Local& L) {
-  int64_t nonfinite = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* g = G + r * row_stride + j0;
-    for (int64_t j = 0; j < m; ++j) {
-      const double x = static_cast<double>(g[j]);
-      nonfinite += !(x - x == 0.0);
+  if (gbar == nullptr) {
+    double* sum = L.gbar.data();
+    {  // ḡ in the reference's order: t = 0, 1, ..., T-1, then / T
+      const scalar_t* g0 = G + j0;
+      for (int64_t j = 0; j < m; ++j) sum[j] = static_cast<double>(g0[j]);
     }
+    for (int64_t t = 1; t < rows; ++t) {
+      const scalar_t* gt = G + t * row_stride + j0;
+      for (int64_t j = 0; j < m; ++j) sum[j] += static_cast<double>(gt[j]);
+    }
+    // The float64 sum of fp32/bf16/fp16 values cannot overflow, so it is finite exactly when every task's entry
+    // is: one check per entry covers all T rows. (x - x is NaN for inf and NaN, 0 otherwise.)
+    for (int64_t j = 0; j < m; ++j) nonfinite += !(sum[j] - sum[j] == 0.0);
+    const double Td = static_cast<double>(rows);
+    for (int64_t j = 0; j < m; ++j) sum[j] = sum[j] / Td;
+    gb = sum;
+  } else {  // ḡ given: every gradient is checked here
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* g = G + r * row_stride + j0;
+      for (int64_t j = 0; j < m; ++j) {
+        const double x = static_cast<double>(g[j]);
+        nonfinite += !(x - x == 0.0);
+      }
+    }
+    gb = gbar + j0;
   }
   if (nonfinite) {
     L.bad_grad = true;
@@ -244,7 +242,7 @@ void sweep_given_gbar(const scalar_t* G, int64_t row_stride, int64_t rows, int64
   }
   const double* mag;
   if (!magnitude_for(score, weight, j0, m, L, &mag)) return;
-  sweep_rows<scalar_t>(G, row_stride, rows, first, j0, m, base, gbar + j0, mag, words, W, gamma, score, L);
+  sweep_rows<scalar_t>(G, row_stride, rows, first, j0, m, base, gb, mag, words, W, gamma, score, L);
 }
 
 // body(L, j0, m) over every sub-chunk of n entries, in parallel, each thread with its Local. Dynamic, so that a
@@ -291,11 +289,12 @@ struct HarmonyCandidates {
 
 namespace {
 
-// Per-thread scratch for a feed over `n` entries of tasks first..first+rows-1, each heap bounded by the worst key
-// the state already keeps for its task (those came from lower indices). Small chunks run on fewer threads (a
-// parallel region costs a wake-up and a barrier, milliseconds on oversubscribed cores): at least 8 sub-chunks each.
+// Per-thread scratch for a feed over `n` entries of tasks first..first+rows-1 (`sum_here`: with a ḡ buffer), each
+// heap bounded by the worst key the state already keeps for its task (those came from lower indices). Small chunks
+// run on fewer threads (a parallel region costs a wake-up and a barrier, milliseconds on oversubscribed cores): at
+// least 8 sub-chunks each.
 std::vector<Local> make_locals(int64_t n, int64_t first, int64_t rows, const std::vector<int64_t>& k,
-                               const HarmonyCandidates& cands, bool with_gbar, bool magnitude) {
+                               const HarmonyCandidates& cands, bool sum_here, bool magnitude) {
   const int64_t nsub = (n + SUB - 1) / SUB;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), nsub / 8)));
   std::vector<Local> locals(nthreads);
@@ -312,7 +311,7 @@ std::vector<Local> make_locals(int64_t n, int64_t first, int64_t rows, const std
     }
     L.sum_a.assign(rows, 0.0);
     L.neg.assign(rows, 0);
-    if (with_gbar) L.gbar.resize(SUB);
+    if (sum_here) L.gbar.resize(SUB);
     if (magnitude) L.mag.resize(SUB);
   }
   return locals;
@@ -335,9 +334,13 @@ void merge_locals(std::vector<Local>& locals, int64_t first, int64_t rows, Harmo
 
 }  // namespace
 
+std::map<std::string, int64_t> score_ids() {
+  return {{"fisher", FISHER}, {"magnitude", MAGNITUDE}, {"harmony", HARMONY}};
+}
+
 HarmonyState::HarmonyState(int64_t P, torch::Tensor masks_packed, std::vector<int64_t> ks, double gamma,
                            int64_t score)
-    : P_(P), gamma_(gamma), score_(score), cands_(nullptr) {
+    : P_(P), gamma_(gamma), score_(score), cands_(std::make_unique<HarmonyCandidates>()) {
   TORCH_CHECK_VALUE(P >= 0, "harmony_update: P must be >= 0, got ", P);
   TORCH_CHECK_VALUE(masks_packed.dim() == 2 && masks_packed.scalar_type() == torch::kInt32,
                     "harmony_update: masks_packed must be an int32 tensor [T, W], got ", masks_packed.sizes(), " ",
@@ -349,13 +352,12 @@ HarmonyState::HarmonyState(int64_t P, torch::Tensor masks_packed, std::vector<in
                     "] for P=", P, ", got ", masks_packed.sizes());
   TORCH_CHECK_VALUE(static_cast<int64_t>(ks.size()) == T_, "harmony_update: k must give ", T_, " values, got ",
                     ks.size());
-  TORCH_CHECK_VALUE(score >= 0 && score <= 2, "harmony_update: score must be 0 (fisher), 1 (magnitude) or 2 "
-                    "(harmony), got ", score);
+  TORCH_CHECK_VALUE(score == FISHER || score == MAGNITUDE || score == HARMONY,
+                    "harmony_update: score must be one of the ids of score_ids(), got ", score);
   TORCH_CHECK_VALUE(std::isfinite(gamma), "harmony_update: gamma must be finite, got ", gamma);
   masks_ = masks_packed.contiguous();
   const uint32_t* words = reinterpret_cast<const uint32_t*>(masks_.data_ptr<int32_t>());
   k_.resize(T_);
-  cands_ = new HarmonyCandidates();
   cands_->prune.resize(T_);
   cands_->grow.resize(T_);
   for (int64_t t = 0; t < T_; ++t) {
@@ -366,96 +368,52 @@ HarmonyState::HarmonyState(int64_t P, torch::Tensor masks_packed, std::vector<in
   }
   sum_a_.assign(T_, 0.0);
   neg_.assign(T_, 0);
+  next_.assign(T_, -1);
 }
 
-HarmonyState::~HarmonyState() { delete cands_; }
+HarmonyState::~HarmonyState() = default;
 
-void HarmonyState::feed(const torch::Tensor& weight, const torch::Tensor& grads_in) {
-  TORCH_CHECK(!finished_, "HarmonyStream: feed() after finish()");
-  TORCH_CHECK(!rows_mode_, "HarmonyStream: feed() cannot follow feed_rows() on one stream");
-  TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed() failed; start a new stream");
-  TORCH_CHECK_VALUE(grads_in.dim() == 2 && grads_in.size(0) == T_ && grads_in.is_floating_point(),
-                    "harmony_update: grads must be a floating tensor [", T_, ", p], got ", grads_in.sizes(), " ",
-                    grads_in.scalar_type());
-  const int64_t n = grads_in.size(1);
-  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == n && weight.is_floating_point(),
-                    "harmony_update: weight must be a floating tensor [", n, "] to match grads ", grads_in.sizes(),
-                    ", got ", weight.sizes(), " ", weight.scalar_type());
-  TORCH_CHECK_VALUE(grads_in.device().is_cpu() && weight.device().is_cpu(),
-                    "harmony_update (cpp): weight and grads must be CPU tensors");
-  TORCH_CHECK_VALUE(off_ + n <= P_, "HarmonyStream: feeding entries ", off_, "..", off_ + n, " past P=", P_);
-  if (n == 0) return;
-  // rows may be strided (a slice of a [T, P] buffer); only the entries of a row must be contiguous
-  const torch::Tensor grads = (grads_in.stride(1) == 1 || T_ == 0) ? grads_in : grads_in.contiguous();
-  const torch::Tensor w = score_ == MAGNITUDE ? weight.contiguous() : weight;
-  const int64_t row_stride = grads.stride(0);
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(masks_.data_ptr<int32_t>());
-  std::vector<Local> locals = make_locals(n, 0, T_, k_, *cands_, true, score_ == MAGNITUDE);
-  const int64_t base = off_;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "harmony_update", [&] {
-    const scalar_t* G = grads.data_ptr<scalar_t>();
-    for_each_subchunk(n, locals, [&](Local& L, int64_t j0, int64_t m) {
-      sweep_subchunk<scalar_t>(G, row_stride, T_, j0, m, base, w, words, W_, gamma_, score_, L);
-    });
-  });
-  bool bad_grad = false, bad_weight = false;
-  for (auto& L : locals) bad_grad |= L.bad_grad, bad_weight |= L.bad_weight;
-  if (bad_grad || bad_weight) {
-    failed_ = true;
-    if (bad_grad) {
-      std::vector<int64_t> bad;
-      for (int64_t t = 0; t < T_; ++t) {
-        if (!torch::isfinite(grads[t]).all().item<bool>()) bad.push_back(t);
-      }
-      TORCH_CHECK_VALUE(!bad.empty(), "harmony_update: the sum of the task gradients overflows (entries ", off_,
-                        "..", off_ + n, ")");
-      TORCH_CHECK_VALUE(false, "harmony_update: grads contain NaN or inf for task(s) ", task_list(bad),
-                        " (entries ", off_, "..", off_ + n, ")");
-    }
-    TORCH_CHECK_VALUE(false, "harmony_update: weight_flat contains NaN or inf (entries ", off_, "..", off_ + n, ")");
-  }
-  merge_locals(locals, 0, T_, *cands_, sum_a_, neg_);
-  off_ += n;
-}
-
-void HarmonyState::feed_rows(const torch::Tensor& weight, const torch::Tensor& grads_in, const torch::Tensor& gbar_in,
-                             int64_t first_task, int64_t offset) {
-  TORCH_CHECK(!finished_, "HarmonyStream: feed_rows() after finish()");
-  TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed failed; start a new stream");
-  TORCH_CHECK(off_ == 0, "HarmonyStream: feed_rows() cannot follow feed() on one stream");
+void HarmonyState::feed_rows(const torch::Tensor& weight, const torch::Tensor& grads_in,
+                             const std::optional<torch::Tensor>& gbar_in, int64_t first_task, int64_t offset) {
+  TORCH_CHECK(!finished_, "HarmonyRows: feed_rows() after candidates()");
+  TORCH_CHECK(!failed_, "HarmonyRows: an earlier feed failed; start a new one");
   TORCH_CHECK_VALUE(grads_in.dim() == 2 && grads_in.is_floating_point(),
                     "harmony_update: grads must be a floating tensor [G, p], got ", grads_in.sizes());
   const int64_t rows = grads_in.size(0), n = grads_in.size(1);
-  TORCH_CHECK_VALUE(first_task >= 0 && first_task + rows <= T_, "HarmonyStream.feed_rows: tasks ", first_task, "..",
+  TORCH_CHECK_VALUE(first_task >= 0 && first_task + rows <= T_, "HarmonyRows.feed_rows: tasks ", first_task, "..",
                     first_task + rows, " are outside 0..", T_);
-  TORCH_CHECK_VALUE(offset >= 0 && offset + n <= P_, "HarmonyStream.feed_rows: entries ", offset, "..", offset + n,
+  TORCH_CHECK_VALUE(offset >= 0 && offset + n <= P_, "HarmonyRows.feed_rows: entries ", offset, "..", offset + n,
                     " are outside 0..", P_);
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == n && weight.is_floating_point(),
                     "harmony_update: weight must be a floating tensor [", n, "], got ", weight.sizes());
-  TORCH_CHECK_VALUE(gbar_in.dim() == 1 && gbar_in.size(0) == n && gbar_in.scalar_type() == torch::kFloat64,
-                    "HarmonyStream.feed_rows: gbar must be float64 [", n, "], got ", gbar_in.sizes(), " ",
-                    gbar_in.scalar_type());
-  TORCH_CHECK_VALUE(grads_in.device().is_cpu() && weight.device().is_cpu() && gbar_in.device().is_cpu(),
+  const bool sum_here = !gbar_in.has_value();
+  TORCH_CHECK_VALUE(!sum_here || (first_task == 0 && rows == T_), "HarmonyRows.feed_rows: without gbar the rows "
+                    "must be all ", T_, " tasks, got tasks ", first_task, "..", first_task + rows);
+  TORCH_CHECK_VALUE(sum_here || (gbar_in->dim() == 1 && gbar_in->size(0) == n &&
+                                 gbar_in->scalar_type() == torch::kFloat64),
+                    "HarmonyRows.feed_rows: gbar must be float64 [", n, "], got ",
+                    sum_here ? torch::IntArrayRef{} : gbar_in->sizes());
+  TORCH_CHECK_VALUE(grads_in.device().is_cpu() && weight.device().is_cpu() && (sum_here || gbar_in->device().is_cpu()),
                     "harmony_update (cpp): weight, grads and gbar must be CPU tensors");
-  if (next_.empty()) next_.assign(T_, -1);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = first_task + r;
     // a task's entries arrive in increasing order: the heaps' bounds (from earlier feeds) assume lower indices
-    TORCH_CHECK_VALUE(next_[t] < 0 || next_[t] == offset, "HarmonyStream.feed_rows: task ", t, " expects entries from ",
+    TORCH_CHECK_VALUE(next_[t] < 0 || next_[t] == offset, "HarmonyRows.feed_rows: task ", t, " expects entries from ",
                       next_[t], ", got ", offset);
   }
   if (n == 0 || rows == 0) return;
+  // rows may be strided (a slice of a [T, P] buffer); only the entries of a row must be contiguous
   const torch::Tensor grads = grads_in.stride(1) == 1 ? grads_in : grads_in.contiguous();
-  const torch::Tensor gbar = gbar_in.contiguous();
+  const torch::Tensor gbar = sum_here ? torch::Tensor() : gbar_in->contiguous();
   const torch::Tensor w = score_ == MAGNITUDE ? weight.contiguous() : weight;
   const uint32_t* words = reinterpret_cast<const uint32_t*>(masks_.data_ptr<int32_t>());
-  std::vector<Local> locals = make_locals(n, first_task, rows, k_, *cands_, false, score_ == MAGNITUDE);
+  std::vector<Local> locals = make_locals(n, first_task, rows, k_, *cands_, sum_here, score_ == MAGNITUDE);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "harmony_feed_rows", [&] {
     const scalar_t* G = grads.data_ptr<scalar_t>();
-    const double* gb = gbar.data_ptr<double>();
+    const double* gb = sum_here ? nullptr : gbar.data_ptr<double>();
     for_each_subchunk(n, locals, [&](Local& L, int64_t j0, int64_t m) {
-      sweep_given_gbar<scalar_t>(G, grads.stride(0), rows, first_task, j0, m, offset, gb, w, words, W_, gamma_,
-                                 score_, L);
+      sweep_subchunk<scalar_t>(G, grads.stride(0), rows, first_task, j0, m, offset, gb, w, words, W_, gamma_, score_,
+                               L);
     });
   });
   bool bad_grad = false, bad_weight = false;
@@ -466,6 +424,9 @@ void HarmonyState::feed_rows(const torch::Tensor& weight, const torch::Tensor& g
     for (int64_t r = 0; r < rows && bad_grad; ++r) {
       if (!torch::isfinite(grads[r]).all().item<bool>()) bad.push_back(first_task + r);
     }
+    // only a sum taken here from float64 gradients can overflow with every gradient finite
+    TORCH_CHECK_VALUE(!bad_grad || !bad.empty(), "harmony_update: the sum of the task gradients overflows (entries ",
+                      offset, "..", offset + n, ")");
     TORCH_CHECK_VALUE(!bad_grad, "harmony_update: grads contain NaN or inf for task(s) ", task_list(bad),
                       " (entries ", offset, "..", offset + n, ")");
     TORCH_CHECK_VALUE(false, "harmony_update: weight_flat contains NaN or inf (entries ", offset, "..", offset + n,
@@ -473,12 +434,11 @@ void HarmonyState::feed_rows(const torch::Tensor& weight, const torch::Tensor& g
   }
   merge_locals(locals, first_task, rows, *cands_, sum_a_, neg_);
   for (int64_t r = 0; r < rows; ++r) next_[first_task + r] = offset + n;
-  rows_mode_ = true;
 }
 
 std::vector<torch::Tensor> HarmonyState::candidates() {
-  TORCH_CHECK(!finished_, "HarmonyStream: candidates() after finish()");
-  TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed failed; start a new stream");
+  TORCH_CHECK(!finished_, "HarmonyRows: candidates() called twice");
+  TORCH_CHECK(!failed_, "HarmonyRows: an earlier feed failed; start a new one");
   finished_ = true;
   int64_t K = 0;
   for (int64_t t = 0; t < T_; ++t) K = std::max(K, k_[t]);
@@ -492,8 +452,8 @@ std::vector<torch::Tensor> HarmonyState::candidates() {
   double *pv = prune_v.data_ptr<double>(), *gv = grow_v.data_ptr<double>();
   int64_t *pi = prune_i.data_ptr<int64_t>(), *gi = grow_i.data_ptr<int64_t>();
   for (int64_t t = 0; t < T_; ++t) {
-    auto ph = cands_->prune[t].h;
-    auto gh = cands_->grow[t].h;
+    auto& ph = cands_->prune[t].h;
+    auto& gh = cands_->grow[t].h;
     std::sort(ph.begin(), ph.end(), PruneBetter());
     std::sort(gh.begin(), gh.end(), GrowBetter());
     // one ordering for both lists, lower first: prune by score, regrow by -a ("+ 0.0": -0.0 becomes +0.0)
@@ -502,38 +462,8 @@ std::vector<torch::Tensor> HarmonyState::candidates() {
     sum_a.data_ptr<double>()[t] = sum_a_[t];
     neg.data_ptr<int64_t>()[t] = neg_[t];
   }
-  delete cands_;
-  cands_ = nullptr;
+  cands_.reset();  // the candidates are spent; free O(T x k) now rather than with the Python object
   return {prune_v, prune_i, grow_v, grow_i, sum_a, neg};
-}
-
-std::vector<torch::Tensor> HarmonyState::finish() {
-  TORCH_CHECK(!finished_, "HarmonyStream: finish() called twice");
-  TORCH_CHECK(!failed_, "HarmonyStream: an earlier feed() failed; start a new stream");
-  TORCH_CHECK(!rows_mode_, "HarmonyStream: a stream fed by rows ends with candidates(), not finish()");
-  TORCH_CHECK_VALUE(off_ == P_, "HarmonyStream: finish() after ", off_, " of ", P_, " entries were fed");
-  finished_ = true;
-  auto out = masks_.clone();
-  uint32_t* words = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-  auto stats = torch::zeros({4, T_}, torch::dtype(torch::kFloat64));
-  double* st = stats.data_ptr<double>();
-  for (int64_t t = 0; t < T_; ++t) {
-    uint32_t* row = words + t * W_;
-    if (P_ % 32) row[W_ - 1] &= (1u << (P_ % 32)) - 1u;  // bits past P are not entries: the output has them 0
-    const auto& ph = cands_->prune[t].h;
-    const auto& gh = cands_->grow[t].h;
-    TORCH_CHECK(static_cast<int64_t>(ph.size()) == k_[t] && static_cast<int64_t>(gh.size()) == k_[t],
-                "harmony_update: internal error, task ", t, " kept ", ph.size(), "/", gh.size(), " candidates for k=",
-                k_[t]);
-    for (const Cand& c : ph) row[c.i >> 5] &= ~(1u << (c.i & 31));
-    for (const Cand& c : gh) row[c.i >> 5] |= 1u << (c.i & 31);
-    st[0 * T_ + t] = st[1 * T_ + t] = static_cast<double>(k_[t]);
-    st[2 * T_ + t] = P_ ? sum_a_[t] / static_cast<double>(P_) : 0.0;
-    st[3 * T_ + t] = P_ ? static_cast<double>(neg_[t]) / static_cast<double>(P_) : 0.0;
-  }
-  delete cands_;  // the candidates are spent; free O(T x k) now rather than with the Python object
-  cands_ = nullptr;
-  return {out, stats};
 }
 
 torch::Tensor task_agreement(const torch::Tensor& grads) {

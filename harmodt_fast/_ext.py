@@ -4,7 +4,8 @@ Order: the module built by setup.py; otherwise the same sources compiled once wi
 `torch.utils.cpp_extension.load` into a cache folder keyed on the sources and the torch version. Nothing is
 compiled at `import harmodt_fast`; the first op that asks for the "cpp" backend triggers it. When no compiler is
 available the reason is kept, the package keeps working on the torch backend, and asking for "cpp" explicitly
-raises a RuntimeError with that reason.
+raises a RuntimeError with that reason. Checks registered with `add_load_check` (the harmony score ids) run once as
+the module loads; a module that fails one is treated like one that could not be built.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ _lock = threading.Lock()
 _module = None
 _error: str | None = None
 _loaded_from: str | None = None
+_checks: list = []
 
 
 def _source_dir() -> str | None:
@@ -83,9 +85,31 @@ def load_extension():
             except Exception as exc:  # no compiler, no ninja, a build error: keep the reason, use torch
                 _error = f"the C++ extension could not be built: {type(exc).__name__}: {str(exc).strip()[-2000:]}"
                 warnings.warn(f"harmodt_fast: {_error}; falling back to the torch backend", RuntimeWarning)
+        for check in _checks:
+            _apply_check(check)
         if _module is not None:
             _register_fakes()
     return _module
+
+
+def add_load_check(check) -> None:
+    """Registers `check(module)` -> None, or the reason the extension does not fit the Python side (say, a stale
+    prebuilt module): then the cpp backend is unavailable with that reason, as when the build fails, rather than
+    raising on import, so that the package keeps working on torch. Runs as the extension loads (now, if it has)."""
+    _checks.append(check)
+    if _module is not None:
+        with _lock:
+            _apply_check(check)
+
+
+def _apply_check(check) -> None:
+    global _module, _error
+    if _module is None:
+        return
+    reason = check(_module)
+    if reason is not None:
+        _module, _error = None, f"the C++ extension ({_loaded_from}) does not fit this package: {reason}"
+        warnings.warn(f"harmodt_fast: {_error}; falling back to the torch backend", RuntimeWarning)
 
 
 def _register_fakes() -> None:

@@ -7,8 +7,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from harmodt_fast.ops.harmony import SCORE_TABLE  # the choices of `score` (read live: a registered score counts)
+
 METHODS = ("harmodt", "prompt-dt", "mtdt")
-SCORES = ("fisher", "magnitude", "harmony")
 SCHEDULES = ("mixed", "round-robin")
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("auto", "triton", "cpp", "torch")  # of the masked ops (harmodt_fast.ops); "auto": the fastest that runs
@@ -87,7 +88,7 @@ class HarmoDTConfig:
             (self.activation in ("relu", "gelu"), f"activation must be 'relu' or 'gelu', got {self.activation!r}"),
             (self.context >= 1 and self.prompt_len >= 0, "context must be >= 1 and prompt_len >= 0"),
             (self.method in METHODS, f"unknown method {self.method!r}; expected one of {METHODS}"),
-            (self.score in SCORES, f"unknown score {self.score!r}; expected one of {SCORES}"),
+            (self.score in SCORE_TABLE, f"unknown score {self.score!r}; expected one of {tuple(SCORE_TABLE)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}"),
             (0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density}"),
             (self.steps > 0, f"steps must be > 0, got {self.steps}"),

@@ -132,7 +132,7 @@ def mask_update(model, batch, config: HarmoDTConfig, step: int, *, losses_fn: Ca
     k = flips_per_task(config, step, masks)
     grads = TaskGradientPasses(model, batch, config, losses_fn=losses_fn, amp_dtype=amp_dtype, dist=dist,
                                tasks_per_pass=tasks_per_pass)
-    gbar = grads.harmony_gradient()  # ḡ, float64 [P] (this rank's shard of the entries)
+    gbar = grads.harmony_gradient()  # ḡ, float64 [P] (this rank's shard); None: the rows are kept, summed below
     selection = HarmonyRows(masks.num_tasks, grads.P, masks.flat_packed(), k, config.gamma, config.score)
     weight = grads.weights(score_needs_weight(config.score))
     for first, rows in grads.clipped_rows():  # rows [G, P]: g_t of tasks first..first+G-1

@@ -3,8 +3,9 @@
 Task t's gradient g_t is that of its own loss w.r.t. its effective weights, from its own rows only, over the P
 masked entries (the model's flat layout), clipped to norm config.task_grad_clip. `TaskGradientPasses` delivers
 them G tasks at a time (G from config.mask_update_memory_mb: the float32 rows that fit):
-- the first pass sums the harmony gradient ḡ = (1/T) Σ_t g_t (float64, tasks in order 0..T-1) and the clip
-  factors; when every task fits (G = T) it keeps the rows, and that is the only pass;
+- the first pass computes the clip factors and sums the harmony gradient ḡ = (1/T) Σ_t g_t (float64, tasks in
+  order 0..T-1); when every task fits (G = T) it keeps the rows, and that is the only pass (the selection engine
+  then sums ḡ from the kept rows itself, in cache, with the same arithmetic);
 - otherwise a second pass recomputes each group's rows (same dropout: the RNG is replayed) for the selection.
 So the masks do not depend on G. Data-parallel, each rank computes its rows' gradients and a reduce-scatter leaves
 it the mean over ranks on its shard of the entries [lo, hi); it scores only that shard, and `gather_candidates`
@@ -97,7 +98,7 @@ class TaskGradientPasses:
     """The clipped task gradients of one mask update, G tasks at a time (see the module docstring):
 
         passes = TaskGradientPasses(model, batch, config, losses_fn=..., amp_dtype=..., dist=...)
-        gbar = passes.harmony_gradient()          # ḡ on this rank's entries [lo, hi), float64
+        gbar = passes.harmony_gradient()          # ḡ on this rank's entries [lo, hi), float64 (None: rows kept)
         for first, rows in passes.clipped_rows():  # rows [G', hi - lo]: tasks first..first+G'-1
             ...
         passes.agreement()                         # task-gradient cosine [T, T]
@@ -133,9 +134,10 @@ class TaskGradientPasses:
                                amp_dtype=self.amp_dtype)
             yield first, rows
 
-    def harmony_gradient(self) -> torch.Tensor:
-        """The first pass: clip factors, the agreement sample and ḡ = (1/T) Σ_t g_t, float64 [hi - lo]."""
-        gbar = torch.zeros(self.hi - self.lo, dtype=torch.float64, device=self.device)
+    def harmony_gradient(self) -> torch.Tensor | None:
+        """The first pass: clip factors, the agreement sample and ḡ = (1/T) Σ_t g_t, float64 [hi - lo]; None when
+        the rows are kept (every task's rows then reach the selection at once, and it sums ḡ from them)."""
+        gbar = None if self.keep else torch.zeros(self.hi - self.lo, dtype=torch.float64, device=self.device)
         for first, rows in self._groups():
             last = first + rows.shape[0]
             if not self.keep:
@@ -143,9 +145,12 @@ class TaskGradientPasses:
             shard = self.dist.reduce_scatter_mean(rows)  # the rows themselves on one process
             self._factors[first:last] = clip_factors(shard, self.config.task_grad_clip, self.sizes, self.lo, self.dist)
             shard.mul_(self._factors[first:last, None])
+            if gbar is None:
+                continue
             for r in range(last - first):  # in the reference's order: t = 0, 1, ..., T-1
                 gbar += shard[r].double()
-        return gbar.div_(torch.tensor(float(self.T), dtype=torch.float64, device=self.device))
+        return None if gbar is None else gbar.div_(torch.tensor(float(self.T), dtype=torch.float64,
+                                                                 device=self.device))
 
     def clipped_rows(self) -> Iterator[tuple[int, torch.Tensor]]:
         """The clipped rows of every task on this rank's shard, group by group: the kept buffer, or a second pass."""

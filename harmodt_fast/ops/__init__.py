@@ -7,7 +7,7 @@ from harmodt_fast.ops._dispatch import (
     last_backend,
     runs_fused,
 )
-from harmodt_fast.ops.harmony import HarmonyStream, harmony_update, task_agreement
+from harmodt_fast.ops.harmony import harmony_update, task_agreement
 from harmodt_fast.ops.masked_attention import masked_attention
 from harmodt_fast.ops.masked_linear import masked_linear
 from harmodt_fast.ops.masked_mlp import masked_mlp
@@ -22,7 +22,6 @@ __all__ = [
     "last_backend",
     "harmony_update",
     "masked_attention",
-    "HarmonyStream",
     "task_agreement",
     "masked_linear",
     "masked_mlp",

@@ -1,54 +1,84 @@
-"""The harmony mask update (docs/method.md, "Outer level"): the plain-PyTorch reference, the C++ op, the torch-ops device
-path, a streaming form, and the task-gradient cosine similarity.
+"""The harmony mask update (docs/method.md, "Outer level"): its specification (the plain-PyTorch reference), the
+score table, the argument checks, the op `harmony_update` and the task-gradient cosine similarity. Its
+implementations, one row engine per backend, are in harmony_rows.py.
 
 For every task t, with g_t its gradient (of the effective weight, so inactive entries have real values) and
 ḡ = (1/T) Σ_t g_t:
     a_t     = ḡ ⊙ g_t                               agreement with the harmony gradient
-    prune   = the k_t ACTIVE entries with the lowest  γ·a_t + s_t
-              s_t = g_t² ("fisher"), |θ| ("magnitude"), 0 ("harmony")
+    prune   = the k_t ACTIVE entries with the lowest  γ·a_t + s_t   (s_t: the score, from SCORE_TABLE)
     regrow  = the k_t INACTIVE entries (before this update) with the highest a_t
 Ties go to the lower index. k_t = min(k, active count, inactive count) (documented clamp), so density is kept.
 
 Exact arithmetic, which every backend reproduces bit for bit: values are converted to float64; ḡ is the sum over
 tasks in order t = 0..T-1, then divided by T; a_t = ḡ·g_t; the prune score is (γ·a_t) + s_t, with no fused
 multiply-add. -0.0 and +0.0 are equal keys (ties, so the lower index wins).
-
-Implementations ("which ran" is `last_implementation()`; `hf.ops.last_backend` gives the backend):
-- "cpp" (CPU tensors): csrc/harmony.cpp, one pass over the gradients with bounded per-task heaps, no [T, P]
-  temporaries, NaN/inf detected inside the same pass.
-- "torch" on CPU tensors: `harmony_update_torch`, the reference that defines the semantics.
-- "torch" on other devices (CUDA): `harmony_update_device`, torch ops on the device in chunks of entries with an
-  exact partial selection (top-k threshold, ties resolved by index); the same masks as the reference. There is no
-  hand-written CUDA kernel.
-`HarmonyStream` takes the gradients in consecutive chunks of entries (layer by layer) and finishes with exactly the
-masks of the whole-vector call, keeping only each task's best k candidates ("cpp" on CPU, the torch-ops form
-elsewhere).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
+from harmodt_fast import _ext
 from harmodt_fast.ops._dispatch import register, select
 from harmodt_fast.ops.packing import pack_masks_torch, popcount_rows, unpack_masks_torch, words_for
 
-SCORES = ("fisher", "magnitude", "harmony")
 STAT_NAMES = ("pruned", "regrown", "mean_agreement", "conflict_fraction")
 
 
-def score_needs_weight(score: str) -> bool:
-    """Whether the prune score reads the weights |θ|."""
-    return score == "magnitude"
+# --- the scores -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Score:
+    """One prune score s_t. `key(g, w)`: s_t from the task's gradient g (float64 [..., n]) and the weights w
+    (float64 [n], None unless `needs_weight`), a tensor or a number that broadcasts against g; `cpp_id`: its id in
+    the C++ op (csrc/harmony.cpp: score_ids()), None where the C++ op does not implement it (the torch backend
+    runs it)."""
 
-_last_impl: dict[str, str] = {}
+    name: str
+    needs_weight: bool
+    key: Callable
+    cpp_id: int | None
 
 
-def last_implementation(op: str = "harmony_update") -> str | None:
-    """Which code ran the last call of `op`: "cpp", "torch-reference" or "torch-device" (None before any)."""
-    return _last_impl.get(op)
+# The one list of scores: the config's choices, the reference, the torch row engine and the C++ ids come from here.
+SCORE_TABLE: dict[str, Score] = {s.name: s for s in (
+    Score("fisher", needs_weight=False, key=lambda g, w: g * g, cpp_id=0),
+    Score("magnitude", needs_weight=True, key=lambda g, w: w.abs(), cpp_id=1),
+    Score("harmony", needs_weight=False, key=lambda g, w: 0.0, cpp_id=2),  # "+ 0.0": -0.0 becomes +0.0
+)}
 
 
+def score_names() -> tuple[str, ...]:
+    return tuple(SCORE_TABLE)
+
+
+def score_needs_weight(name: str) -> bool:
+    """Whether the score reads the weights |θ| (the caller may pass a dummy weight otherwise)."""
+    return SCORE_TABLE[name].needs_weight
+
+
+def cpp_score_reason(name: str) -> str | None:
+    """Why the cpp backend cannot run score `name` (None when it can)."""
+    if SCORE_TABLE[name].cpp_id is None:
+        return f"the cpp op does not implement score {name!r} (no C++ id in the score table)"
+    return None
+
+
+def _check_cpp_score_ids(module) -> str | None:
+    """The C++ op's score ids against the table (run once, as the extension loads): None when they agree."""
+    have = dict(module.score_ids()) if hasattr(module, "score_ids") else None
+    want = {s.name: s.cpp_id for s in SCORE_TABLE.values() if s.cpp_id is not None}
+    if have != want:
+        return (f"the C++ extension's score ids {have} do not match the score table's {want} in "
+                "harmodt_fast/ops/harmony.py (a stale build? rebuild it)")
+    return None
+
+
+_ext.add_load_check(_check_cpp_score_ids)
+
+
+# --- argument checks ------------------------------------------------------------------------------------------------
 def _check_masks_k(where: str, T: int, P: int, masks_packed, k, gamma, score) -> tuple[list[int], float]:
     """Checks masks, k, gamma and score for T tasks over P entries; returns (requested flips per task, gamma)."""
     if T < 1:
@@ -62,8 +92,8 @@ def _check_masks_k(where: str, T: int, P: int, masks_packed, k, gamma, score) ->
             f"{where}: masks_packed must be int32 [{T}, {words_for(P)}] for {T} tasks x {P} entries, "
             f"got {getattr(masks_packed, 'shape', None)} {getattr(masks_packed, 'dtype', None)}"
         )
-    if score not in SCORES:
-        raise ValueError(f"{where}: unknown score {score!r}; expected one of {SCORES}")
+    if score not in SCORE_TABLE:
+        raise ValueError(f"{where}: unknown score {score!r}; expected one of {score_names()}")
     gamma = float(gamma)
     if gamma != gamma or gamma in (float("inf"), float("-inf")):
         raise ValueError(f"{where}: gamma must be finite, got {gamma}")
@@ -82,13 +112,13 @@ def _check_finite(weight_flat, grads, score, where="harmony_update") -> None:
     bad = _nonfinite_tasks(grads)
     if bad:
         raise ValueError(f"{where}: grads contain NaN or inf for task(s) {bad[:10]}")
-    if score == "magnitude" and not bool(torch.isfinite(weight_flat).all()):
+    if score_needs_weight(score) and not bool(torch.isfinite(weight_flat).all()):
         raise ValueError(f"{where}: weight_flat contains NaN or inf")
 
 
 def check_harmony_args(weight_flat, grads, masks_packed, k, gamma, score, check_finite: bool = True) -> list[int]:
     """Validates the arguments of harmony_update; returns the requested flips per task. `check_finite=False` skips
-    the NaN/inf scan (the cpp op and the device path detect those in their own pass)."""
+    the NaN/inf scan (the row engines detect those in their own pass)."""
     if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or not grads.dtype.is_floating_point:
         raise ValueError(f"harmony_update: grads must be a floating tensor [T, P], got {getattr(grads, 'shape', grads)}")
     T, P = grads.shape
@@ -115,7 +145,14 @@ def _stats_dict(stats: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: stats[i].clone() for i, name in enumerate(STAT_NAMES)}
 
 
-# --- the reference ----------------------------------------------------------------------------------------------
+def _active_counts(masks_packed: torch.Tensor, P: int) -> list[int]:
+    if P % 32:
+        last = masks_packed[:, -1:] & ((1 << (P % 32)) - 1)  # bits past P are not entries
+        masks_packed = torch.cat([masks_packed[:, :-1], last], dim=1)
+    return [int(c) for c in popcount_rows(masks_packed).tolist()]
+
+
+# --- the reference (the specification) ---------------------------------------------------------------------------
 def harmony_update_torch(weight_flat, grads, masks_packed, ks: list[int], gamma: float, score: str):
     T, P = grads.shape
     gbar = grads[0].double().clone()
@@ -127,16 +164,12 @@ def harmony_update_torch(weight_flat, grads, masks_packed, ks: list[int], gamma:
     masks = unpack_masks_torch(masks_packed, P)
     new_masks = masks.clone()
     stats = {name: torch.zeros(T, dtype=torch.float64) for name in STAT_NAMES}
-    magnitude = weight_flat.double().abs() if score == "magnitude" else None
+    entry = SCORE_TABLE[score]
+    weight = weight_flat.double() if entry.needs_weight else None
     for t in range(T):
         g = grads[t].double()
         agreement = gbar * g
-        if score == "fisher":
-            prune_score = gamma * agreement + g * g
-        elif score == "magnitude":
-            prune_score = gamma * agreement + magnitude
-        else:
-            prune_score = gamma * agreement + 0.0
+        prune_score = gamma * agreement + entry.key(g, weight)
         active_idx = masks[t].nonzero().flatten()
         inactive_idx = (~masks[t]).nonzero().flatten()
         k_t = min(ks[t], active_idx.numel(), inactive_idx.numel())
@@ -151,205 +184,38 @@ def harmony_update_torch(weight_flat, grads, masks_packed, ks: list[int], gamma:
     return pack_masks_torch(new_masks), stats
 
 
-# --- torch ops on the device, streaming ---------------------------------------------------------------------------
-def _active_counts(masks_packed: torch.Tensor, P: int) -> list[int]:
-    if P % 32:
-        last = masks_packed[:, -1:] & ((1 << (P % 32)) - 1)  # bits past P are not entries
-        masks_packed = torch.cat([masks_packed[:, :-1], last], dim=1)
-    return [int(c) for c in popcount_rows(masks_packed).tolist()]
+# --- the op ---------------------------------------------------------------------------------------------------------
+# the backends run the row engines of harmony_rows.py (registered by name: that module imports this one)
+register("harmony_update", "torch", "harmodt_fast.ops.harmony_rows:_harmony_update_torch")
+register("harmony_update", "cpp", "harmodt_fast.ops.harmony_rows:_harmony_update_cpp")
+
+_last_impl: dict[str, str] = {}
+_fallback: dict[str, str] = {}
 
 
-def prune_scores(score: str, gamma: float, a: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
-                 offset: int) -> torch.Tensor:
-    """γ·a_t + s_t in float64 as the reference rounds it (no fused multiply-add), for g (float64) over entries
-    offset.. with agreement a; `weight` is read for the "magnitude" score only."""
-    if score == "fisher":
-        return gamma * a + g * g
-    if score == "magnitude":
-        magnitude = weight.double().abs()
-        if not bool(torch.isfinite(magnitude).all()):
-            raise ValueError(f"harmony_update: weight_flat contains NaN or inf (entries {offset}.."
-                             f"{offset + magnitude.numel()})")
-        return gamma * a + magnitude
-    return gamma * a + 0.0
+def last_implementation(op: str = "harmony_update") -> str | None:
+    """Which code ran the last call of `op`: "cpp", "torch-reference" (the specification, CPU tensors) or
+    "torch-device" (the torch row engine; other devices). None before any."""
+    return _last_impl.get(op)
 
 
-class TorchHarmonyStream:
-    """The harmony update from torch ops on the masks' device, fed consecutive chunks of entries.
-
-    Per chunk (split further into pieces of about `elements` T x p values, which bounds the temporaries): ḡ, a_t
-    and the prune scores exactly as the reference computes them, then per task the chunk's best K = max_t k_t
-    candidates by (key, index) (a top-k gives the K-th key; the entries below it plus the lowest-index ones equal to
-    it are exactly the stable sort's first K), merged with the best K so far. Candidates are O(T x K).
-    """
-
-    def __init__(self, num_tasks, total, masks_packed, ks, gamma, score, elements: int | None = None):
-        self.T, self.P = int(num_tasks), int(total)
-        self.masks = masks_packed
-        self.device = masks_packed.device
-        self.gamma, self.score = float(gamma), score
-        counts = _active_counts(masks_packed, self.P)
-        self.k = [min(k, c, self.P - c) for k, c in zip(ks, counts)]
-        self.K = max(self.k, default=0)
-        if elements is None:
-            elements = 1 << (25 if self.device.type == "cuda" else 21)
-        self.piece = max(1, int(elements) // self.T)
-        f64 = dict(dtype=torch.float64, device=self.device)
-        self._T = torch.tensor(float(self.T), **f64)
-        self._nan = torch.tensor(float("nan"), **f64)
-        empty_v, empty_i = torch.empty(self.T, 0, **f64), torch.empty(self.T, 0, dtype=torch.int64, device=self.device)
-        self._prune = (empty_v, empty_i)
-        self._grow = (empty_v, empty_i)
-        self._sum = torch.zeros(self.T, **f64)
-        self._neg = torch.zeros(self.T, dtype=torch.int64, device=self.device)
-        self.offset = 0
-        self._failed = self._finished = False
-
-    def feed(self, weight_chunk: torch.Tensor, grads_chunk: torch.Tensor) -> None:
-        if self._finished or self._failed:
-            raise RuntimeError("HarmonyStream: feed() after finish() or after a failed feed(); start a new stream")
-        n = grads_chunk.shape[1]
-        try:
-            for s in range(0, n, self.piece):
-                e = min(n, s + self.piece)
-                self._feed(weight_chunk[s:e], grads_chunk[:, s:e], self.offset + s)
-        except Exception:
-            self._failed = True
-            raise
-        self.offset += n
-
-    def _bits(self, off: int, n: int) -> torch.Tensor:
-        w0, w1 = off // 32, (off + n - 1) // 32 + 1
-        bits = unpack_masks_torch(self.masks[:, w0:w1], (w1 - w0) * 32)
-        return bits[:, off - 32 * w0 : off - 32 * w0 + n]
-
-    def _feed(self, w: torch.Tensor, g: torch.Tensor, off: int) -> None:
-        T, n = self.T, g.shape[1]
-        gd = g.to(torch.float64)
-        gbar = gd[0].clone()
-        for t in range(1, T):
-            gbar += gd[t]
-        gbar /= self._T
-        # the float64 sum is finite exactly when every task's entry is
-        if not bool(torch.isfinite(gbar).all()):
-            bad = _nonfinite_tasks(g)
-            if not bad:
-                raise ValueError(f"harmony_update: the sum of the task gradients overflows (entries {off}..{off + n})")
-            raise ValueError(f"harmony_update: grads contain NaN or inf for task(s) {bad[:10]} (entries {off}..{off + n})")
-        a = gbar * gd
-        self._sum += a.sum(dim=1)
-        self._neg += (a < 0).sum(dim=1)
-        if self.K == 0:
-            return
-        sc = prune_scores(self.score, self.gamma, a, gd, w, off)
-        act = self._bits(off, n)
-        idx = torch.arange(off, off + n, device=self.device)
-        # keys ascending, NaN = not a candidate; "+ 0.0" turns -0.0 into +0.0 so that bitwise (radix) orderings on
-        # the device agree with numeric equality
-        self._prune = self._merge(*self._prune, torch.where(act, sc + 0.0, self._nan), idx)
-        self._grow = self._merge(*self._grow, torch.where(act, self._nan, -a + 0.0), idx)
-
-    def _merge(self, cand_v, cand_i, key, idx):
-        T, n = key.shape
-        kc = min(self.K, n)
-        kth = torch.topk(key, kc, dim=1, largest=False, sorted=True).values[:, -1:]  # NaN sorts last
-        below = key < kth
-        equal = key == kth
-        need = kc - below.sum(dim=1, keepdim=True)
-        take = below | (equal & (equal.cumsum(dim=1) <= need))
-        take = torch.where(torch.isnan(kth), ~torch.isnan(key), take)  # fewer than kc candidates: all of them
-        pos = take.cumsum(dim=1) - 1
-        rows, cols = take.nonzero(as_tuple=True)
-        new_v = torch.full((T, kc), float("nan"), dtype=torch.float64, device=self.device)
-        new_i = torch.full((T, kc), -1, dtype=torch.int64, device=self.device)
-        slot = pos[rows, cols]
-        new_v[rows, slot] = key[rows, cols]
-        new_i[rows, slot] = idx[cols]
-        # earlier candidates have lower indices and come first: a stable sort by key keeps index order on ties
-        all_v, all_i = torch.cat([cand_v, new_v], dim=1), torch.cat([cand_i, new_i], dim=1)
-        order = torch.sort(all_v, dim=1, stable=True).indices[:, : self.K]
-        return all_v.gather(1, order), all_i.gather(1, order)
-
-    def finish(self):
-        if self._finished or self._failed:
-            raise RuntimeError("HarmonyStream: finish() twice or after a failed feed(); start a new stream")
-        if self.offset != self.P:
-            raise ValueError(f"HarmonyStream: finish() after {self.offset} of {self.P} entries were fed")
-        self._finished = True
-        new = self.masks.clone()
-        if self.P % 32:
-            new[:, -1] &= (1 << (self.P % 32)) - 1  # the output's bits past P are 0, like pack_masks
-        for t in range(self.T):
-            k = self.k[t]
-            if k == 0:
-                continue
-            prune, grow = self._prune[1][t, :k], self._grow[1][t, :k]
-            flips = torch.cat([prune, grow])
-            value = torch.cat([torch.zeros(k, dtype=torch.bool, device=self.device),
-                               torch.ones(k, dtype=torch.bool, device=self.device)])
-            words, where = torch.unique(flips // 32, return_inverse=True)
-            bits = unpack_masks_torch(new[t : t + 1, words], words.numel() * 32).view(words.numel(), 32)
-            bits[where, flips % 32] = value
-            new[t, words] = pack_masks_torch(bits.reshape(1, -1))[0]
-        P = max(self.P, 1)
-        stats = torch.stack([
-            torch.tensor(self.k, dtype=torch.float64), torch.tensor(self.k, dtype=torch.float64),
-            (self._sum / P).cpu(), (self._neg.double() / P).cpu(),
-        ])
-        return new, _stats_dict(stats)
+def fallback_reason(op: str = "harmony_update") -> str | None:
+    """Why the last "auto" call of `op` ("harmony_update", "harmony_rows") did not run cpp because of its score
+    (None when the score did not stand in the way)."""
+    return _fallback.get(op)
 
 
-def harmony_update_device(weight_flat, grads, masks_packed, ks: list[int], gamma: float, score: str):
-    """The whole-vector call through TorchHarmonyStream (torch ops on the tensors' device)."""
-    T, P = grads.shape
-    stream = TorchHarmonyStream(T, P, masks_packed, ks, gamma, score)
-    stream.feed(weight_flat, grads)
-    return stream.finish()
-
-
-def _harmony_update_torch_backend(weight_flat, grads, masks_packed, ks, gamma, score):
-    if grads.device.type == "cpu":
-        _last_impl["harmony_update"] = "torch-reference"
-        _check_finite(weight_flat, grads, score)
-        return harmony_update_torch(weight_flat, grads, masks_packed, ks, gamma, score)
-    _last_impl["harmony_update"] = "torch-device"
-    return harmony_update_device(weight_flat, grads, masks_packed, ks, gamma, score)
-
-
-# --- the C++ op -----------------------------------------------------------------------------------------------------
-class CppHarmonyStream:
-    """harmodt_fast._C.HarmonyState behind the stream interface (CPU tensors)."""
-
-    def __init__(self, num_tasks, total, masks_packed, ks, gamma, score):
-        from harmodt_fast._ext import load_extension
-
-        self._state = load_extension().HarmonyState(int(total), masks_packed, list(ks), float(gamma), SCORES.index(score))
-        self.k = list(self._state.k)
-
-    @property
-    def offset(self) -> int:
-        return self._state.offset
-
-    def feed(self, weight_chunk, grads_chunk) -> None:
-        self._state.feed(weight_chunk, grads_chunk)
-
-    def finish(self):
-        new, stats = self._state.finish()
-        return new, _stats_dict(stats)
-
-
-def harmony_update_cpp(weight_flat, grads, masks_packed, ks: list[int], gamma: float, score: str):
-    _last_impl["harmony_update"] = "cpp"
-    T, P = grads.shape
-    stream = CppHarmonyStream(T, P, masks_packed, ks, gamma, score)
-    stream.feed(weight_flat, grads)
-    return stream.finish()
-
-
-register("harmony_update", "torch", "harmodt_fast.ops.harmony:_harmony_update_torch_backend")
-register("harmony_update", "cpp", "harmodt_fast.ops.harmony:harmony_update_cpp")
-register("harmony_stream", "torch", "harmodt_fast.ops.harmony:TorchHarmonyStream")
-register("harmony_stream", "cpp", "harmodt_fast.ops.harmony:CppHarmonyStream")
+def select_for_score(op: str, backend: str, device: torch.device, score: str):
+    """`select` for a harmony op: a score without a C++ id cannot run on cpp, so "auto" takes torch (and
+    `fallback_reason(op)` says why) and "cpp" raises a RuntimeError with the reason."""
+    _fallback.pop(op, None)
+    reason = cpp_score_reason(score)
+    if reason is not None and backend == "cpp":
+        raise RuntimeError(f"{op}: the cpp backend cannot run here: {reason}")
+    if reason is not None and backend == "auto":
+        _fallback[op] = f"auto took torch: {reason}"
+        backend = "torch"
+    return select(op, backend, device)
 
 
 def harmony_update(
@@ -363,73 +229,18 @@ def harmony_update(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One harmony mask update for all tasks; returns (new packed masks [T, W], stats).
 
-    weight_flat [P]: the masked weights, flattened and concatenated; grads [T, P] (fp32 or bf16): each task's
-    gradient of its effective weight; masks_packed int32 [T, ceil(P/32)]; k: flips each way, an int or one per
-    task (clamped to the task's active and inactive counts). stats: float64 CPU tensors [T] "pruned", "regrown"
-    (flips made), "mean_agreement" (mean of a_t over all P entries) and "conflict_fraction" (share with a_t < 0).
-    NaN or inf in grads (or in weight_flat for score "magnitude") raise ValueError.
+    weight_flat [P]: the masked weights, flattened and concatenated; grads [T, P] (fp32 or bf16; rows may be
+    strided): each task's gradient of its effective weight; masks_packed int32 [T, ceil(P/32)]; k: flips each way,
+    an int or one per task (clamped to the task's active and inactive counts); score: a name of SCORE_TABLE (one
+    without a C++ id runs on torch). stats: float64 CPU tensors [T] "pruned", "regrown" (flips made),
+    "mean_agreement" (mean of a_t over all P entries) and "conflict_fraction" (share with a_t < 0). NaN or inf in
+    grads (or in weight_flat for a score that reads it) raise ValueError.
     """
     ks = check_harmony_args(weight_flat, grads, masks_packed, k, gamma, score, check_finite=False)
-    _, fn = select("harmony_update", backend, grads.device)
+    chosen, fn = select_for_score("harmony_update", backend, grads.device, score)
+    _last_impl["harmony_update"] = (chosen if chosen == "cpp" else
+                                    "torch-reference" if grads.device.type == "cpu" else "torch-device")
     return fn(weight_flat, grads, masks_packed, ks, float(gamma), score)
-
-
-class HarmonyStream:
-    """The harmony update fed layer by layer, for models whose [T, P] gradients do not fit at once.
-
-        stream = HarmonyStream(num_tasks, total_P, masks_packed, k, gamma, score)
-        for weight_chunk, grads_chunk in ...:        # consecutive entries, in order over P
-            stream.feed(weight_chunk, grads_chunk)   # [p], [T, p]; rows of grads_chunk may be strided
-        new_packed, stats = stream.finish()
-
-    The result is exactly that of `harmony_update` on the concatenated inputs. Extra memory: each task's best k
-    prune and regrow candidates (O(T x k); the cpp form keeps one such set per thread during a feed) plus
-    temporaries bounded by the chunk. masks_packed is read during the feeds: do not modify it before finish().
-    Bad chunks raise ValueError; a stream whose feed failed, or that finished, raises RuntimeError when used again.
-    """
-
-    def __init__(self, num_tasks: int, total_P: int, masks_packed: torch.Tensor, k: int | Sequence[int],
-                 gamma: float = 10.0, score: str = "fisher", backend: str = "auto"):
-        self.num_tasks, self.total = int(num_tasks), int(total_P)
-        if self.total < 0:
-            raise ValueError(f"HarmonyStream: total_P must be >= 0, got {total_P}")
-        ks, gamma = _check_masks_k("HarmonyStream", self.num_tasks, self.total, masks_packed, k, gamma, score)
-        self.backend, impl = select("harmony_stream", backend, masks_packed.device)
-        self.device = masks_packed.device
-        self._impl = impl(self.num_tasks, self.total, masks_packed, ks, gamma, score)
-
-    @property
-    def k(self) -> list[int]:
-        """The flips each task will make (k clamped to its active and inactive counts)."""
-        return list(self._impl.k)
-
-    @property
-    def offset(self) -> int:
-        """Entries fed so far."""
-        return self._impl.offset
-
-    def feed(self, weight_chunk: torch.Tensor, grads_chunk: torch.Tensor) -> None:
-        T = self.num_tasks
-        if not isinstance(grads_chunk, torch.Tensor) or grads_chunk.dim() != 2 or grads_chunk.shape[0] != T \
-                or not grads_chunk.dtype.is_floating_point:
-            raise ValueError(f"HarmonyStream.feed: grads_chunk must be a floating tensor [{T}, p], "
-                             f"got {getattr(grads_chunk, 'shape', grads_chunk)}")
-        p = grads_chunk.shape[1]
-        if not isinstance(weight_chunk, torch.Tensor) or weight_chunk.shape != (p,) \
-                or not weight_chunk.dtype.is_floating_point:
-            raise ValueError(f"HarmonyStream.feed: weight_chunk must be a floating tensor [{p}] to match grads_chunk "
-                             f"{tuple(grads_chunk.shape)}, got {getattr(weight_chunk, 'shape', weight_chunk)}")
-        if grads_chunk.device != self.device or weight_chunk.device != self.device:
-            raise ValueError(f"HarmonyStream.feed: chunks must be on {self.device} (the masks' device), got "
-                             f"{weight_chunk.device} and {grads_chunk.device}")
-        if self.offset + p > self.total:
-            raise ValueError(f"HarmonyStream.feed: entries {self.offset}..{self.offset + p} run past "
-                             f"total_P={self.total}")
-        self._impl.feed(weight_chunk, grads_chunk)
-
-    def finish(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(new packed masks [T, W], stats) as from `harmony_update`."""
-        return self._impl.finish()
 
 
 # --- task agreement -------------------------------------------------------------------------------------------
