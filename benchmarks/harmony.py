@@ -1,8 +1,9 @@
 """The harmony mask update at the paper scale: MT50 x the paper model's 4,718,592 masked weights.
 
-    python benchmarks/bench_harmony.py                      # CPU: cpp op vs the PyTorch reference
-    python benchmarks/bench_harmony.py --device cuda        # GPU: torch ops on the device vs the reference there
-    python benchmarks/bench_harmony.py --versus ../other     # the whole-buffer cpp op here vs another checkout
+    python -m harmodt_fast.benchmarks.harmony                   # CPU: cpp op vs the PyTorch reference
+    python -m harmodt_fast.benchmarks.harmony --device cuda     # GPU: torch ops on the device vs the reference there
+    python -m harmodt_fast.benchmarks.harmony --versus ../other # the whole-buffer cpp op here vs another checkout
+(or `harmodt-fast bench harmony ...`)
 
 Every case runs in a fresh subprocess, so that its peak memory is its own:
 - CPU: peak extra memory = VmHWM after the call - VmRSS just before it, from /proc/self/status, with free heap
@@ -40,12 +41,12 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 GRAD_SCALE = 1e-4
 
 
 from harmodt_fast.benchmarks.measure import machine, measure as _measure  # noqa: E402  (shared with scale.py)
+from harmodt_fast.ops.harmony import DEFAULT_GAMMA, DEFAULT_SCORE  # noqa: E402
 
 
 def _inputs(tasks: int, preset: str, device, dtype, seed: int = 0):
@@ -80,7 +81,7 @@ def worker(args) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     weight, grads, packed, sizes = _inputs(args.tasks, args.preset, device, dtype)
     T, P = grads.shape
-    k, gamma, score = args.k, 10.0, "fisher"
+    k, gamma, score = args.k, DEFAULT_GAMMA, DEFAULT_SCORE
 
     # warm-up on a small input: extension loading / JIT, lazy inits, CUDA context and kernels
     small = (weight[:4096], grads[:, :4096], packed[:, :128].contiguous())
@@ -153,11 +154,11 @@ gen = torch.Generator().manual_seed(0)
 grads = torch.randn(T, P, generator=gen) * 1e-4
 weight = torch.randn(P, generator=gen)
 packed = hf.ops.pack_masks(torch.rand(T, P, generator=gen) < 0.8)
-new = hf.ops.harmony_update(weight, grads, packed, k, 10.0, "fisher", backend="cpp")[0]  # warm-up (and load)
+new = hf.ops.harmony_update(weight, grads, packed, k, backend="cpp")[0]  # warm-up (and load)
 times = []
 for _ in range(calls):
     t0 = time.perf_counter()
-    hf.ops.harmony_update(weight, grads, packed, k, 10.0, "fisher", backend="cpp")
+    hf.ops.harmony_update(weight, grads, packed, k, backend="cpp")
     times.append(time.perf_counter() - t0)
 print(json.dumps({"times": times, "masks": hashlib.sha256(new.numpy().tobytes()).hexdigest(), "file": hf.__file__}))
 """
@@ -190,9 +191,9 @@ def versus(other: str, rounds: int, calls: int, k: int) -> int:
 
 # --- driver ---------------------------------------------------------------------------------------------------
 def run_case(args, case: str, dtype: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--dtype", dtype, "--device", args.device,
+    cmd = [sys.executable, "-m", __spec__.name, "--worker", case, "--dtype", dtype, "--device", args.device,
            "--tasks", str(args.tasks), "--preset", args.preset, "--k", str(args.k), "--repeats", str(args.repeats)]
-    print(f"[bench_harmony] {case} {dtype} ...", flush=True)
+    print(f"[harmony] {case} {dtype} ...", flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{case} failed:\n{res.stderr[-4000:]}")
@@ -255,8 +256,8 @@ def main(argv=None):
         "date": date,
         "machine": machine(),
         "load_average_1min_start_end": load,
-        "setup": {"tasks": args.tasks, "preset": args.preset, "k": args.k, "gamma": 10.0, "score": "fisher",
-                  "density": 0.8, "grad_scale": GRAD_SCALE, "repeats": args.repeats},
+        "setup": {"tasks": args.tasks, "preset": args.preset, "k": args.k, "gamma": DEFAULT_GAMMA,
+                  "score": DEFAULT_SCORE, "density": 0.8, "grad_scale": GRAD_SCALE, "repeats": args.repeats},
         "fp32_cases_identical": len(fp32_hashes) == 1,
         "rows": rows,
     }
@@ -281,7 +282,7 @@ def markdown(result: dict) -> str:
         + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; 1-min load average {result['load_average_1min_start_end']}"
         " (start, end; the machine is shared).",
         f"k = {s['k']} flips per task, gamma {s['gamma']}, score {s['score']}, ERK masks at density {s['density']}. "
-        "Peak extra memory: see the method in benchmarks/bench_harmony.py.",
+        "Peak extra memory: see the method in benchmarks/harmony.py.",
         "",
         "| case | grads | wall time (s) | CPU time (s) | load before | speed-up vs reference (wall) | peak extra memory "
         "| share of gradient buffer | masks = reference |",

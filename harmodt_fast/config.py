@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from harmodt_fast.ops.harmony import SCORE_TABLE  # the choices of `score` (read live: a registered score counts)
+from harmodt_fast.ops.harmony import DEFAULT_GAMMA, DEFAULT_SCORE, SCORE_TABLE  # the score choices: read live
 
 METHODS = ("harmodt", "prompt-dt", "mtdt")
 SCHEDULES = ("mixed", "round-robin")
@@ -34,9 +34,9 @@ class HarmoDTConfig:
     max_ep_len: int = 1000
     # method and masks
     method: str = "harmodt"
-    score: str = "fisher"
+    score: str = DEFAULT_SCORE
     density: float = 0.8
-    gamma: float = 10.0
+    gamma: float = DEFAULT_GAMMA
     mask_interval: int = 500
     eta_min: int = 0
     eta_max: int = 100

@@ -263,3 +263,19 @@ def test_the_streamed_update_peaks_far_below_the_whole_buffer(cpp_ext):
     assert streamed["peak"] <= whole["peak"] - buffer / 2, (streamed["peak"], whole["peak"], buffer)
     assert streamed["info"]["flips"] == whole["info"]["flips"] > 0
 
+
+
+def test_a_score_added_to_the_table_trains(monkeypatch):
+    """The product path with a score that exists only as a table entry (s_t = |g_t|, no C++ id): the update runs it
+    on the torch engine in both forms, with the masks of the op on the clipped task gradients."""
+    import harmodt_fast.ops.harmony as H
+
+    monkeypatch.setitem(H.SCORE_TABLE, "abs_grad", H.Score("abs_grad", needs_weight=False, key=lambda g, w: g.abs(),
+                                                           cpp_id=None))
+    cfg, model, batch = _model_and_batch(score="abs_grad")
+    want, _ = _op_on_first_pass_rows(cfg, _fresh(cfg, model), batch, group=5)
+    for group in (5, 2):
+        got, info, _, _ = _masks_after(method.mask_update, cfg, _fresh(cfg, model), batch, tasks_per_pass=group)
+        assert info["backend"] == "torch" and info["flips"] > 0 and got == want, group
+    fisher = HarmoDTConfig.from_dict({**cfg.to_dict(), "score": "fisher"})
+    assert _masks_after(method.mask_update, fisher, _fresh(fisher, model), batch)[0] != want  # |g| selects otherwise

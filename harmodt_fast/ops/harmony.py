@@ -25,6 +25,8 @@ from harmodt_fast.ops._dispatch import register, select
 from harmodt_fast.ops.packing import pack_masks_torch, popcount_rows, unpack_masks_torch, words_for
 
 STAT_NAMES = ("pruned", "regrown", "mean_agreement", "conflict_fraction")
+# the published prune trade-off and score: the defaults of the ops and of HarmoDTConfig (config.py reads them here)
+DEFAULT_GAMMA, DEFAULT_SCORE = 10.0, "fisher"
 
 
 # --- the scores -----------------------------------------------------------------------------------------------------
@@ -223,8 +225,8 @@ def harmony_update(
     grads: torch.Tensor,
     masks_packed: torch.Tensor,
     k: int | Sequence[int],
-    gamma: float = 10.0,
-    score: str = "fisher",
+    gamma: float = DEFAULT_GAMMA,
+    score: str = DEFAULT_SCORE,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One harmony mask update for all tasks; returns (new packed masks [T, W], stats).

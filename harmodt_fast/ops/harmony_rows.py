@@ -25,8 +25,9 @@ from typing import Sequence
 import torch
 
 from harmodt_fast.ops._dispatch import register
-from harmodt_fast.ops.harmony import (SCORE_TABLE, _active_counts, _check_finite, _check_masks_k, _nonfinite_tasks,
-                                      _stats_dict, harmony_update_torch, select_for_score)
+from harmodt_fast.ops.harmony import (DEFAULT_GAMMA, DEFAULT_SCORE, SCORE_TABLE, _active_counts, _check_finite,
+                                      _check_masks_k, _nonfinite_tasks, _stats_dict, harmony_update_torch,
+                                      select_for_score)
 from harmodt_fast.ops.packing import unpack_masks_torch
 
 
@@ -176,7 +177,7 @@ class HarmonyRows:
     (clamped to its active and inactive counts, from the whole masks)."""
 
     def __init__(self, num_tasks: int, total_P: int, masks_packed: torch.Tensor, k: int | Sequence[int],
-                 gamma: float = 10.0, score: str = "fisher", backend: str = "auto"):
+                 gamma: float = DEFAULT_GAMMA, score: str = DEFAULT_SCORE, backend: str = "auto"):
         self.num_tasks, self.total = int(num_tasks), int(total_P)
         if self.total < 0:
             raise ValueError(f"HarmonyRows: total_P must be >= 0, got {total_P}")
