@@ -110,3 +110,47 @@ def test_nothing_refers_to_files_outside_the_repo():
                 if pattern.search(line):
                     hits.append(f"{p.relative_to(ROOT)}:{n}")
     assert not hits, f"references to files outside the repository: {hits}"
+
+
+# ---- docs/architecture.md's recipes stay true -------------------------------------------------------------------
+# ops tested in a file named after another op or their module (everything else: tests/test_<op>.py)
+TESTED_WITH = {"harmony_rows": "test_harmony_update.py", "pack_masks": "test_packing.py",
+               "unpack_masks": "test_packing.py"}
+
+
+def test_every_registered_op_has_its_test_file():
+    import harmodt_fast.ops  # noqa: F401  (registers every op)
+    from harmodt_fast.ops import _dispatch
+
+    missing = {op: TESTED_WITH.get(op, f"test_{op}.py") for op in _dispatch._registry
+               if not (ROOT / "tests" / TESTED_WITH.get(op, f"test_{op}.py")).is_file()}
+    assert not missing, f"registered ops without their test file: {missing}"
+
+
+def _recipe_sections() -> str:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    parts = re.split(r"^(#+ .*)$", text, flags=re.M)
+    return "\n".join(body for head, body in zip(parts[1::2], parts[2::2]) if "Adding" in head)
+
+
+def test_the_recipes_name_files_and_names_that_exist():
+    recipes = _recipe_sections()
+    assert "Adding an op" in (ROOT / "docs" / "architecture.md").read_text() and recipes
+    source = "\n".join(p.read_text() for d in ("harmodt_fast", "kernels", "csrc", "benchmarks", "tests")
+                       for p in (ROOT / d).rglob("*") if p.suffix in {".py", ".cpp", ".h"})
+    bad = []
+    for token in re.findall(r"`([^`]+)`", recipes):
+        token = token.split("(")[0].strip()
+        if "<" in token or " " in token:  # a pattern (`tests/test_<op>.py`) or a command
+            continue
+        if "/" in token or token.endswith((".py", ".cpp", ".md")):
+            path = token.split("::")[0]
+            if not any((base / path).exists() for base in (ROOT, PACKAGE)):
+                bad.append(token)
+            elif "::" in token and f"def {token.split('::')[1]}(" not in (ROOT / path).read_text():
+                bad.append(token)
+        elif re.fullmatch(r"[A-Za-z_][\w.]*", token) and "_" in token or re.fullmatch(r"[A-Z][a-z]+[A-Z]\w*", token):
+            name = token.rsplit(".", 1)[-1]
+            if not re.search(rf"(def |class |^|\s){re.escape(name)}\b", source, flags=re.M):
+                bad.append(token)
+    assert not bad, f"docs/architecture.md's recipes name what does not exist: {bad}"
