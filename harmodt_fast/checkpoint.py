@@ -88,11 +88,11 @@ class RunState:
         warn_resume: warn about what a migration changes for a run that resumes from it (the trainer's rank 0)."""
         fmt = d.get("format", CHECKPOINT_FORMAT)
         while fmt != CHECKPOINT_FORMAT:
-            if fmt not in _MIGRATIONS:
+            if not isinstance(fmt, str) or fmt not in _MIGRATIONS:
                 raise CheckpointError(f"{name}: not a harmodt_fast checkpoint (format {fmt!r})")
             d = _MIGRATIONS[fmt](d, name, warn_resume)
             fmt = d["format"]
-        missing = [k for k in _REQUIRED if k not in d]
+        missing = [k for k in _REQUIRED if d.get(k) is None]
         if missing:
             raise CheckpointError(f"{name}: checkpoint lacks {missing}")
         state = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
@@ -154,7 +154,9 @@ def _from_format_1(d: dict, name: str, warn_resume: bool) -> dict:
     weights are dropped. Early format-1 files hold a list of sampler states, one per rank, each rank having drawn
     its own batch_per_task rows per task; batch_per_task is now the global batch, so such a run continues from
     rank 0's sampler with a global batch world_size times smaller."""
-    model = {k: v for k, v in d["model"].items() if not k.startswith(_REMOVED_HEADS)} if "model" in d else None
+    model = d.get("model")
+    if isinstance(model, dict):
+        model = {k: v for k, v in model.items() if not (isinstance(k, str) and k.startswith(_REMOVED_HEADS))}
     sampler = d.get("sampler")
     if isinstance(sampler, list):
         if len(sampler) > 1 and warn_resume:
@@ -162,7 +164,7 @@ def _from_format_1(d: dict, name: str, warn_resume: bool) -> dict:
                           f"batch_per_task rows per task (an older version); batch_per_task now means the global "
                           f"batch, so this run continues from rank 0's sampler with {len(sampler)}x fewer rows per "
                           f"step than before", stacklevel=4)
-        sampler = sampler[0]
+        sampler = sampler[0] if sampler else None
     migrated = {**d, "format": "harmodt_fast/2", "sampler": sampler}
     if model is not None:
         migrated["model"] = model
@@ -246,17 +248,15 @@ def read_run(source) -> tuple[RunState, str]:
 
 
 def check_consistent(state: RunState, name: str) -> None:
-    """The one check of a run state, before any model is built from it: CheckpointError naming the file and the
-    field or tensor. The config passes HarmoDTConfig's checks; the task list, statistics and prompts agree with it;
-    the model holds exactly the tensors (names, shapes, dtypes) the config's model has; every tensor's storage holds
-    its shape (a crafted stride-0 view is never materialised), every float is finite, every std > 0, every task's
-    mask keeps a weight."""
+    """The one check of a run state before any model is built from it (CheckpointError naming the file and field or
+    tensor): the config passes HarmoDTConfig's checks; tasks, statistics, prompts and the model's tensors (names,
+    shapes, dtypes) are those of the config's model; every storage holds its shape (a crafted stride-0 view is
+    never materialised); every float is finite, every std > 0, every task's mask keeps a weight."""
     _check_field_types(state, name)
     tensors = {f"model[{k!r}]": v for k, v in state.model.items()}
-    tensors.update({"state_mean": state.state_mean, "state_std": state.state_std,
-                    **{f"eval_prompts[{k!r}]": v for k, v in (state.eval_prompts or {}).items()}})
-    if state.task_agreement is not None:
-        tensors["task_agreement"] = state.task_agreement
+    tensors.update({f"eval_prompts[{k!r}]": v for k, v in (state.eval_prompts or {}).items()})
+    tensors.update({k: getattr(state, k) for k in ("state_mean", "state_std", "task_agreement")
+                    if getattr(state, k) is not None})
     for what, t in tensors.items():  # before anything reads the values
         _check_storage(t, f"{name}: {what}")
     try:
@@ -269,43 +269,47 @@ def check_consistent(state: RunState, name: str) -> None:
         problems.append(f"config.num_tasks is {state.config.get('num_tasks')} but the task list has {T} names")
     if state.config.get("tasks") is not None and list(state.config["tasks"]) != tasks:
         problems.append(f"config.tasks {list(state.config['tasks'])} differs from the task list {tasks}")
+    floats, ints = (torch.float32, torch.float64, torch.bfloat16, torch.float16), (torch.int64, torch.int32)
     for key in ("state_mean", "state_std"):
-        if tuple(getattr(state, key).shape) != (T, S):
-            problems.append(f"{key} has shape {tuple(getattr(state, key).shape)}, expected ({T}, {S})")
-    prompts = state.eval_prompts
-    if prompts is not None:
-        for f in (f.name for f in fields(Prompt)):
-            if f not in prompts or prompts[f].dim() == 0 or prompts[f].shape[0] != T:
-                shape = tuple(prompts[f].shape) if f in prompts else "missing"
-                problems.append(f"eval_prompts[{f!r}] is {shape}, expected one row per task ({T})")
+        if tuple(getattr(state, key).shape) != (T, S) or getattr(state, key).dtype not in floats:
+            problems.append(f"{key} has shape {tuple(getattr(state, key).shape)} ({getattr(state, key).dtype}), "
+                            f"expected ({T}, {S}) of floats")
+    prompts, Kp = state.eval_prompts, config.prompt_len
+    if prompts is None and config.use_prompt:
+        problems.append(f"eval_prompts is missing (method {config.method!r} acts with a prompt per task)")
+    want = {"states": ((T, Kp, S), floats), "actions": ((T, Kp, config.act_dim), floats),
+            "returns_to_go": ((T, Kp, 1), floats), "timesteps": ((T, Kp), ints), "attention_mask": ((T, Kp), (
+                torch.bool, *ints, *floats))}
+    for f, (shape, dtypes) in want.items() if prompts is not None else ():
+        got = prompts.get(f)
+        if got is None or tuple(got.shape) != shape or got.dtype not in dtypes:
+            what = f"{tuple(got.shape)} {got.dtype}" if got is not None else "missing"
+            problems.append(f"eval_prompts[{f!r}] is {what}, expected {shape} of {dtypes[0]}")
+        elif f == "timesteps" and not bool(((got >= 0) & (got < config.max_ep_len)).all()):
+            problems.append(f"eval_prompts['timesteps'] holds steps outside 0..{config.max_ep_len - 1}")
     if problems:
         raise CheckpointError(f"{name}: inconsistent checkpoint: " + "; ".join(problems))
     _check_model(state.model, config, tasks, name)
     for what, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{name}: {what} holds non-finite values (NaN or Inf)")
-    for key in ("state_mean", "state_std"):
-        if not getattr(state, key).is_floating_point():
-            raise CheckpointError(f"{name}: {key} has dtype {getattr(state, key).dtype}, expected a float dtype")
     if bool((state.state_std <= 0).any()):
         bad = [tasks[i] for i in (state.state_std <= 0).any(1).nonzero().flatten().tolist()]
         raise CheckpointError(f"{name}: state_std has entries <= 0 for task(s) {bad}")
 
 
-# field -> the types it may hold (None is allowed for the optional ones, RunState's defaults)
-_FIELD_TYPES = {"config": dict, "model": dict, "tasks": (list, tuple), "state_mean": torch.Tensor,
-                "state_std": torch.Tensor, "step": int, "eval_prompts": dict, "dataset_fingerprint": str,
-                "task_envs": dict, "optimizer": dict, "sampler": dict, "rng": list, "history": list,
-                "task_agreement": torch.Tensor, "world_size": int}
+# field -> the types it may hold (the optional ones may be None, RunState's defaults)
+_FIELD_TYPES = {"config": dict, "model": dict, "tasks": (list, tuple), "state_mean": torch.Tensor, "state_std":
+                torch.Tensor, "step": int, "eval_prompts": dict, "dataset_fingerprint": str, "task_envs": dict,
+                "optimizer": dict, "sampler": dict, "rng": list, "history": list, "task_agreement": torch.Tensor,
+                "world_size": int}
 
 
 def _check_field_types(state: RunState, name: str) -> None:
     """CheckpointError naming the first field of `state` that holds the wrong type."""
     for key, kinds in _FIELD_TYPES.items():
         value = getattr(state, key)
-        if value is None and key not in _REQUIRED:
-            continue
-        if not isinstance(value, kinds) or isinstance(value, bool):
+        if (value is not None or key in _REQUIRED) and (not isinstance(value, kinds) or isinstance(value, bool)):
             raise CheckpointError(f"{name}: {key} is a {type(value).__name__}, expected "
                                   f"{getattr(kinds, '__name__', 'list')}")
     if state.step < 0 or (state.world_size is not None and state.world_size < 1):
@@ -322,8 +326,8 @@ def _check_field_types(state: RunState, name: str) -> None:
 
 
 def _check_storage(t: torch.Tensor, what: str) -> None:
-    """Refuses a tensor whose storage is smaller than its shape (a stride-0 or overlapping view from a crafted
-    file): materialising it would allocate far more than the file holds."""
+    """Refuses a tensor whose storage is smaller than its shape (a crafted stride-0 view): materialising it would
+    allocate far more than the file holds."""
     if t.layout != torch.strided or t.is_meta:
         raise CheckpointError(f"{what}: a {t.layout} {t.device.type} tensor, expected a dense one")
     if t.numel() and t.untyped_storage().nbytes() < t.numel() * t.element_size():
@@ -356,9 +360,8 @@ def _check_model(model: dict, config, tasks: list[str], name: str) -> None:
     expected = _expected_model(config)
     missing, unexpected = sorted(set(expected) - set(model)), sorted(set(model) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{name}: model tensors differ from its config's model (missing {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                              f"{' ...' if len(unexpected) > 5 else ''})")
+        raise CheckpointError(f"{name}: model tensors differ from its config's model ({len(missing)} missing "
+                              f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]})")
     kept = torch.zeros(len(tasks), dtype=torch.bool)
     for key, (shape, is_mask) in expected.items():
         t = model[key]
@@ -385,14 +388,15 @@ def _check_resume_part(state: RunState, name: str) -> None:
     if not isinstance(opt.get("state"), dict) or not isinstance(groups, list) or not all(
             isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
         raise CheckpointError(f"{name}: optimizer is not an optimizer state (needs 'state' and 'param_groups')")
-    if sorted(i for g in groups for i in g["params"]) != list(range(len(shapes))):
+    ids = [i for g in groups for i in g["params"]]
+    if not all(isinstance(i, int) for i in ids) or sorted(ids) != list(range(len(shapes))):
         raise CheckpointError(f"{name}: optimizer covers {sum(len(g['params']) for g in groups)} parameters, the "
                               f"model has {len(shapes)}")
     bad = sorted({k for g in groups for k, v in g.items() if isinstance(v, float) and not math.isfinite(v)})
     if bad:
         raise CheckpointError(f"{name}: optimizer param_groups hold non-finite {bad}")
     for i, entry in opt["state"].items():
-        if not isinstance(entry, dict) or i not in range(len(shapes)):
+        if not isinstance(entry, dict) or not isinstance(i, int) or i not in range(len(shapes)):
             raise CheckpointError(f"{name}: optimizer state has an entry {i!r} for no parameter")
         for key in ("exp_avg", "exp_avg_sq", "step"):
             t = entry.get(key)
@@ -405,22 +409,20 @@ def _check_resume_part(state: RunState, name: str) -> None:
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"{name}: optimizer state[{i}][{key!r}] is not finite floats")
     rng_size = torch.get_rng_state().shape
-    for r, rng in enumerate(state.rng):
+    for r, rng in enumerate(state.rng or [None]):
         t = rng.get("torch") if isinstance(rng, dict) else None
         if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.shape != rng_size:
-            raise CheckpointError(f"{name}: rng[{r}] holds no torch generator state (a uint8 tensor of "
-                                  f"{tuple(rng_size)})")
-    if not state.rng or not isinstance(state.sampler.get("generator"), torch.Tensor):
-        raise CheckpointError(f"{name}: rng is empty or the sampler state has no 'generator' tensor")
+            raise CheckpointError(f"{name}: rng[{r}] holds no torch generator state (a uint8 tensor of {rng_size[0]})")
+    if not isinstance(state.sampler.get("generator"), torch.Tensor):
+        raise CheckpointError(f"{name}: the sampler state has no 'generator' tensor")
 
 
 # ---- export: config.json + safetensors, no pickle -------------------------------------------------------------------
 def export(run, folder) -> str:
     """Writes the policy of a run (checkpoint file, run folder, TrainResult, dict or RunState), checked first, to
     `folder` as config.json, model.safetensors (weights and packed masks) and tasks.safetensors (per-task
-    normalisation and prompts); `hf.load_policy(folder)` and `hf.evaluate(folder)` read it without unpickling
-    anything. Returns the folder. config.json, written last, holds the other files' sha256, and an earlier one is
-    removed first: a reader sees a whole export or an error, never new weights with an old config."""
+    normalisation and prompts), read by hf.load_policy / hf.evaluate without pickle; returns the folder. config.json
+    goes last with the others' sha256 (an old one first removed): readers see a whole export or an error."""
     from safetensors.torch import save
 
     state, _ = read_run(run)
