@@ -154,9 +154,8 @@ def _from_format_1(d: dict, name: str, warn_resume: bool) -> dict:
     weights are dropped. Early format-1 files hold a list of sampler states, one per rank, each rank having drawn
     its own batch_per_task rows per task; batch_per_task is now the global batch, so such a run continues from
     rank 0's sampler with a global batch world_size times smaller."""
-    model = d.get("model")
-    if isinstance(model, dict):
-        model = {k: v for k, v in model.items() if not (isinstance(k, str) and k.startswith(_REMOVED_HEADS))}
+    model = {k: v for k, v in d["model"].items() if not str(k).startswith(_REMOVED_HEADS)} if isinstance(
+        d.get("model"), dict) else d.get("model")
     sampler = d.get("sampler")
     if isinstance(sampler, list):
         if len(sampler) > 1 and warn_resume:
@@ -274,9 +273,7 @@ def check_consistent(state: RunState, name: str) -> None:
         if tuple(getattr(state, key).shape) != (T, S) or getattr(state, key).dtype not in floats:
             problems.append(f"{key} has shape {tuple(getattr(state, key).shape)} ({getattr(state, key).dtype}), "
                             f"expected ({T}, {S}) of floats")
-    prompts, Kp = state.eval_prompts, config.prompt_len
-    if prompts is None and config.use_prompt:
-        problems.append(f"eval_prompts is missing (method {config.method!r} acts with a prompt per task)")
+    prompts, Kp = state.eval_prompts, config.prompt_len  # None: acts on unseen tasks only (policy.py says so)
     want = {"states": ((T, Kp, S), floats), "actions": ((T, Kp, config.act_dim), floats),
             "returns_to_go": ((T, Kp, 1), floats), "timesteps": ((T, Kp), ints), "attention_mask": ((T, Kp), (
                 torch.bool, *ints, *floats))}
@@ -341,7 +338,7 @@ def _expected_model(config) -> dict[str, tuple[tuple[int, ...], bool]]:
     from harmodt_fast.model import HarmoDT
     from harmodt_fast.ops.packing import words_for
 
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = HarmoDT(dataclasses.replace(config, method="prompt-dt") if config.use_masks else config)
     expected = {k: (tuple(v.shape), False) for k, v in model.state_dict().items()}
     if config.use_masks:
@@ -349,6 +346,15 @@ def _expected_model(config) -> dict[str, tuple[tuple[int, ...], bool]]:
             expected[weight.removesuffix("weight") + "masks_packed"] = (
                 (config.num_tasks, words_for(layer.weight.numel())), True)
     return expected
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """No random initialisers on meta tensors (no values to fill; the first normal_ there imports for seconds)."""
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        tensor = args[0] if args else (kwargs or {}).get("tensor")  # torch.nn.init passes it by keyword
+        if getattr(func, "__name__", "") in ("normal_", "uniform_") and getattr(tensor, "is_meta", False):
+            return tensor
+        return func(*args, **(kwargs or {}))
 
 
 def _check_model(model: dict, config, tasks: list[str], name: str) -> None:
@@ -367,10 +373,9 @@ def _check_model(model: dict, config, tasks: list[str], name: str) -> None:
         t = model[key]
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{name}: model[{key!r}] has shape {tuple(t.shape)}, expected {shape}")
-        if is_mask and t.dtype != torch.int32:
-            raise CheckpointError(f"{name}: model[{key!r}] has dtype {t.dtype}, expected torch.int32 (packed masks)")
-        if not is_mask and not t.is_floating_point():
-            raise CheckpointError(f"{name}: model[{key!r}] has dtype {t.dtype}, expected a float dtype")
+        if (t.dtype != torch.int32) if is_mask else not t.is_floating_point():
+            raise CheckpointError(f"{name}: model[{key!r}] has dtype {t.dtype}, expected "
+                                  f"{'torch.int32 (packed masks)' if is_mask else 'a float dtype'}")
         if is_mask:
             kept |= (t != 0).any(1).cpu()
     if config.use_masks and not bool(kept.all()):
@@ -435,8 +440,7 @@ def export(run, folder) -> str:
     meta = {"format": EXPORT_FORMAT, "config": state.config, "tasks": list(state.tasks), "step": int(state.step),
             "dataset_fingerprint": state.dataset_fingerprint, "task_envs": state.task_envs or {},
             "files": {n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()}}
-    config_path = os.path.join(folder, "config.json")
-    if os.path.exists(config_path):
+    if os.path.exists(config_path := os.path.join(folder, "config.json")):
         os.unlink(config_path)
     for file_name, blob in blobs.items():
         atomic_write(os.path.join(folder, file_name), lambda f, blob=blob: f.write(blob))
@@ -459,9 +463,8 @@ def read_export(folder: str) -> RunState:
         if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
             raise CheckpointError(f"{paths['config.json']}: {key!r} is a {type(meta[key]).__name__}, expected "
                                   f"{kind.__name__}")
-    lacking = [k for k in ("config", "tasks") if k not in meta]
-    if lacking:
-        raise CheckpointError(f"{paths['config.json']}: lacks {lacking}")
+    if "config" not in meta or "tasks" not in meta:
+        raise CheckpointError(f"{paths['config.json']}: lacks {[k for k in ('config', 'tasks') if k not in meta]}")
     loaded = {}
     for name in ("model.safetensors", "tasks.safetensors"):
         with open(paths[name], "rb") as f:
@@ -475,15 +478,13 @@ def read_export(folder: str) -> RunState:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{paths[name]}: cannot be read as safetensors ({exc})") from exc
     per_task = loaded["tasks.safetensors"]
-    for key in ("state_mean", "state_std"):
-        if key not in per_task:
-            raise CheckpointError(f"{paths['tasks.safetensors']}: no {key!r} tensor")
     prompts = {k.removeprefix("prompt."): v for k, v in per_task.items() if k.startswith("prompt.")}
     return RunState.from_dict({
         "format": _EXPORT_TO_CHECKPOINT_FORMAT[meta["format"]], "config": meta["config"],
         "model": loaded["model.safetensors"], "step": meta.get("step", 0), "tasks": meta["tasks"],
-        "state_mean": per_task["state_mean"], "state_std": per_task["state_std"], "eval_prompts": prompts or None,
-        "dataset_fingerprint": meta.get("dataset_fingerprint"), "task_envs": meta.get("task_envs") or {}}, folder)
+        "state_mean": per_task.get("state_mean"), "state_std": per_task.get("state_std"),  # missing: from_dict says
+        "eval_prompts": prompts or None, "dataset_fingerprint": meta.get("dataset_fingerprint"),
+        "task_envs": meta.get("task_envs") or {}}, folder)
 
 
 def _read_export_meta(path: str) -> dict:

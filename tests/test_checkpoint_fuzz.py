@@ -58,17 +58,18 @@ def valid(tmp_path_factory):
 
 
 def use(source) -> None:
-    """Reads `source` as every reader does; anything read must also act and export. Only our errors may come out."""
+    """Reads `source` as every reader does, acts with it and exports it: only our errors may come out, and what
+    loads acts finitely."""
     try:
         state, _ = read_run(source)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.export(state, tmp)
+        policy = hf.load_policy(state, device="cpu", precision="fp32")
     except OURS:
         return
-    policy = hf.load_policy(state, device="cpu", precision="fp32")
     policy.reset(list(state.tasks))
     actions = policy.act(np.zeros((len(state.tasks), policy.config.state_dim)))
     assert np.isfinite(actions).all()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.export(state, tmp)
 
 
 def resume(ckpt: dict) -> None:

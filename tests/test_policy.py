@@ -123,7 +123,8 @@ def test_a_backend_that_cannot_run_is_refused_at_setup(run, monkeypatch):
         hf.load_policy(run, device="cpu", backend="tpu")
 
 
-@pytest.mark.parametrize("kw,message", [({"episodes": 2.5}, "episodes must be an integer in 1..50 (Meta-World has 50 goal variants), got 2.5"),
+@pytest.mark.parametrize("kw,message", [({"episodes": 2.5}, "episodes must be an integer in 1..50 (Meta-World has 50 "
+                                                          "goal variants), got 2.5"),
                                         ({"seed": 1.5}, "seed must be None or an integer >= 0, got 1.5"),
                                         ({"seed": -1}, "seed must be None or an integer >= 0, got -1"),
                                         ({"workers": -2}, "workers must be None or an integer >= 0"),
