@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +15,9 @@ METHODS = ("harmodt", "prompt-dt", "mtdt")
 SCHEDULES = ("mixed", "round-robin")
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("auto", "triton", "cpp", "torch")  # of the masked ops (harmodt_fast.ops); "auto": the fastest that runs
+# the largest model a config may describe: fp32 weights plus bit-packed masks (training needs about 4x more);
+# a bound on sanity, so that a crafted config (layers: 1000000) is refused before anything is built
+MAX_MODEL_BYTES = 64 * 2**30
 
 
 @dataclass
@@ -74,6 +79,7 @@ class HarmoDTConfig:
     extra: dict = field(default_factory=dict, repr=False)  # free-form notes carried into checkpoints
 
     def __post_init__(self):
+        self._check_types()
         if self.tasks is not None:
             self.tasks = tuple(self.tasks)
             self.num_tasks = len(self.tasks)
@@ -82,11 +88,16 @@ class HarmoDTConfig:
         self.logger = parse_loggers(self.logger, self.tensorboard)  # unknown name -> ValueError naming it
         checks = [
             (self.num_tasks >= 1, f"num_tasks must be >= 1, got {self.num_tasks}"),
+            (self.tasks is None or (all(self.tasks) and len(set(self.tasks)) == len(self.tasks)),
+             f"tasks must be distinct non-empty names, got {self.tasks}"),
+            (min(self.state_dim, self.act_dim) >= 1,
+             f"state_dim and act_dim must be >= 1, got {self.state_dim} and {self.act_dim}"),
             (self.hidden > 0 and self.heads > 0 and self.hidden % self.heads == 0,
              f"hidden ({self.hidden}) must be a positive multiple of heads ({self.heads})"),
             (self.layers >= 1 and self.mlp_hidden >= 1, "layers and mlp_hidden must be >= 1"),
             (self.activation in ("relu", "gelu"), f"activation must be 'relu' or 'gelu', got {self.activation!r}"),
             (self.context >= 1 and self.prompt_len >= 0, "context must be >= 1 and prompt_len >= 0"),
+            (self.max_ep_len >= 1, f"max_ep_len must be >= 1, got {self.max_ep_len}"),
             (self.method in METHODS, f"unknown method {self.method!r}; expected one of {METHODS}"),
             (self.score in SCORE_TABLE, f"unknown score {self.score!r}; expected one of {tuple(SCORE_TABLE)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}"),
@@ -94,19 +105,72 @@ class HarmoDTConfig:
             (self.steps > 0, f"steps must be > 0, got {self.steps}"),
             (self.batch_per_task >= 1, f"batch_per_task must be >= 1, got {self.batch_per_task}"),
             (self.mask_interval >= 1, f"mask_interval must be >= 1, got {self.mask_interval}"),
+            (0 <= self.eta_min <= self.eta_max,
+             f"eta_min and eta_max (flips per mask update) must satisfy 0 <= eta_min <= eta_max, got "
+             f"eta_min={self.eta_min}, eta_max={self.eta_max}"),
+            (self.eta_max <= self.masked_weights(),
+             f"eta_max ({self.eta_max} flips per mask update) exceeds the {self.masked_weights()} masked weights"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
             (self.mask_update_memory_mb > 0, f"mask_update_memory_mb must be > 0, got {self.mask_update_memory_mb}"),
             (0.0 <= self.flip_fraction < 1.0, f"flip_fraction must be in [0, 1), got {self.flip_fraction}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.grad_clip > 0, f"grad_clip must be > 0 (the gradient norm clipped to), got {self.grad_clip}"),
+            (self.task_grad_clip > 0, f"task_grad_clip must be > 0, got {self.task_grad_clip}"),
             (min(self.log_every, self.checkpoint_every) >= 1 and self.eval_every >= 0,
              "log_every and checkpoint_every must be >= 1, eval_every >= 0"),
+            (min(self.eval_episodes, self.eval_max_steps) >= 1,
+             f"eval_episodes and eval_max_steps must be >= 1, got {self.eval_episodes} and {self.eval_max_steps}"),
+            (self.eval_workers is None or self.eval_workers >= 0,
+             f"eval_workers must be None or >= 0, got {self.eval_workers}"),
+            (self.rtg_scale > 0, f"rtg_scale must be > 0, got {self.rtg_scale}"),
+            (0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}"),
             (self.merge_threshold is None or 1 <= self.merge_threshold <= self.num_tasks,
              f"merge_threshold must be None or in 1..num_tasks ({self.num_tasks}), got {self.merge_threshold}"),
+            (self.model_bytes() <= MAX_MODEL_BYTES,
+             f"the model would take {self.model_bytes() / 2**30:.1f} GiB (hidden={self.hidden}, layers="
+             f"{self.layers}, mlp_hidden={self.mlp_hidden}, max_ep_len={self.max_ep_len}, num_tasks="
+             f"{self.num_tasks}), over the {MAX_MODEL_BYTES // 2**30} GiB any config may describe"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"HarmoDTConfig: {msg}")
+
+    def _check_types(self) -> None:
+        """Every field holds its declared type (ints are ints, not bools or fractions; floats are finite numbers),
+        else a ValueError naming the field; ints and floats given as other number types are converted."""
+        for name, kind in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+            if value is None and type(None) in options:
+                continue
+            plain = [o for o in options if o is not type(None)]
+            converted = _as_type(value, plain)
+            if converted is _WRONG:
+                raise ValueError(f"HarmoDTConfig: {name} must be {_describe(kind)}, got {value!r} "
+                                 f"({type(value).__name__})")
+            setattr(self, name, converted)
+
+    def masked_weights(self) -> int:
+        """Entries of the masked weights (QKV, attention output, MLP in and out of every block), from the fields."""
+        H, M = self.hidden, self.mlp_hidden
+        return self.layers * (4 * H * H + 2 * H * M)
+
+    def num_parameters(self) -> int:
+        """The model's parameter count, from the fields alone (HarmoDT(config).num_parameters(), without building
+        it: a config is checked against it before any model exists)."""
+        H, M, A = self.hidden, self.mlp_hidden, self.act_dim
+        embedding = H * (self.max_ep_len + self.state_dim + A + 4)  # timestep table and the R, s, a projections
+        block = 4 * H * H + 2 * H * M + 9 * H + M  # masked projections with biases, two layer norms
+        return (embedding * (2 if self.use_prompt else 1) + 4 * H + H * A + A + self.layers * block)
+
+    def model_bytes(self) -> int:
+        """Bytes of the model's fp32 weights and bit-packed task masks (about; the bound MAX_MODEL_BYTES checks)."""
+        masks = self.num_tasks * self.masked_weights() // 8 if self.use_masks else 0
+        return 4 * self.num_parameters() + masks
 
     @property
     def use_masks(self) -> bool:
@@ -185,10 +249,49 @@ class HarmoDTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HarmoDTConfig":
+        """The config of a dict (to_dict's, or a file's JSON): unknown fields and values of the wrong type are a
+        ValueError naming the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a dict of fields, got {type(d).__name__}")
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}")
         return cls(**d)
+
+
+_WRONG = object()  # _as_type's "no such value of these types"
+
+
+def _as_type(value, kinds):
+    """`value` as the first of `kinds` (declared field types) it fits, or _WRONG."""
+    for kind in kinds:
+        origin = typing.get_origin(kind) or kind
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+        elif origin is int:
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                return int(value)
+        elif origin is float:
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value)
+        elif origin is str:
+            if isinstance(value, str):
+                return value
+        elif origin is tuple:
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+        elif origin is dict:
+            if isinstance(value, dict):
+                return value
+    return _WRONG
+
+
+def _describe(kind) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             dict: "a dict", type(None): "None"}
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    return " or ".join(names.get(o, "a list of strings") for o in options)
 
 
 PRESETS: dict[str, dict] = {

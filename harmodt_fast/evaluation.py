@@ -80,10 +80,11 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     "model_time_share" (model time / wall time of the call), the timings, the device, precision and backend that ran.
     """
     wall0 = time.perf_counter()
+    _check_counts(episodes, max_episode_steps, seed=seed, workers=workers, max_envs=max_envs,
+                  merge_threshold=merge_threshold)  # before anything is read
     state, source = _load(checkpoint_or_result)
     trained = list(state.tasks)
     requested, order, new, threshold = task_order(state, tasks, unseen, merge_threshold, source)
-    _check_counts(episodes, max_episode_steps)
     torch.manual_seed(seed)
     dev = pick_device(device) if model is None else next(model.parameters()).device
     from harmodt_fast.ops._dispatch import check_backend
@@ -158,10 +159,17 @@ def _environment(task: str, state: RunState, name: str):
     return ("spec", spec_json)
 
 
-def _check_counts(episodes: int, max_episode_steps: int) -> None:
-    if not isinstance(episodes, (int, np.integer)) or not 1 <= episodes <= 50:
+def _check_counts(episodes: int, max_episode_steps: int, **optional) -> None:
+    """ValueError naming an argument that is not an integer in its range (optional ones: seed >= 0, workers >= 0,
+    max_envs >= 1, merge_threshold >= 1, each may be None)."""
+    for name, value in optional.items():
+        low = 1 if name in ("max_envs", "merge_threshold") else 0
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low):
+            raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
+    if not isinstance(episodes, (int, np.integer)) or isinstance(episodes, bool) or not 1 <= episodes <= 50:
         raise ValueError(f"episodes must be an integer in 1..50 (Meta-World has 50 goal variants), got {episodes!r}")
-    if not isinstance(max_episode_steps, (int, np.integer)) or not 1 <= max_episode_steps <= MAX_EPISODE_STEPS:
+    if not isinstance(max_episode_steps, (int, np.integer)) or isinstance(max_episode_steps, bool) or \
+            not 1 <= max_episode_steps <= MAX_EPISODE_STEPS:
         raise ValueError(f"max_episode_steps must be an integer in 1..{MAX_EPISODE_STEPS}, got {max_episode_steps!r}")
 
 
@@ -280,7 +288,7 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
     Returns per-episode arrays [T, E] ("success", "returns", "lengths"), counters, timings and the policy.
     """
     tasks = list(tasks)
-    _check_counts(episodes, max_episode_steps)
+    _check_counts(episodes, max_episode_steps, seed=seed, workers=workers, max_envs=max_envs)
     T = len(tasks)
     if workers is None:
         workers = os.cpu_count() or 1

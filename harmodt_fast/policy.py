@@ -103,6 +103,9 @@ def policy_from_checkpoint(state: RunState, order, device: torch.device, *, new=
         if new or backend is not None:
             raise ValueError("a given model takes no unseen tasks and no backend: they would change it")
     else:
+        from harmodt_fast.ops._dispatch import check_backend
+
+        check_backend(config.backend if backend is None else backend, device)  # at setup, not at the first act()
         model, _ = model_from_checkpoint(state, device=device)
         if backend is not None:
             for layer in model.masked_layers().values():

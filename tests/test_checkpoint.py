@@ -1,6 +1,8 @@
 """The run state on disk (harmodt_fast/checkpoint.py): every field survives a save and a load, a file that would
 run code is refused, the resume compatibility rule and its messages, and older formats are migrated (format 1:
-the untrained state and return heads, one sampler state per rank; export format 1 likewise)."""
+the untrained state and return heads, one sampler state per rank; export format 1 likewise). Broken checkpoints
+and exports (issue 21's probe cases) are refused with a CheckpointError naming the file and what is wrong, before
+any model is built; an export's files are checked together."""
 import dataclasses
 import json
 import os
@@ -229,3 +231,178 @@ def test_a_format_1_export_with_the_heads_loads(runs, tmp_path):
     with pytest.raises(CheckpointError, match=r"not a harmodt_fast export \(format 'harmodt_fast-export/9', "
                                               r"expected 'harmodt_fast-export/2'\)"):
         read_export(folder)
+
+
+# ---- validation before any work (issue 21: findings 3 and 6) -------------------------------------------------------
+def broken(state: RunState, **changes) -> RunState:
+    """A copy of `state` with `changes`: "config.<field>" and "model.<key>" (None drops the key) edit inside."""
+    d = {**state.to_dict(), "config": dict(state.config), "model": dict(state.model)}
+    for key, value in changes.items():
+        part, _, inner = key.partition(".")
+        target = d[part] if inner else d
+        inner = inner or key
+        if value is None:
+            target.pop(inner)
+        else:
+            target[inner] = value
+    return d
+
+
+MASK = "blocks.0.attn.c_attn.masks_packed"
+WEIGHT = "blocks.0.attn.c_attn.weight"
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"config.hidden": "64"}, r"config: HarmoDTConfig: hidden must be an integer, got '64'"),
+    ({"config.layers": 2.5}, r"config: HarmoDTConfig: layers must be an integer, got 2\.5"),
+    ({"config.layers": 1_000_000}, r"config: HarmoDTConfig: the model would take .* GiB \(hidden=64, layers=1000000"),
+    ({"config.layers": 3}, r"config\.layers is 3 but the model holds 2 blocks"),
+    ({"config.hidden": 128}, r"model\['embed\.timestep\.weight'\] has shape \(500, 64\), expected \(500, 128\)"),
+    ({"config": None}, r"checkpoint lacks \['config'\]"),
+    ({"tasks": None}, r"checkpoint lacks \['tasks'\]"),
+    ({"tasks": ["reach-v3", "reach-v3"]}, r"tasks must be distinct non-empty names"),
+    ({"config.num_tasks": 3, "config.tasks": None}, r"config\.num_tasks is 3 but the task list has 2 names"),
+    ({"model." + WEIGHT: None, "model.renamed.weight": torch.zeros(192, 64)},
+     r"model tensors differ .*1 missing \['blocks\.0\.attn\.c_attn\.weight'\], 1 unexpected \['renamed\.weight'\]"),
+    ({"model." + WEIGHT: torch.zeros(64, 64)}, r"model\['blocks\.0\.attn\.c_attn\.weight'\] has shape \(64, 64\), "
+                                               r"expected \(192, 64\)"),
+    ({"model." + WEIGHT: torch.zeros(192, 64, dtype=torch.int64)}, r"c_attn\.weight'\] has dtype torch\.int64"),
+    ({"model." + MASK: torch.zeros(2, 384)},
+     r"c_attn\.masks_packed'\] has dtype torch\.float32, expected torch\.int32"),
+    ({"model." + WEIGHT: torch.full((192, 64), float("nan"))}, r"c_attn\.weight'\] holds non-finite values"),
+    ({"state_std": torch.zeros(2, 39)}, r"state_std has entries <= 0 for task\(s\) \['reach-v3', 'button-press-v3'\]"),
+    ({"state_mean": torch.zeros(2, 38)}, r"state_mean has shape \(2, 38\) \(torch.float32\), expected \(2, 39\)"),
+    ({"step": "2"}, r"step is a str, expected int"),
+    ({"model": [1, 2]}, r"model is a list, expected dict"),
+])
+def test_broken_run_states_are_refused_naming_what(runs, tmp_path, changes, message):
+    root, _ = runs
+    bad = broken(RunState.load(str(root / "half")), **changes)
+    path = save_atomic(bad, str(tmp_path / "run" / "checkpoint.pt"))
+    for reader in (read_run, hf.load_policy, lambda p: hf.export(p, tmp_path / "export")):
+        with pytest.raises(CheckpointError, match=rf"checkpoint\.pt: .*{message}"):
+            reader(path)
+    assert not (tmp_path / "export").exists()  # export refuses a broken source before writing anything
+    with pytest.raises(CheckpointError, match=message):
+        read_run(bad)
+
+
+def test_all_zero_masks_are_refused(runs):
+    root, _ = runs
+    state = RunState.load(str(root / "half"))
+    model = {k: (torch.cat([v[:1], torch.zeros_like(v[1:])]) if k.endswith("masks_packed") else v)
+             for k, v in state.model.items()}
+    with pytest.raises(CheckpointError, match=r"masks of task\(s\) \['button-press-v3'\] keep no weight"):
+        read_run(dataclasses.replace(state, model=model))
+
+
+def test_a_stride_0_tensor_is_refused_before_anything_allocates_it(runs, tmp_path):
+    """A 2 MB file can hold a view of shape (3e9,) over one element: reading it must not materialise 12 GB."""
+    root, _ = runs
+    huge = torch.zeros(1).expand(3_000_000_000)
+    for key in ("model." + WEIGHT, "state_mean"):
+        path = save_atomic(broken(RunState.load(str(root / "half")), **{key: huge}), str(tmp_path / "c.pt"))
+        assert os.path.getsize(path) < 4_000_000
+        what = r"model\['blocks\.0\.attn\.c_attn\.weight'\]" if key.startswith("model") else "state_mean"
+        for reader in (read_run, lambda p: hf.export(p, tmp_path / "export")):
+            with pytest.raises(CheckpointError, match=rf"c\.pt: {what}: shape \(3000000000,\) needs 12000000000 "
+                                                      r"bytes but its storage holds 4"):
+                reader(path)
+
+
+def test_export_configs_that_do_not_fit_their_tensors_are_refused(runs, tmp_path):
+    """config.json beside a small model.safetensors claiming a huge model: refused before any model is built."""
+    root, _ = runs
+    folder = hf.export(str(root / "half"), tmp_path / "export")
+    meta = json.loads(open(os.path.join(folder, "config.json")).read())
+    for changes, message in (({"layers": 1_000_000}, r"the model would take .* GiB"),
+                             ({"hidden": 60000}, r"the model would take .* GiB"),
+                             ({"layers": 40}, r"config\.layers is 40 but the model holds 2 blocks"),
+                             ({"hidden": "64"}, r"hidden must be an integer")):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**meta, "config": {**meta["config"], **changes}}, f)
+        for reader in (read_run, hf.load_policy):
+            with pytest.raises(CheckpointError, match=rf"export: config: .*{message}|export: {message}"):
+                reader(folder)
+    for key, value, message in (("tasks", None, r"lacks \['tasks'\]"), ("config", None, r"lacks \['config'\]"),
+                                ("step", "6", r"'step' is a str, expected int"),
+                                ("config", [1], r"'config' is a list, expected dict")):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({k: v for k, v in {**meta, key: value}.items() if v is not None}, f)
+        with pytest.raises(CheckpointError, match=rf"config\.json: {message}"):
+            read_run(folder)
+
+
+def test_an_interrupted_or_mixed_export_never_loads(runs, tmp_path, monkeypatch):
+    import harmodt_fast.checkpoint as ckpt
+
+    root, _ = runs
+    state = RunState.load(str(root / "half"))
+    other = dataclasses.replace(state, model={k: (v + 1 if v.is_floating_point() else v) for k, v in
+                                              state.model.items()})
+    hf.export(state, tmp_path / "a")
+    hf.export(other, tmp_path / "b")
+    # new weights beside the old config: named, not loaded
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"a/model\.safetensors: not the file .*config\.json was written with"):
+        hf.load_policy(str(tmp_path / "a"))
+    # a re-export killed after its first file: the folder holds no config.json, so nothing loads
+    hf.export(state, tmp_path / "a")
+    writes = []
+
+    def dies_after_one_file(path, write, binary=True):
+        if writes:
+            raise KeyboardInterrupt
+        writes.append(path)
+        return ckpt.atomic_write.__wrapped__(path, write, binary)
+
+    dies_after_one_file.__wrapped__ = ckpt.atomic_write
+    monkeypatch.setattr(ckpt, "atomic_write", dies_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        hf.export(other, tmp_path / "a")
+    monkeypatch.undo()
+    assert writes == [str(tmp_path / "a" / "model.safetensors")]
+    with pytest.raises(CheckpointError, match=r"a/config\.json: missing"):
+        hf.load_policy(str(tmp_path / "a"))
+    hf.export(other, tmp_path / "a")  # exported again, it loads
+    assert torch.equal(read_run(str(tmp_path / "a"))[0].model[WEIGHT], other.model[WEIGHT])
+
+
+def test_resume_parts_that_do_not_fit_are_refused(runs, tmp_path):
+    """A resume whose optimizer, rng or sampler state is missing or does not fit the model: CheckpointError naming
+    the part, before the trainer loads any of it (not a KeyError, or a RuntimeError inside Adam)."""
+    root, _ = runs
+    state = RunState.load(str(root / "half"))
+    opt = state.optimizer
+    wrong_moment = {**opt, "state": {**opt["state"], 3: {**opt["state"][3], "exp_avg": torch.zeros(7)}}}
+    nan_moment = {**opt, "state": {**opt["state"], 0: {**opt["state"][0],
+                                                       "exp_avg_sq": opt["state"][0]["exp_avg_sq"] * float("nan")}}}
+    no_step = {**opt, "state": {**opt["state"], 0: {k: v for k, v in opt["state"][0].items() if k != "step"}}}
+    for changes, message in (
+            ({"optimizer": {"param_groups": opt["param_groups"]}}, r"optimizer is not an optimizer state"),
+            ({"optimizer": wrong_moment}, r"optimizer state\[3\]\['exp_avg'\] has shape \(7,\), the parameter has"),
+            ({"optimizer": nan_moment}, r"optimizer state\[0\]\['exp_avg_sq'\] is not finite"),
+            ({"optimizer": no_step}, r"optimizer state\[0\] lacks the tensor 'step'"),
+            ({"optimizer": {**opt, "param_groups": [{**opt["param_groups"][0], "params": [0, 1]}]}},
+             r"optimizer covers 2 parameters, the model has"),
+            ({"rng": [{"cuda": None}]}, r"rng\[0\] holds no torch generator state"),
+            ({"rng": []}, r"rng\[0\] holds no torch generator state"),
+            ({"sampler": {"tasks": list(TASKS)}}, r"sampler state has no 'generator'"),
+            ({"model." + WEIGHT: state.model[WEIGHT] * float("nan")}, r"c_attn\.weight'\] holds non-finite"),
+            ({"optimizer": None}, r"holds no resume state \(optimizer missing")):
+        folder = tmp_path / f"r{len(os.listdir(tmp_path))}"
+        save_atomic(broken(state, **changes), str(folder / "checkpoint.pt"))
+        with pytest.raises(CheckpointError, match=rf"checkpoint\.pt.*{message}"):
+            trainer(folder)
+
+
+def test_the_cli_prints_one_line_for_a_broken_checkpoint(runs, tmp_path, capsys):
+    from harmodt_fast.cli import main
+
+    root, _ = runs
+    path = save_atomic(broken(RunState.load(str(root / "half")), **{"model." + WEIGHT: torch.zeros(64, 64)}),
+                       str(tmp_path / "bad.pt"))
+    for argv in (["export", path, str(tmp_path / "export")], ["evaluate", path, "--no-plots"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "bad.pt: model['blocks.0.attn.c_attn.weight'] has shape" in err, err

@@ -3,6 +3,7 @@ pickle-free exports (checkpoints that would run code are refused: test_checkpoin
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -108,3 +109,28 @@ def test_export_loads_without_pickle_and_acts_the_same(run, tmp_path, monkeypatc
 def test_our_checkpoints_load_with_weights_only(run):
     ckpt = torch.load(run.checkpoint, weights_only=True)  # the resume state too (sampler, RNG, history)
     assert ckpt["step"] == 6 and ckpt["sampler"]["tasks"] == TASKS
+
+
+def test_a_backend_that_cannot_run_is_refused_at_setup(run, monkeypatch):
+    """load_policy(backend="triton") on a CPU machine without the interpreter raises when loading, not at act()."""
+    from harmodt_fast import ops
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops._dispatch, "_decisions", {})
+    with pytest.raises(RuntimeError, match="the triton backend cannot run here"):
+        hf.load_policy(run, device="cpu", backend="triton")
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        hf.load_policy(run, device="cpu", backend="tpu")
+
+
+@pytest.mark.parametrize("kw,message", [({"episodes": 2.5}, "episodes must be an integer in 1..50 (Meta-World has 50 "
+                                                          "goal variants), got 2.5"),
+                                        ({"seed": 1.5}, "seed must be None or an integer >= 0, got 1.5"),
+                                        ({"seed": -1}, "seed must be None or an integer >= 0, got -1"),
+                                        ({"workers": -2}, "workers must be None or an integer >= 0"),
+                                        ({"max_envs": 0}, "max_envs must be None or an integer >= 1"),
+                                        ({"merge_threshold": 1.5}, "merge_threshold must be None or an integer"),
+                                        ({"max_episode_steps": True}, "max_episode_steps must be an integer")])
+def test_evaluate_refuses_bad_arguments_before_reading_anything(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        hf.evaluate(str(tmp_path / "no-such-run"), **kw)  # the arguments are checked before the run is looked for
