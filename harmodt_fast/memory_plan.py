@@ -213,12 +213,10 @@ class _ModelShapes:
 
 
 def _model_shapes(config: HarmoDTConfig) -> _ModelShapes:
-    """The model's sizes from a build on the meta device (no memory; masks are not drawn)."""
-    from harmodt_fast.model import HarmoDT
+    """The model's sizes from its shapes-only build (model.meta_model: no memory, no masks drawn)."""
+    from harmodt_fast.model import meta_model
 
-    method = "prompt-dt" if config.use_masks else config.method  # the same modules, without drawing masks
-    with torch.device("meta"):
-        model = HarmoDT(HarmoDTConfig.from_dict({**config.to_dict(), "method": method}))
+    model = meta_model(config)
     # autocast's weight copies that backward keeps: of the Linears whose input needs a gradient (the blocks' and
     # the action head's; the embeddings' inputs are data)
     cast = sum(m.weight.numel() for n, m in model.named_modules()

@@ -256,3 +256,22 @@ class HarmoDT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class _NoRandomInit(torch.overrides.TorchFunctionMode):
+    """Skips random initialisers on meta tensors: there are no values to fill, and the first normal_ on meta
+    costs seconds (it imports the meta kernels)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        tensor = args[0] if args else (kwargs or {}).get("tensor")  # torch.nn.init passes it by keyword
+        if getattr(func, "__name__", "") in ("normal_", "uniform_") and getattr(tensor, "is_meta", False):
+            return tensor
+        return func(*args, **(kwargs or {}))
+
+
+def meta_model(config: HarmoDTConfig) -> HarmoDT:
+    """HarmoDT(config)'s modules on the meta device: shapes only (no memory, no random draws, no masks drawn, so
+    the masked layers have no masks_packed)."""
+    with torch.device("meta"), _NoRandomInit():
+        return HarmoDT(HarmoDTConfig.from_dict({**config.to_dict(), "method": "prompt-dt"}) if config.use_masks
+                       else config)
