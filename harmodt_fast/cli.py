@@ -304,12 +304,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs one command; returns the exit status: 2 for bad input, 1 for a run that cannot go on (its folder in
+    use, a file it cannot write, divergence), 128 + the signal's number for a run stopped by SIGTERM (after its
+    checkpoint), one line on stderr each. SIGINT (Ctrl-C) ends with its KeyboardInterrupt as any Python program."""
+    import signal
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as exc:  # bad input: one clear line, no traceback
         print(f"harmodt-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "signal", signal.SIGINT)  # a trainer's TrainingStopped: the signal that stopped it
+        if number == signal.SIGINT:
+            raise
+        print(f"harmodt-fast {args.command}: {exc}", file=sys.stderr)
+        return 128 + (number or signal.SIGTERM)  # None: another data-parallel rank's signal (torchrun: SIGTERM)
+    except RuntimeError as exc:
+        from harmodt_fast.trainer import TrainingError
+
+        if not isinstance(exc, TrainingError):
+            raise
+        print(f"harmodt-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -67,12 +67,22 @@ def frozen_entries(model, task: int | None, unused: dict[str, torch.Tensor]) -> 
     return {n: ~masks.to_dense(n, task).to(device) for n in masks.names}
 
 
+class NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient is not finite, refused before the optimiser moved anything. `tasks`: the
+    task ids whose loss is not finite (empty: only the gradient is); `grad_norm`: the total gradient norm."""
+
+    def __init__(self, tasks: list[int], grad_norm: float):
+        super().__init__(f"non-finite loss (task ids {tasks}) or gradient (norm {grad_norm}); step not taken")
+        self.tasks, self.grad_norm = tasks, grad_norm
+
+
 def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: dict[str, torch.Tensor], *,
                losses_fn: Callable, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, clip and AdamW step over one batch; returns (loss, per-task losses) as device tensors
-    (no host synchronisation). Data-parallel, losses_fn is the DistributedDataParallel module around the model's
-    losses: its backward leaves the gradients averaged over the processes (the returned losses are this
-    process's). Frozen entries are restored after the step, bit for bit."""
+    """Forward, backward, clip and AdamW step over one batch; returns (loss, per-task losses) as device tensors.
+    Data-parallel, losses_fn is the DistributedDataParallel module around the model's losses: its backward leaves
+    the gradients averaged over the processes (the returned losses are this process's). Frozen entries are
+    restored after the step, bit for bit. A non-finite loss or gradient raises NonFiniteStep before the optimiser
+    moves anything (the step's one host synchronisation: one flag)."""
     device = next(model.parameters()).device
     model.train()
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -80,7 +90,10 @@ def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: dict[str,
     loss = step_loss(config, losses)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if not bool(torch.isfinite(grad_norm) & torch.isfinite(losses).all()):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist(), float(grad_norm))
     layers = model.masked_layers()
     # torch.where with precomputed masks, not weight[mask] (a nonzero: a host sync per layer)
     kept = {n: layers[n].weight.detach().clone() for n in frozen}

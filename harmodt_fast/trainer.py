@@ -16,12 +16,13 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from harmodt_fast import ops
-from harmodt_fast._io import atomic_write
+from harmodt_fast._io import FolderLock, append_json_line, atomic_write, read_json_lines, remove_stale_temporaries
 from harmodt_fast.batch import rows_per_slice
 from harmodt_fast.checkpoint import CHECKPOINT_NAME, RunState, prompt_to_dict
 from harmodt_fast import method
@@ -33,6 +34,29 @@ from harmodt_fast.model import HarmoDT
 from harmodt_fast.memory_plan import refuse_if_over_memory
 from harmodt_fast.runtime import autocast_dtype, pick_device, progress_bar
 from harmodt_fast.tasks import task_names
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason outside its config and data: its folder is in use by another process,
+    a file of it cannot be written (a full disk) or its log is damaged. The message names the folder or file."""
+
+
+class DivergenceError(TrainingError):
+    """A step whose loss or gradient is not finite: the optimiser did not take it, and the checkpoint on disk is
+    the last one with finite weights. `step` is the step refused, `tasks` the tasks whose loss was not finite."""
+
+    def __init__(self, message: str, step: int, tasks: list[str]):
+        super().__init__(message)
+        self.step, self.tasks = step, tasks
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A run stopped by a signal (`signal`: its number; None when another data-parallel rank got it) after
+    writing its checkpoint."""
+
+    def __init__(self, message: str, signal_number: int | None):
+        super().__init__(message)
+        self.signal = signal_number
 
 
 @dataclass
@@ -69,20 +93,28 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     ops.check_backend(config.backend, asked)  # before loading data or building anything
     rows_per_slice(config.batch_per_task, world_size_from_env())  # a global batch the processes can share
     out = _prepare_out(out)
-    dataset = _load(data)  # opened: its files are read per task on first use
-    if check_memory:  # the task count is the dataset's when not given; its data and the model are not loaded yet
-        refuse_if_over_memory(HarmoDTConfig.from_dict({**config.to_dict(), "tasks": config.tasks or dataset.tasks}),
-                              asked)
-    config = _bind_tasks(config, dataset, explicit_dims)
-    from harmodt_fast.data import MultiTaskSampler
+    # the folder is this run's before anything is read from it; data-parallel, rank 0 (the writer) holds it
+    lock = FolderLock(out, TrainingError)
+    try:
+        if os.environ.get("RANK", "0") == "0":
+            lock.acquire()
+        dataset = _load(data)  # opened: its files are read per task on first use
+        if check_memory:  # the task count is the dataset's when not given; its data and the model are not loaded
+            refuse_if_over_memory(HarmoDTConfig.from_dict({**config.to_dict(),
+                                                           "tasks": config.tasks or dataset.tasks}), asked)
+        config = _bind_tasks(config, dataset, explicit_dims)
+        from harmodt_fast.data import MultiTaskSampler
 
-    dist_info, device = init_distributed(asked)
-    # the same seed on every rank: one global batch, each rank its slice
-    sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed, rank=dist_info.rank,
-                               world=dist_info.world)
-    trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info)
-    trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate in
-    return trainer.run(stop_at=stop_at, progress=progress)
+        dist_info, device = init_distributed(asked)
+        # the same seed on every rank: one global batch, each rank its slice
+        sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed, rank=dist_info.rank,
+                                   world=dist_info.world)
+        trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info,
+                          lock=lock)
+        trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate
+        return trainer.run(stop_at=stop_at, progress=progress)
+    finally:
+        lock.release()
 
 
 def _prepare_out(out) -> str:
@@ -127,11 +159,28 @@ def _bind_tasks(config: HarmoDTConfig, dataset, explicit_dims: dict) -> HarmoDTC
 
 class Trainer:
     """One training run. `sampler` gives mixed batches (`.sample()`, `.sample(task=t)`) and the per-task
-    normalisation and prompts the checkpoint keeps (the MultiTaskSampler of harmodt_fast.data)."""
+    normalisation and prompts the checkpoint keeps (the MultiTaskSampler of harmodt_fast.data).
+
+    The run folder is this trainer's (FolderLock on `out`; rank 0 holds it) from construction, before its
+    checkpoint is read, until run() returns or raises; a folder in use elsewhere raises TrainingError. `lock`: the
+    folder's lock when the caller holds it already (hf.train takes it before reading the data)."""
 
     def __init__(self, config: HarmoDTConfig, sampler, out: str, device: torch.device, fingerprint: str,
-                 dist: Distributed = Distributed()):
+                 dist: Distributed = Distributed(), *, lock: FolderLock | None = None):
         self.config, self.out, self.device, self.dist = config, _prepare_out(out), device, dist
+        self._lock = lock if lock is not None else FolderLock(self.out, TrainingError)
+        if dist.main:
+            self._lock.acquire()
+            for path in remove_stale_temporaries(self.out):  # what a run killed mid-write left
+                warnings.warn(f"removed {path}: a temporary file left by a run killed while writing", stacklevel=2)
+        try:
+            self._start(config, sampler, device, fingerprint, dist)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start(self, config: HarmoDTConfig, sampler, device: torch.device, fingerprint: str,
+               dist: Distributed) -> None:
         dist.check_sampler(sampler, config.batch_per_task)
         self.ckpt_path = os.path.join(self.out, CHECKPOINT_NAME)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
@@ -146,6 +195,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(config, device)
         self._task_losses = _compiled_task_losses(self.model, config) if config.compile else self.model.task_losses
         self.step = 0
+        self._saved_step: int | None = None  # the step of the checkpoint on disk
         self.history: list[dict] = []
         self.task_agreement: torch.Tensor | None = None
         self._unused: dict[str, torch.Tensor] = {}  # entries no task uses (refreshed after each mask update)
@@ -167,6 +217,17 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+        """Trains to stop_at (or config.steps) and returns a TrainResult; the run folder is released on return.
+        A signal (SIGINT, SIGTERM) stops it with a checkpoint and raises TrainingStopped; a non-finite loss or
+        gradient raises DivergenceError, the last checkpoint kept."""
+        if self.dist.main:
+            self._lock.acquire()  # a no-op from construction to the first return; a second run() takes it again
+        try:
+            return self._run(stop_at, progress)
+        finally:
+            self._lock.release()
+
+    def _run(self, stop_at: int | None, progress: bool) -> TrainResult:
         cfg = self.config
         end = stop_at or cfg.steps
         stop = {"signal": None}
@@ -214,9 +275,10 @@ class Trainer:
         stopped = stopped or self.dist.any(stop["signal"] is not None, self.device)
         self.save()
         if stopped:
-            why = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another rank"
-            raise KeyboardInterrupt(f"training stopped by {why} at step {self.step}; "
-                                    f"the checkpoint in {self.out} resumes it")
+            why = (signal.Signals(stop["signal"]).name if stop["signal"] is not None
+                   else "a signal to another data-parallel rank")
+            raise TrainingStopped(f"training stopped by {why} at step {self.step}; the checkpoint in {self.out} "
+                                  f"resumes it", stop["signal"])
         if cfg.eval_every and self.step == cfg.steps and self._evaluation_missing():
             self._evaluate()
         self._loggers.close()
@@ -231,9 +293,22 @@ class Trainer:
         task = method.step_task(cfg, self.step)
         batch = self.sampler.sample(task=task) if task is not None else self.sampler.sample()
         frozen = method.frozen_entries(self.model, task, self._unused)
-        loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen, losses_fn=self._step_losses,
-                                         amp_dtype=self.amp_dtype)
+        try:
+            loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen,
+                                             losses_fn=self._step_losses, amp_dtype=self.amp_dtype)
+        except method.NonFiniteStep as exc:
+            tasks = [self.sampler.tasks[t] for t in exc.tasks]
+            problem = (f"the loss of task(s) {', '.join(tasks)} is not finite" if tasks
+                       else f"the gradient norm is {exc.grad_norm}")
+            self._diverged(self.step + 1, f"{problem}; the optimiser did not take the step", tasks)
         return loss, losses, batch.num_rows
+
+    def _diverged(self, step: int, problem: str, tasks: list[str]) -> None:
+        """Raises DivergenceError for `step`, naming the problem and the checkpoint kept."""
+        kept = (f"the checkpoint of step {self._saved_step} in {self.out} is kept" if self._saved_step is not None
+                else "no checkpoint was written")
+        raise DivergenceError(f"training diverged at step {step}: {problem}; {kept} (lower lr, tighten grad_clip or "
+                              f"use precision=fp32)", step, tasks)
 
     def _mean_over_ranks(self, loss, losses):
         """The reported losses: each rank's are those of its slice, their mean the whole batch's (log steps only:
@@ -309,11 +384,14 @@ class Trainer:
     def _log(self, entry: dict) -> None:
         if not self.dist.main:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(entry, default=_json_default) + "\n")
+        append_json_line(self.metrics_path, entry, TrainingError, default=_json_default)
         self._loggers.log(entry)
 
     def save(self) -> str:
+        """Writes the checkpoint (every rank takes part). Refuses non-finite weights (DivergenceError) and names
+        the file when it cannot be written (TrainingError); either way the previous checkpoint stays."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            self._diverged(self.step, "the weights are not finite, so no checkpoint is written", [])
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         rngs = self.dist.gather({"torch": torch.get_rng_state(), "cuda": cuda_rng})
         if self.dist.world > 1:
@@ -326,7 +404,11 @@ class Trainer:
             sampler=self.sampler.state_dict(),  # one: every rank draws the same global batch (checked above)
             rng=rngs,  # one per rank (dropout)
             history=self.history, task_agreement=self.task_agreement)
-        state.save(self.ckpt_path)
+        try:
+            state.save(self.ckpt_path)
+        except OSError as exc:  # atomic_write's: names the file, says when the disk is full
+            raise TrainingError(f"checkpoint of step {self.step} not written: {exc}") from exc
+        self._saved_step = self.step
         self.dist.barrier()
         return self.ckpt_path
 
@@ -353,18 +435,22 @@ class Trainer:
                 torch.cuda.set_rng_state(rngs[rank]["cuda"], self.device)
         else:
             torch.manual_seed(self.dist.rank_seed(self.config.seed))
-        self.step = state.step
+        self.step = self._saved_step = state.step
         self.history = list(state.history)
         self.task_agreement = state.task_agreement
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drops log lines written after the checkpoint we resume from (the steps are about to be redone)."""
+        """Drops log lines written after the checkpoint we resume from (the steps are about to be redone), and a
+        last line cut short (with a warning; a damaged line before it: TrainingError naming file and line)."""
         if not self.dist.main or not os.path.exists(self.metrics_path):
             return
-        with open(self.metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
+        kept = [line for line, entry in read_json_lines(self.metrics_path, TrainingError)
+                if not isinstance(entry.get("step"), int) or entry["step"] <= step]
+        try:
+            atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
+        except OSError as exc:
+            raise TrainingError(str(exc)) from exc
 
 
 _STOP_CHECK_EVERY = 10  # steps between the data-parallel "did a rank get a signal?" checks
