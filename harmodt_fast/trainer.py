@@ -119,14 +119,16 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
 
 def _prepare_out(out) -> str:
     out = os.path.abspath(os.fspath(out))
+    probe = os.path.join(out, f".write-test-{os.getpid()}")  # per process: data-parallel ranks share out
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")  # per process: data-parallel ranks share out
         with open(probe, "w") as f:
             f.write("ok")
-        os.unlink(probe)
     except OSError as exc:
         raise ValueError(f"cannot write to the output folder {out}: {exc}") from exc
+    finally:
+        if os.path.exists(probe):  # also when the write failed (a full disk)
+            os.unlink(probe)
     return out
 
 

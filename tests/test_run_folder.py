@@ -380,3 +380,23 @@ def test_sigint_keeps_its_keyboard_interrupt(dataset, tmp_path):
     assert child.returncode == 1, stderr
     assert "Traceback" in stderr and "TrainingStopped: training stopped by SIGINT at step" in stderr
     assert load_checkpoint(out)["step"] >= 1
+
+
+_FULL_FROM_THE_START = """
+import os, resource, signal, sys
+from harmodt_fast.trainer import _prepare_out
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+try:
+    _prepare_out(sys.argv[1])
+except ValueError as exc:
+    print(exc)
+"""
+
+
+def test_the_write_probe_of_a_full_disk_is_not_left_behind(tmp_path):
+    """A full disk at the start: the output folder is refused, and its write probe is removed (it was left)."""
+    child = subprocess.run([sys.executable, "-c", _FULL_FROM_THE_START, str(tmp_path)], env=CHILD_ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert f"cannot write to the output folder {tmp_path}: [Errno {errno.EFBIG}]" in child.stdout, child.stderr
+    assert os.listdir(tmp_path) == []
