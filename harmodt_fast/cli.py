@@ -309,6 +309,8 @@ def main(argv=None) -> int:
     checkpoint), one line on stderr each. SIGINT (Ctrl-C) ends with its KeyboardInterrupt as any Python program."""
     import signal
 
+    from harmodt_fast.run_folder import TrainingError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -321,11 +323,7 @@ def main(argv=None) -> int:
             raise
         print(f"harmodt-fast {args.command}: {exc}", file=sys.stderr)
         return 128 + (number or signal.SIGTERM)  # None: another data-parallel rank's signal (torchrun: SIGTERM)
-    except RuntimeError as exc:
-        from harmodt_fast.trainer import TrainingError
-
-        if not isinstance(exc, TrainingError):
-            raise
+    except TrainingError as exc:
         print(f"harmodt-fast {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -16,13 +16,13 @@ import math
 import os
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from harmodt_fast import ops
-from harmodt_fast._io import FolderLock, append_json_line, atomic_write, read_json_lines, remove_stale_temporaries
+from harmodt_fast import run_folder
+from harmodt_fast._io import FolderLock, append_json_line
 from harmodt_fast.batch import rows_per_slice
 from harmodt_fast.checkpoint import CHECKPOINT_NAME, RunState, prompt_to_dict
 from harmodt_fast import method
@@ -32,31 +32,9 @@ from harmodt_fast.loggers import Loggers
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.model import HarmoDT
 from harmodt_fast.memory_plan import refuse_if_over_memory
+from harmodt_fast.run_folder import DivergenceError, TrainingError, TrainingStopped
 from harmodt_fast.runtime import autocast_dtype, pick_device, progress_bar
 from harmodt_fast.tasks import task_names
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on for a reason outside its config and data: its folder is in use by another process,
-    a file of it cannot be written (a full disk) or its log is damaged. The message names the folder or file."""
-
-
-class DivergenceError(TrainingError):
-    """A step whose loss or gradient is not finite: the optimiser did not take it, and the checkpoint on disk is
-    the last one with finite weights. `step` is the step refused, `tasks` the tasks whose loss was not finite."""
-
-    def __init__(self, message: str, step: int, tasks: list[str]):
-        super().__init__(message)
-        self.step, self.tasks = step, tasks
-
-
-class TrainingStopped(KeyboardInterrupt):
-    """A run stopped by a signal (`signal`: its number; None when another data-parallel rank got it) after
-    writing its checkpoint."""
-
-    def __init__(self, message: str, signal_number: int | None):
-        super().__init__(message)
-        self.signal = signal_number
 
 
 @dataclass
@@ -94,7 +72,7 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     rows_per_slice(config.batch_per_task, world_size_from_env())  # a global batch the processes can share
     out = _prepare_out(out)
     # the folder is this run's before anything is read from it; data-parallel, rank 0 (the writer) holds it
-    lock = FolderLock(out, TrainingError)
+    lock = run_folder.lock(out)
     try:
         if os.environ.get("RANK", "0") == "0":
             lock.acquire()
@@ -170,11 +148,9 @@ class Trainer:
     def __init__(self, config: HarmoDTConfig, sampler, out: str, device: torch.device, fingerprint: str,
                  dist: Distributed = Distributed(), *, lock: FolderLock | None = None):
         self.config, self.out, self.device, self.dist = config, _prepare_out(out), device, dist
-        self._lock = lock if lock is not None else FolderLock(self.out, TrainingError)
+        self._lock = lock if lock is not None else run_folder.lock(self.out)
         if dist.main:
-            self._lock.acquire()
-            for path in remove_stale_temporaries(self.out):  # what a run killed mid-write left
-                warnings.warn(f"removed {path}: a temporary file left by a run killed while writing", stacklevel=2)
+            run_folder.hold(self._lock)
         try:
             self._start(config, sampler, device, fingerprint, dist)
         except BaseException:
@@ -196,6 +172,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.amp_dtype = autocast_dtype(config, device)
         self._task_losses = _compiled_task_losses(self.model, config) if config.compile else self.model.task_losses
+        self._watch = method.StepWatch(config.num_tasks, device)  # the divergence guard
         self.step = 0
         self._saved_step: int | None = None  # the step of the checkpoint on disk
         self.history: list[dict] = []
@@ -251,8 +228,10 @@ class Trainer:
                 self.step += 1
                 rows_since += rows
                 if method.mask_update_due(cfg, self.step):
+                    self._check_finite()
                     self._log({"step": self.step, "mask_update": self._mask_update()})
                 if self.step == 1 or self.step % cfg.log_every == 0 or self.step == end:
+                    self._check_finite()
                     loss, per_task = self._mean_over_ranks(loss, per_task)
                     loss, per_task = float(loss), per_task.float().cpu().tolist()  # the only read-back
                     now = time.perf_counter()
@@ -297,16 +276,31 @@ class Trainer:
         frozen = method.frozen_entries(self.model, task, self._unused)
         try:
             loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen,
-                                             losses_fn=self._step_losses, amp_dtype=self.amp_dtype)
+                                             losses_fn=self._step_losses, amp_dtype=self.amp_dtype,
+                                             watch=self._watch, step=self.step + 1)
         except method.NonFiniteStep as exc:
-            tasks = [self.sampler.tasks[t] for t in exc.tasks]
-            problem = (f"the loss of task(s) {', '.join(tasks)} is not finite" if tasks
-                       else f"the gradient norm is {exc.grad_norm}")
-            self._diverged(self.step + 1, f"{problem}; the optimiser did not take the step", tasks)
+            self._diverged(exc)
         return loss, losses, batch.num_rows
 
-    def _diverged(self, step: int, problem: str, tasks: list[str]) -> None:
-        """Raises DivergenceError for `step`, naming the problem and the checkpoint kept."""
+    def _check_finite(self) -> None:
+        """The divergence guard's read-back at the steps that synchronise anyway (logs, mask updates, checkpoints;
+        on CUDA the only one: a step never waits for the device). Every rank stops alike (one `any` each)."""
+        try:
+            self._watch.check()
+        except method.NonFiniteStep as exc:
+            self.dist.any(True, self.device)
+            self._diverged(exc)
+        if self.dist.any(False, self.device):
+            self._diverged(None, "a loss or gradient was not finite on another data-parallel rank")
+
+    def _diverged(self, exc: method.NonFiniteStep | None, problem: str = "") -> None:
+        """Raises DivergenceError naming the step, the tasks whose loss was not finite and the checkpoint kept."""
+        step, tasks = (exc.step, [self.sampler.tasks[t] for t in exc.tasks]) if exc else (self.step, [])
+        if exc is not None:
+            problem = (f"the loss of task(s) {', '.join(tasks)} is not finite" if tasks else
+                       f"the gradient norm is {exc.grad_norm}") + (
+                f"; found at step {self.step} (the steps since moved the weights in memory only)" if exc.taken
+                else "; the optimiser did not take the step")
         kept = (f"the checkpoint of step {self._saved_step} in {self.out} is kept" if self._saved_step is not None
                 else "no checkpoint was written")
         raise DivergenceError(f"training diverged at step {step}: {problem}; {kept} (lower lr, tighten grad_clip or "
@@ -392,14 +386,16 @@ class Trainer:
     def save(self) -> str:
         """Writes the checkpoint (every rank takes part). Refuses non-finite weights (DivergenceError) and names
         the file when it cannot be written (TrainingError); either way the previous checkpoint stays."""
+        self._check_finite()
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
-            self._diverged(self.step, "the weights are not finite, so no checkpoint is written", [])
+            self._diverged(None, "the weights are not finite, so no checkpoint is written")
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         rngs = self.dist.gather({"torch": torch.get_rng_state(), "cuda": cuda_rng})
         if self.dist.world > 1:
             self._check_ranks_in_sync()
         if not self.dist.main:
-            self.dist.barrier()
+            self.dist.barrier()  # rank 0 has written it
+            self._saved_step = self.step
             return self.ckpt_path
         state = replace(
             self._policy_state(), optimizer=self.optimizer.state_dict(), world_size=self.dist.world,
@@ -443,16 +439,8 @@ class Trainer:
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drops log lines written after the checkpoint we resume from (the steps are about to be redone), and a
-        last line cut short (with a warning; a damaged line before it: TrainingError naming file and line)."""
-        if not self.dist.main or not os.path.exists(self.metrics_path):
-            return
-        kept = [line for line, entry in read_json_lines(self.metrics_path, TrainingError)
-                if not isinstance(entry.get("step"), int) or entry["step"] <= step]
-        try:
-            atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
-        except OSError as exc:
-            raise TrainingError(str(exc)) from exc
+        if self.dist.main:
+            run_folder.truncate_log(self.metrics_path, step)
 
 
 _STOP_CHECK_EVERY = 10  # steps between the data-parallel "did a rank get a signal?" checks
