@@ -301,6 +301,23 @@ def test_a_non_finite_task_loss_stops_the_step_before_the_optimiser_moves(tmp_pa
     assert trainer(tmp_path, steps=20).step == 5  # the folder is free again; the run resumes from step 5
 
 
+def test_where_a_step_must_not_wait_for_the_device_the_guard_reads_back_at_the_next_log(tmp_path):
+    """CUDA's steps never synchronise (test_cuda_step.py), so there the guard is read back at the steps that do
+    (logs, mask updates, checkpoints): the run stops there, naming the first bad step and its tasks, and the
+    weights the later steps moved never reach a checkpoint. The same path forced on the CPU here."""
+    run = trainer(tmp_path, steps=20, log_every=4, mask_interval=100)
+    assert run._watch.before_step  # the CPU: read back in every step, as tested above
+    run._watch.before_step = False
+    _poison(run, 5, lambda losses: losses * torch.tensor([float("nan"), 1.0, float("inf")]))
+    with pytest.raises(DivergenceError, match=r"training diverged at step 6: the loss of task\(s\) task-0, task-2 is "
+                                              r"not finite; found at step 8 .*the checkpoint of step 5 .* is kept"):
+        run.run(progress=False)
+    assert not all(torch.isfinite(p).all() for p in run.model.parameters())  # moved in memory only
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert log_steps(tmp_path) == [1, 4]
+
+
 def test_a_non_finite_gradient_with_finite_losses_is_refused(tmp_path):
     run = trainer(tmp_path, steps=20)
     weight = next(run.model.parameters())
