@@ -320,6 +320,13 @@ def _check_setup(args) -> None:
 
 
 def main(argv=None) -> int:
+    """Runs one command; returns the exit status: 2 for bad input, 1 for a run that cannot go on (its folder in
+    use, a file it cannot write, divergence), 128 + the signal's number for a run stopped by SIGTERM (after its
+    checkpoint), one line on stderr each. SIGINT (Ctrl-C) ends with its KeyboardInterrupt as any Python program."""
+    import signal
+
+    from harmodt_fast.run_folder import TrainingError
+
     args = build_parser().parse_args(argv)
     try:
         _check_setup(args)
@@ -327,6 +334,15 @@ def main(argv=None) -> int:
     except ValueError as exc:  # bad input: one clear line, no traceback
         print(f"harmodt-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "signal", signal.SIGINT)  # a trainer's TrainingStopped: the signal that stopped it
+        if number == signal.SIGINT:
+            raise
+        print(f"harmodt-fast {args.command}: {exc}", file=sys.stderr)
+        return 128 + (number or signal.SIGTERM)  # None: another data-parallel rank's signal (torchrun: SIGTERM)
+    except TrainingError as exc:
+        print(f"harmodt-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

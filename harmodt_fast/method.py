@@ -67,12 +67,49 @@ def frozen_entries(model, task: int | None, unused: dict[str, torch.Tensor]) -> 
     return {n: ~masks.to_dense(n, task).to(device) for n in masks.names}
 
 
+class NonFiniteStep(FloatingPointError):
+    """The first step (1-based `step`) whose loss or gradient was not finite: `tasks` the task ids whose loss was
+    not (empty: only the gradient), `grad_norm` the total gradient norm; `taken` whether the optimiser moved."""
+
+    def __init__(self, step: int, tasks: list[int], grad_norm: float, taken: bool):
+        super().__init__(f"step {step}: non-finite loss (task ids {tasks}) or gradient (norm {grad_norm})")
+        self.step, self.tasks, self.grad_norm, self.taken = step, tasks, grad_norm, taken
+
+
+class StepWatch:
+    """The first step with a non-finite loss or gradient, recorded on the device by inner_step without a host
+    synchronisation. `before_step` (where a read-back stalls no device queue: the CPU) makes inner_step read it
+    back and refuse the step before the optimiser moves anything; on CUDA a training step never waits for the
+    device, so the caller reads it back (check()) at the steps that synchronise anyway."""
+
+    def __init__(self, num_tasks: int, device: torch.device):
+        self.before_step = device.type == "cpu"
+        self._step = torch.zeros((), dtype=torch.long, device=device)  # 0: none yet
+        self._tasks = torch.zeros(num_tasks, dtype=torch.bool, device=device)
+        self._grad_norm = torch.zeros((), dtype=torch.float32, device=device)
+
+    def record(self, step: int, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad_tasks = ~torch.isfinite(losses.detach())
+        first = (self._step == 0) & (bad_tasks.any() | ~torch.isfinite(grad_norm))
+        self._step.masked_fill_(first, step)
+        self._tasks.copy_(torch.where(first, bad_tasks, self._tasks))
+        self._grad_norm.copy_(torch.where(first, grad_norm.detach().float(), self._grad_norm))
+
+    def check(self, taken: bool = True) -> None:
+        """Raises NonFiniteStep when a step was recorded (one host synchronisation)."""
+        step = int(self._step)
+        if step:
+            raise NonFiniteStep(step, torch.nonzero(self._tasks).flatten().tolist(), float(self._grad_norm), taken)
+
+
 def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: dict[str, torch.Tensor], *,
-               losses_fn: Callable, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+               losses_fn: Callable, amp_dtype: torch.dtype | None, watch: StepWatch | None = None,
+               step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, clip and AdamW step over one batch; returns (loss, per-task losses) as device tensors
-    (no host synchronisation). Data-parallel, losses_fn is the DistributedDataParallel module around the model's
-    losses: its backward leaves the gradients averaged over the processes (the returned losses are this
-    process's). Frozen entries are restored after the step, bit for bit."""
+    (no host synchronisation, but for `watch.before_step`). Data-parallel, losses_fn is the DistributedDataParallel
+    module around the model's losses: its backward leaves the gradients averaged over the processes (the returned
+    losses are this process's). Frozen entries are restored after the step, bit for bit. `watch` records whether
+    this step (1-based `step`) had a non-finite loss or gradient (StepWatch)."""
     device = next(model.parameters()).device
     model.train()
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -80,7 +117,11 @@ def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: dict[str,
     loss = step_loss(config, losses)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if watch is not None:
+        watch.record(step, losses, grad_norm)
+        if watch.before_step:
+            watch.check(taken=False)
     layers = model.masked_layers()
     # torch.where with precomputed masks, not weight[mask] (a nonzero: a host sync per layer)
     kept = {n: layers[n].weight.detach().clone() for n in frozen}

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from harmodt_fast import ops
-from harmodt_fast._io import atomic_write
+from harmodt_fast import run_folder
+from harmodt_fast._io import FolderLock, append_json_line
 from harmodt_fast.batch import rows_per_slice
 from harmodt_fast.checkpoint import CHECKPOINT_NAME, RunState, prompt_to_dict
 from harmodt_fast import method
@@ -31,6 +32,7 @@ from harmodt_fast.loggers import Loggers
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.model import HarmoDT
 from harmodt_fast.memory_plan import refuse_if_over_memory
+from harmodt_fast.run_folder import DivergenceError, TrainingError, TrainingStopped
 from harmodt_fast.runtime import autocast_dtype, pick_device, progress_bar
 from harmodt_fast.tasks import task_names
 
@@ -69,32 +71,42 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     ops.check_backend(config.backend, asked)  # before loading data or building anything
     rows_per_slice(config.batch_per_task, world_size_from_env())  # a global batch the processes can share
     out = _prepare_out(out)
-    dataset = _load(data)  # opened: its files are read per task on first use
-    if check_memory:  # the task count is the dataset's when not given; its data and the model are not loaded yet
-        refuse_if_over_memory(HarmoDTConfig.from_dict({**config.to_dict(), "tasks": config.tasks or dataset.tasks}),
-                              asked)
-    config = _bind_tasks(config, dataset, explicit_dims)
-    from harmodt_fast.data import MultiTaskSampler
+    # the folder is this run's before anything is read from it; data-parallel, rank 0 (the writer) holds it
+    lock = run_folder.lock(out)
+    try:
+        if os.environ.get("RANK", "0") == "0":
+            lock.acquire()
+        dataset = _load(data)  # opened: its files are read per task on first use
+        if check_memory:  # the task count is the dataset's when not given; its data and the model are not loaded
+            refuse_if_over_memory(HarmoDTConfig.from_dict({**config.to_dict(),
+                                                           "tasks": config.tasks or dataset.tasks}), asked)
+        config = _bind_tasks(config, dataset, explicit_dims)
+        from harmodt_fast.data import MultiTaskSampler
 
-    dist_info, device = init_distributed(asked)
-    # the same seed on every rank: one global batch, each rank its slice
-    sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed, rank=dist_info.rank,
-                               world=dist_info.world)
-    trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info)
-    trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate in
-    return trainer.run(stop_at=stop_at, progress=progress)
+        dist_info, device = init_distributed(asked)
+        # the same seed on every rank: one global batch, each rank its slice
+        sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed, rank=dist_info.rank,
+                                   world=dist_info.world)
+        trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info,
+                          lock=lock)
+        trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate
+        return trainer.run(stop_at=stop_at, progress=progress)
+    finally:
+        lock.release()
 
 
 def _prepare_out(out) -> str:
     out = os.path.abspath(os.fspath(out))
+    probe = os.path.join(out, f".write-test-{os.getpid()}")  # per process: data-parallel ranks share out
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")  # per process: data-parallel ranks share out
         with open(probe, "w") as f:
             f.write("ok")
-        os.unlink(probe)
     except OSError as exc:
         raise ValueError(f"cannot write to the output folder {out}: {exc}") from exc
+    finally:
+        if os.path.exists(probe):  # also when the write failed (a full disk)
+            os.unlink(probe)
     return out
 
 
@@ -127,11 +139,26 @@ def _bind_tasks(config: HarmoDTConfig, dataset, explicit_dims: dict) -> HarmoDTC
 
 class Trainer:
     """One training run. `sampler` gives mixed batches (`.sample()`, `.sample(task=t)`) and the per-task
-    normalisation and prompts the checkpoint keeps (the MultiTaskSampler of harmodt_fast.data)."""
+    normalisation and prompts the checkpoint keeps (the MultiTaskSampler of harmodt_fast.data).
+
+    The run folder is this trainer's (FolderLock on `out`; rank 0 holds it) from construction, before its
+    checkpoint is read, until run() returns or raises; a folder in use elsewhere raises TrainingError. `lock`: the
+    folder's lock when the caller holds it already (hf.train takes it before reading the data)."""
 
     def __init__(self, config: HarmoDTConfig, sampler, out: str, device: torch.device, fingerprint: str,
-                 dist: Distributed = Distributed()):
+                 dist: Distributed = Distributed(), *, lock: FolderLock | None = None):
         self.config, self.out, self.device, self.dist = config, _prepare_out(out), device, dist
+        self._lock = lock if lock is not None else run_folder.lock(self.out)
+        if dist.main:
+            run_folder.hold(self._lock)
+        try:
+            self._start(config, sampler, device, fingerprint, dist)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start(self, config: HarmoDTConfig, sampler, device: torch.device, fingerprint: str,
+               dist: Distributed) -> None:
         dist.check_sampler(sampler, config.batch_per_task)
         self.ckpt_path = os.path.join(self.out, CHECKPOINT_NAME)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
@@ -145,7 +172,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.amp_dtype = autocast_dtype(config, device)
         self._task_losses = _compiled_task_losses(self.model, config) if config.compile else self.model.task_losses
+        self._watch = method.StepWatch(config.num_tasks, device)  # the divergence guard
         self.step = 0
+        self._saved_step: int | None = None  # the step of the checkpoint on disk
         self.history: list[dict] = []
         self.task_agreement: torch.Tensor | None = None
         self._unused: dict[str, torch.Tensor] = {}  # entries no task uses (refreshed after each mask update)
@@ -167,6 +196,17 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+        """Trains to stop_at (or config.steps) and returns a TrainResult; the run folder is released on return.
+        A signal (SIGINT, SIGTERM) stops it with a checkpoint and raises TrainingStopped; a non-finite loss or
+        gradient raises DivergenceError, the last checkpoint kept."""
+        if self.dist.main:
+            self._lock.acquire()  # a no-op from construction to the first return; a second run() takes it again
+        try:
+            return self._run(stop_at, progress)
+        finally:
+            self._lock.release()
+
+    def _run(self, stop_at: int | None, progress: bool) -> TrainResult:
         cfg = self.config
         end = stop_at or cfg.steps
         stop = {"signal": None}
@@ -188,8 +228,10 @@ class Trainer:
                 self.step += 1
                 rows_since += rows
                 if method.mask_update_due(cfg, self.step):
+                    self._check_finite()
                     self._log({"step": self.step, "mask_update": self._mask_update()})
                 if self.step == 1 or self.step % cfg.log_every == 0 or self.step == end:
+                    self._check_finite()
                     loss, per_task = self._mean_over_ranks(loss, per_task)
                     loss, per_task = float(loss), per_task.float().cpu().tolist()  # the only read-back
                     now = time.perf_counter()
@@ -214,9 +256,10 @@ class Trainer:
         stopped = stopped or self.dist.any(stop["signal"] is not None, self.device)
         self.save()
         if stopped:
-            why = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another rank"
-            raise KeyboardInterrupt(f"training stopped by {why} at step {self.step}; "
-                                    f"the checkpoint in {self.out} resumes it")
+            why = (signal.Signals(stop["signal"]).name if stop["signal"] is not None
+                   else "a signal to another data-parallel rank")
+            raise TrainingStopped(f"training stopped by {why} at step {self.step}; the checkpoint in {self.out} "
+                                  f"resumes it", stop["signal"])
         if cfg.eval_every and self.step == cfg.steps and self._evaluation_missing():
             self._evaluate()
         self._loggers.close()
@@ -231,9 +274,37 @@ class Trainer:
         task = method.step_task(cfg, self.step)
         batch = self.sampler.sample(task=task) if task is not None else self.sampler.sample()
         frozen = method.frozen_entries(self.model, task, self._unused)
-        loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen, losses_fn=self._step_losses,
-                                         amp_dtype=self.amp_dtype)
+        try:
+            loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen,
+                                             losses_fn=self._step_losses, amp_dtype=self.amp_dtype,
+                                             watch=self._watch, step=self.step + 1)
+        except method.NonFiniteStep as exc:
+            self._diverged(exc)
         return loss, losses, batch.num_rows
+
+    def _check_finite(self) -> None:
+        """The divergence guard's read-back at the steps that synchronise anyway (logs, mask updates, checkpoints;
+        on CUDA the only one: a step never waits for the device). Every rank stops alike (one `any` each)."""
+        try:
+            self._watch.check()
+        except method.NonFiniteStep as exc:
+            self.dist.any(True, self.device)
+            self._diverged(exc)
+        if self.dist.any(False, self.device):
+            self._diverged(None, "a loss or gradient was not finite on another data-parallel rank")
+
+    def _diverged(self, exc: method.NonFiniteStep | None, problem: str = "") -> None:
+        """Raises DivergenceError naming the step, the tasks whose loss was not finite and the checkpoint kept."""
+        step, tasks = (exc.step, [self.sampler.tasks[t] for t in exc.tasks]) if exc else (self.step, [])
+        if exc is not None:
+            problem = (f"the loss of task(s) {', '.join(tasks)} is not finite" if tasks else
+                       f"the gradient norm is {exc.grad_norm}") + (
+                f"; found at step {self.step} (the steps since moved the weights in memory only)" if exc.taken
+                else "; the optimiser did not take the step")
+        kept = (f"the checkpoint of step {self._saved_step} in {self.out} is kept" if self._saved_step is not None
+                else "no checkpoint was written")
+        raise DivergenceError(f"training diverged at step {step}: {problem}; {kept} (lower lr, tighten grad_clip or "
+                              f"use precision=fp32)", step, tasks)
 
     def _mean_over_ranks(self, loss, losses):
         """The reported losses: each rank's are those of its slice, their mean the whole batch's (log steps only:
@@ -309,24 +380,33 @@ class Trainer:
     def _log(self, entry: dict) -> None:
         if not self.dist.main:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(entry, default=_json_default) + "\n")
+        append_json_line(self.metrics_path, entry, TrainingError, default=_json_default)
         self._loggers.log(entry)
 
     def save(self) -> str:
+        """Writes the checkpoint (every rank takes part). Refuses non-finite weights (DivergenceError) and names
+        the file when it cannot be written (TrainingError); either way the previous checkpoint stays."""
+        self._check_finite()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            self._diverged(None, "the weights are not finite, so no checkpoint is written")
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         rngs = self.dist.gather({"torch": torch.get_rng_state(), "cuda": cuda_rng})
         if self.dist.world > 1:
             self._check_ranks_in_sync()
         if not self.dist.main:
-            self.dist.barrier()
+            self.dist.barrier()  # rank 0 has written it
+            self._saved_step = self.step
             return self.ckpt_path
         state = replace(
             self._policy_state(), optimizer=self.optimizer.state_dict(), world_size=self.dist.world,
             sampler=self.sampler.state_dict(),  # one: every rank draws the same global batch (checked above)
             rng=rngs,  # one per rank (dropout)
             history=self.history, task_agreement=self.task_agreement)
-        state.save(self.ckpt_path)
+        try:
+            state.save(self.ckpt_path)
+        except OSError as exc:  # atomic_write's: names the file, says when the disk is full
+            raise TrainingError(f"checkpoint of step {self.step} not written: {exc}") from exc
+        self._saved_step = self.step
         self.dist.barrier()
         return self.ckpt_path
 
@@ -353,18 +433,14 @@ class Trainer:
                 torch.cuda.set_rng_state(rngs[rank]["cuda"], self.device)
         else:
             torch.manual_seed(self.dist.rank_seed(self.config.seed))
-        self.step = state.step
+        self.step = self._saved_step = state.step
         self.history = list(state.history)
         self.task_agreement = state.task_agreement
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drops log lines written after the checkpoint we resume from (the steps are about to be redone)."""
-        if not self.dist.main or not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(self.metrics_path, lambda f: f.writelines(kept), binary=False)
+        if self.dist.main:
+            run_folder.truncate_log(self.metrics_path, step)
 
 
 _STOP_CHECK_EVERY = 10  # steps between the data-parallel "did a rank get a signal?" checks

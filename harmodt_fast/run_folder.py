@@ -1,0 +1,58 @@
+"""The run folder's rules: one process trains in it at a time (its lock), what a start does with what a killed run
+left (temporary files, a log line cut short), and the errors of a run that cannot go on. Torch-free, so that the
+CLI can name these errors without importing torch."""
+from __future__ import annotations
+
+import os
+import warnings
+
+from harmodt_fast._io import FolderLock, atomic_write, read_json_lines, remove_stale_temporaries
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason outside its config and data: its folder is in use by another process,
+    a file of it cannot be written (a full disk) or its log is damaged. The message names the folder or file."""
+
+
+class DivergenceError(TrainingError):
+    """A step whose loss or gradient is not finite (`step`; `tasks`: those whose loss was not), or weights that are
+    not: the checkpoint on disk is the last one with finite weights."""
+
+    def __init__(self, message: str, step: int, tasks: list[str]):
+        super().__init__(message)
+        self.step, self.tasks = step, tasks
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A run stopped by a signal (`signal`: its number; None when another data-parallel rank got it) after
+    writing its checkpoint."""
+
+    def __init__(self, message: str, signal_number: int | None):
+        super().__init__(message)
+        self.signal = signal_number
+
+
+def lock(folder: str) -> FolderLock:
+    """The run folder's lock (not yet taken): a folder in use raises TrainingError naming it and its holder."""
+    return FolderLock(folder, TrainingError)
+
+
+def hold(folder_lock: FolderLock) -> None:
+    """Takes the run folder (a no-op when held already) and removes the temporary files of writes a kill cut
+    short there, with a warning each."""
+    folder_lock.acquire()
+    for path in remove_stale_temporaries(folder_lock.folder):
+        warnings.warn(f"removed {path}: a temporary file left by a run killed while writing", stacklevel=3)
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Drops the lines of the log `path` written after `step` (a resumed run redoes those steps), and a last line
+    cut short (with a warning; a damaged line before it: TrainingError naming the file and line)."""
+    if not os.path.exists(path):
+        return
+    kept = [line for line, entry in read_json_lines(path, TrainingError)
+            if not isinstance(entry.get("step"), int) or entry["step"] <= step]
+    try:
+        atomic_write(path, lambda f: f.writelines(kept), binary=False)
+    except OSError as exc:
+        raise TrainingError(str(exc)) from exc
