@@ -39,11 +39,14 @@ _EXPORTS = {
     "load_dataset": "harmodt_fast.data",
     "DatasetError": "harmodt_fast.data",
     "MultiTaskSampler": "harmodt_fast.data",
+    "CheckpointError": "harmodt_fast.run_checks",
+    "TrainingError": "harmodt_fast.run_folder",
+    "DivergenceError": "harmodt_fast.run_folder",
 }
 
 _SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
                "policy", "loggers", "model", "config", "tasks", "reproduction", "activation_memory",
-               "memory_plan"}
+               "memory_plan", "method", "task_gradients", "run_checks", "run_folder"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]
 

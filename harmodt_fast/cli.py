@@ -304,19 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_setup(args) -> None:
-    """The device and backend a train or evaluate command asks for, before any work: torch and the backend check
-    say why not with a RuntimeError, which is bad input here (one line, no traceback)."""
+    """The device and backend a train or evaluate command asks for, before any work (a ValueError, one line)."""
     if args.command not in ("train", "evaluate"):
         return
     from harmodt_fast.ops import check_backend
     from harmodt_fast.runtime import pick_device
 
-    backend = _parse_overrides(args.set).get("backend", "auto") if args.command == "train" else "auto"
-    try:
-        check_backend(backend, pick_device(args.device))
-    except RuntimeError as exc:
-        raise ValueError(f"--device {args.device}" + (f", backend {backend}" if backend != "auto" else "") +
-                         f": {exc}") from None
+    check_backend(_parse_overrides(args.set).get("backend", "auto") if args.command == "train" else "auto",
+                  pick_device(args.device))
 
 
 def main(argv=None) -> int:

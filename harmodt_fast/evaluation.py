@@ -37,7 +37,7 @@ from harmodt_fast._io import atomic_write
 from harmodt_fast.checkpoint import CheckpointError, RunState, read_run
 from harmodt_fast.envs import MAX_EPISODE_STEPS, goal_variants, make_env, scripted_policy
 from harmodt_fast.policy import policy_from_checkpoint, task_order
-from harmodt_fast.runtime import pick_device, progress_bar
+from harmodt_fast.runtime import integer_in, pick_device, progress_bar
 
 try:
     import gymnasium as gym
@@ -163,14 +163,10 @@ def _check_counts(episodes: int, max_episode_steps: int, **optional) -> None:
     """ValueError naming an argument that is not an integer in its range (optional ones: seed >= 0, workers >= 0,
     max_envs >= 1, merge_threshold >= 1, each may be None)."""
     for name, value in optional.items():
-        low = 1 if name in ("max_envs", "merge_threshold") else 0
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low):
-            raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
-    if not isinstance(episodes, (int, np.integer)) or isinstance(episodes, bool) or not 1 <= episodes <= 50:
-        raise ValueError(f"episodes must be an integer in 1..50 (Meta-World has 50 goal variants), got {episodes!r}")
-    if not isinstance(max_episode_steps, (int, np.integer)) or isinstance(max_episode_steps, bool) or \
-            not 1 <= max_episode_steps <= MAX_EPISODE_STEPS:
-        raise ValueError(f"max_episode_steps must be an integer in 1..{MAX_EPISODE_STEPS}, got {max_episode_steps!r}")
+        if value is not None:
+            integer_in(name, value, 1 if name in ("max_envs", "merge_threshold") else 0)
+    integer_in("episodes", episodes, 1, 50)  # Meta-World has 50 goal variants
+    integer_in("max_episode_steps", max_episode_steps, 1, MAX_EPISODE_STEPS)
 
 
 # ---- environments: groups of Meta-World environments, stepped by gymnasium's vector env ----------------------------

@@ -44,6 +44,7 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, met
     """
     from harmodt_fast.config import HarmoDTConfig
     from harmodt_fast.data import collect
+    from harmodt_fast.runtime import integer_in
     from harmodt_fast.tasks import resolve_tasks
     from harmodt_fast.trainer import train
 
@@ -57,6 +58,9 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, met
                          f"sub-optimal half needs 2 per task: the sampler keeps one for prompts), got "
                          f"seeds={list(seeds)}, steps={steps}, episodes_per_task={episodes_per_task}, "
                          f"eval_every={eval_every}")
+    for name, value in (("steps", steps), ("eval_every", eval_every), ("episodes_per_task", episodes_per_task),
+                        *((f"seeds[{i}]", s) for i, s in enumerate(seeds))):
+        integer_in(name, value, 0)  # 2.7 steps is not 2 (the ranges are checked above)
     HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset or field: an error before any work
     out = os.path.abspath(out)
     data_root = os.path.abspath(data_root or os.path.join(out, "data"))

@@ -2,14 +2,27 @@
 imports nothing of ours, so every module can use it."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
+def integer_in(name: str, value, lo: int, hi: int | None = None) -> int:
+    """`value` as an int when it is an integer (not a bool, not a float) in lo..hi; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (
+            hi is not None and value > hi):
+        raise ValueError(f"{name} must be an integer in {lo}..{'' if hi is None else hi}, got {value!r}")
+    return int(value)
+
+
 def pick_device(device="auto") -> torch.device:
-    """"auto": CUDA when there is one, else the CPU; asking for CUDA without one is a ValueError."""
+    """"auto": CUDA when there is one, else the CPU; an unknown device, or CUDA without one, is a ValueError."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:  # torch names the device types it knows
+        raise ValueError(f"device {device!r}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
     return dev

@@ -61,9 +61,7 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
         overrides["tasks"] = tuple(task_names(overrides["tasks"]))  # any names: the dataset says which exist
     explicit_dims = {k: overrides[k] for k in ("state_dim", "act_dim") if k in overrides}
     if steps is not None:
-        if int(steps) <= 0:
-            raise ValueError(f"steps must be > 0, got {steps}")
-        overrides["steps"] = int(steps)
+        overrides["steps"] = steps  # the config checks it (an integer > 0)
     config = HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset / field / value -> ValueError
     if stop_at is not None and not 0 < stop_at <= config.steps:
         raise ValueError(f"stop_at must be in 1..{config.steps}, got {stop_at}")

@@ -109,12 +109,29 @@ def test_cli_setup_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU machine without the interpreter
     monkeypatch.setattr(ops._dispatch, "_decisions", {})
     missing = str(tmp_path / "no-data")
-    for argv, message in ((["train", missing, "--out", str(tmp_path / "r"), "--device", "tpu"], "--device tpu: "),
-                          (["evaluate", missing, "--device", "tpu"], "--device tpu: "),
+    # the backend check's error is a ValueError as well as a RuntimeError: wherever it comes from (a checkpoint's
+    # backend read by evaluate too), the CLI prints it as bad input
+    with pytest.raises(ValueError, match="triton backend cannot run here"):
+        ops.check_backend("triton", torch.device("cpu"))
+    for argv, message in ((["train", missing, "--out", str(tmp_path / "r"), "--device", "tpu"], "device 'tpu': "),
+                          (["evaluate", missing, "--device", "tpu"], "device 'tpu': "),
                           (["train", missing, "--out", str(tmp_path / "r"), "--device", "cpu", "--set",
-                            "backend=triton"], "--device cpu, backend triton: .*triton backend needs CUDA"),
+                            "backend=triton"], "triton backend cannot run here: .*triton backend needs CUDA"),
                           (["train", missing, "--out", str(tmp_path / "r"), "--set", "grad_clip=-1"],
                            "grad_clip must be > 0")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_fractional_counts_are_refused_not_truncated(tmp_path):
+    """steps=2.7 once ran 2 steps; a fractional episode count once collected int() of it."""
+    import harmodt_fast as hf
+
+    with pytest.raises(ValueError, match="steps"):
+        hf.train(str(tmp_path / "no-data"), str(tmp_path / "run"), preset="tiny", steps=2.7)
+    with pytest.raises(ValueError, match="episodes_per_task must be an integer"):
+        hf.reproduce("MT5", str(tmp_path / "suite"), steps=10, episodes_per_task=4.5)
+    with pytest.raises(ValueError, match=r"seeds\[1\] must be an integer"):
+        hf.reproduce("MT5", str(tmp_path / "suite"), steps=10, seeds=(0, 1.5))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "suite").exists()

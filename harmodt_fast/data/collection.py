@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import numbers
 import os
 import platform
 import re
@@ -30,7 +29,7 @@ from harmodt_fast.data.dataset import (
     ACT_DIM, FORMAT, MANIFEST, STATE_DIM, STEP_FIELDS, DatasetError, file_sha256, read_manifest,
 )
 from harmodt_fast._io import atomic_write, folder_lock
-from harmodt_fast.runtime import progress_bar
+from harmodt_fast.runtime import integer_in, progress_bar
 from harmodt_fast.tasks import resolve_tasks
 
 QUALITIES = ("expert", "near-optimal", "sub-optimal")
@@ -139,13 +138,6 @@ def _collect_chunk(job: dict) -> dict:
     arrays["final_observations"] = np.stack([e["final_observation"] for e in eps])
     _save_npz_atomic(os.path.join(job["folder"], f"{lo:06d}-{hi:06d}.npz"), arrays)
     return {"task": task, "episodes": hi - lo, "steps": int(lengths.sum()), "seconds": seconds}
-
-
-def _integer(name: str, value, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (
-            hi is not None and value > hi):
-        raise ValueError(f"{name} must be an integer in {lo}..{'' if hi is None else hi}, got {value!r}")
-    return int(value)
 
 
 def _params(tasks, quality, episodes, seed, episode_steps) -> dict:
@@ -303,14 +295,14 @@ def collect(tasks, out, episodes_per_task: int, quality: str = "near-optimal", s
         raise ValueError(f"unknown quality {quality!r}; expected one of {QUALITIES}")
     from harmodt_fast.envs import MAX_EPISODE_STEPS
 
-    E = _integer("episodes_per_task", episodes_per_task, 1)
-    seed = _integer("seed", seed, 0)  # numpy seeds are non-negative
-    episode_steps = _integer("episode_steps", episode_steps, 1, MAX_EPISODE_STEPS)
+    E = integer_in("episodes_per_task", episodes_per_task, 1)
+    seed = integer_in("seed", seed, 0)  # numpy seeds are non-negative
+    episode_steps = integer_in("episode_steps", episode_steps, 1, MAX_EPISODE_STEPS)
     if chunk_episodes is not None:
-        chunk_episodes = _integer("chunk_episodes", chunk_episodes, 1)
+        chunk_episodes = integer_in("chunk_episodes", chunk_episodes, 1)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, _integer("workers", workers, 0))
+    workers = max(1, integer_in("workers", workers, 0))
     out = os.path.abspath(os.fspath(out))
     with folder_lock(out, DatasetError):
         return _collect_locked(tasks, out, E, quality, seed, workers, episode_steps, chunk_episodes, progress,

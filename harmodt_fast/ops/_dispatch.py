@@ -25,6 +25,11 @@ _last: dict[str, str] = {}
 _calls: dict[tuple[str, str], int] = {}  # (op, backend) -> calls, so a test can tell that EVERY call ran a backend
 
 
+class BackendUnavailableError(RuntimeError, ValueError):
+    """An explicitly asked backend cannot run here (the reason in words). A RuntimeError, as it always was, and a
+    ValueError: for a user it is bad input, which the CLI prints as one line."""
+
+
 def register(op: str, backend: str, target: str) -> None:
     """Declare that `op` has a `backend` implementation at `target` ("package.module:function")."""
     if backend not in BACKENDS:
@@ -73,15 +78,15 @@ def _resolve_backend(op: str, backend: str, device_type: str) -> str:
         for cand in _AUTO_ORDER.get(device_type, ("torch",)):
             if cand in impls and backend_unavailable_reason(cand, torch.device(device_type)) is None:
                 return cand
-        raise RuntimeError(f"{op}: no implementation runs on {device_type} tensors here")
+        raise BackendUnavailableError(f"{op}: no implementation runs on {device_type} tensors here")
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     if backend not in impls:
         have = ", ".join(sorted(impls)) or "none"
-        raise RuntimeError(f"{op}: there is no {backend} implementation (implemented: {have})")
+        raise BackendUnavailableError(f"{op}: there is no {backend} implementation (implemented: {have})")
     reason = backend_unavailable_reason(backend, torch.device(device_type))
     if reason is not None:
-        raise RuntimeError(f"{op}: the {backend} backend cannot run here: {reason}")
+        raise BackendUnavailableError(f"{op}: the {backend} backend cannot run here: {reason}")
     return backend
 
 

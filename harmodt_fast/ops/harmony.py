@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from harmodt_fast import _ext
-from harmodt_fast.ops._dispatch import register, select
+from harmodt_fast.ops._dispatch import BackendUnavailableError, register, select
 from harmodt_fast.ops.packing import pack_masks_torch, popcount_rows, unpack_masks_torch, words_for
 
 STAT_NAMES = ("pruned", "regrown", "mean_agreement", "conflict_fraction")
@@ -213,7 +213,7 @@ def select_for_score(op: str, backend: str, device: torch.device, score: str):
     _fallback.pop(op, None)
     reason = cpp_score_reason(score)
     if reason is not None and backend == "cpp":
-        raise RuntimeError(f"{op}: the cpp backend cannot run here: {reason}")
+        raise BackendUnavailableError(f"{op}: the cpp backend cannot run here: {reason}")
     if reason is not None and backend == "auto":
         _fallback[op] = f"auto took torch: {reason}"
         backend = "torch"
