@@ -89,7 +89,9 @@ class RunState:
                 raise CheckpointError(f"{name}: not a harmodt_fast checkpoint (format {fmt!r})")
             d = _MIGRATIONS[fmt](d, name, warn_resume)
             fmt = d["format"]
-        missing = [k for k in REQUIRED_FIELDS if d.get(k) is None]
+        # a state that can be resumed must say where it stopped: without its step it would redo steps silently
+        missing = [k for k in REQUIRED_FIELDS + (("step",) if d.get("optimizer") is not None else ())
+                   if d.get(k) is None]
         if missing:
             raise CheckpointError(f"{name}: checkpoint lacks {missing}")
         state = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
