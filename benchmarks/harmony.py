@@ -164,7 +164,7 @@ print(json.dumps({"times": times, "masks": hashlib.sha256(new.numpy().tobytes())
 """
 
 
-def versus(other: str, rounds: int, calls: int, k: int) -> int:
+def versus(other: str, rounds: int, calls: int, k: int, out: str) -> int:
     roots = {"this": os.path.dirname(HERE), "other": os.path.abspath(other)}
     times = {(name, shape): [] for name in roots for shape in VERSUS_SHAPES}
     masks = {}
@@ -186,6 +186,23 @@ def versus(other: str, rounds: int, calls: int, k: int) -> int:
         a, b = statistics.median(times["this", shape]), statistics.median(times["other", shape])
         print(f"T={shape[0]:3d} P={shape[1]}: this {1e3 * a:8.1f} ms  other {1e3 * b:8.1f} ms  this/other {a / b:.3f}"
               f"  (masks equal: {len(masks[shape]) == 1})")
+
+    def commit(root):
+        res = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+        return res.stdout.strip() or None
+
+    record = {"date": datetime.date.today().isoformat(), "machine": machine(), "k": k, "rounds": rounds,
+              "calls_per_round": calls, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "commits": {name: commit(root) for name, root in roots.items()},
+              "shapes": [{"tasks": T, "entries": P, "median_s": {name: statistics.median(times[name, (T, P)])
+                                                                   for name in roots},
+                          "times_s": {name: times[name, (T, P)] for name in roots},
+                          "masks_equal": len(masks[T, P]) == 1} for T, P in VERSUS_SHAPES]}
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"harmony_versus_{record['date']}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
     return 0
 
 
@@ -220,7 +237,7 @@ def main(argv=None):
         print(json.dumps(worker(args)))
         return 0
     if args.versus:
-        return versus(args.versus, args.rounds, args.repeats, args.k)
+        return versus(args.versus, args.rounds, args.repeats, args.k, args.out)
 
     if args.device == "cpu":
         plan = [("cpp", "fp32"), ("cpp", "bf16"), ("cpp-rows", "fp32"), ("reference", "fp32"),
