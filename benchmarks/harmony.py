@@ -164,7 +164,7 @@ print(json.dumps({"times": times, "masks": hashlib.sha256(new.numpy().tobytes())
 """
 
 
-def versus(other: str, rounds: int, calls: int, k: int, out: str) -> int:
+def versus(other: str, rounds: int, calls: int, k: int, out_dir: str) -> int:
     roots = {"this": os.path.dirname(HERE), "other": os.path.abspath(other)}
     times = {(name, shape): [] for name in roots for shape in VERSUS_SHAPES}
     masks = {}
@@ -198,8 +198,8 @@ def versus(other: str, rounds: int, calls: int, k: int, out: str) -> int:
                                                                    for name in roots},
                           "times_s": {name: times[name, (T, P)] for name in roots},
                           "masks_equal": len(masks[T, P]) == 1} for T, P in VERSUS_SHAPES]}
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"harmony_versus_{record['date']}.json")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"harmony_versus_{record['date']}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote {path}")
