@@ -167,7 +167,8 @@ def mask_update(model, batch, config: HarmoDTConfig, step: int, *, losses_fn: Ca
         k_t      = min(k, active, inactive) of task t              (so the density is kept)
 
     ties to the lower index (ops/harmony.py holds the reference). The gradients come G tasks at a time within
-    config.mask_update_memory_mb (task_gradients.py; `tasks_per_pass` forces G); the masks do not depend on G.
+    config.mask_update_memory_mb (task_gradients.py; `tasks_per_pass` forces G); without dropout the masks do not
+    depend on G.
     Returns the new masks (set on the model), the update's statistics and the task-gradient cosine [T, T]."""
     masks = model.task_masks()
     k = flips_per_task(config, step, masks)

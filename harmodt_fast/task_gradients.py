@@ -7,9 +7,10 @@ them G tasks at a time (G from config.mask_update_memory_mb: the float32 rows th
   order 0..T-1); when every task fits (G = T) it keeps the rows, and that is the only pass (the selection engine
   then sums ḡ from the kept rows itself, in cache, with the same arithmetic);
 - otherwise a second pass recomputes each group's rows (same dropout: the RNG is replayed) for the selection.
-So the masks do not depend on G. Data-parallel, each rank computes its rows' gradients and a reduce-scatter leaves
-it the mean over ranks on its shard of the entries [lo, hi); it scores only that shard, and `gather_candidates`
-merges every rank's candidates exactly, so every rank applies the same flips.
+Without dropout the masks do not depend on G; with it, each group's forward draws its own dropout (the same in
+both passes), so G decides which draws a task's rows get. Data-parallel, each rank computes its rows' gradients
+and a reduce-scatter leaves it the mean over ranks on its shard of the entries [lo, hi); it scores only that
+shard, and `gather_candidates` merges every rank's candidates exactly, so every rank applies the same flips.
 """
 from __future__ import annotations
 
