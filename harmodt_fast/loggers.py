@@ -1,14 +1,24 @@
 """Experiment loggers that mirror metrics.jsonl: every number of a log entry becomes one scalar at the entry's step.
 
 config.logger names them: "tensorboard" (events under <run>/tensorboard; `pip install tensorboard`), "wandb"
-(Weights & Biases, files under <run>/wandb; `pip install 'harmodt_fast[wandb]'`; WANDB_MODE=offline keeps the run
-on disk, WANDB_PROJECT picks the project, default "harmodt_fast"), a list of both, or None. Nested dicts become
-'a/b' tags ("mask_update/flips", "task_loss/reach-v3", "eval/mean_success"); strings and lists are left to the
-JSON log.
+(Weights & Biases, files under <run>/wandb unless WANDB_DIR says where; `pip install 'harmodt_fast[wandb]'`;
+WANDB_MODE=offline keeps the run on disk, WANDB_PROJECT picks the project, default "harmodt_fast"; a user's
+WANDB_* variables win over these defaults), a list of both, or None. Nested dicts become 'a/b' tags
+("mask_update/flips", "task_loss/reach-v3", "eval/mean_success"); strings and lists are left to the JSON log.
+
+A resumed run continues its tracking: the trainer has cut metrics.jsonl back to the checkpoint's step before the
+loggers start, so a log that still holds entries means a resume. TensorBoard then purges its events after the last
+kept entry (steps a killed run logged past its checkpoint), and W&B reuses the run id kept in <run>/wandb_run_id.
 """
 from __future__ import annotations
 
 import os
+import secrets
+
+from harmodt_fast._io import atomic_write, read_json_lines
+
+METRICS_NAME = "metrics.jsonl"  # the run's JSON log, which these loggers mirror
+WANDB_ID_NAME = "wandb_run_id"  # the W&B run id of the run folder, written on its first wandb.init
 
 
 def parse_loggers(value, tensorboard: bool = False) -> tuple[str, ...] | None:
@@ -39,13 +49,47 @@ def scalars(entry: dict, prefix: str = ""):
             yield tag, float(value)
 
 
+def last_logged_step(out: str) -> int | None:
+    """The step of the last entry of <out>/metrics.jsonl (None when it holds none): where a resumed run's log goes
+    on from."""
+    path = os.path.join(out, METRICS_NAME)
+    if not os.path.exists(path):
+        return None
+    steps = [entry["step"] for _, entry in read_json_lines(path, ValueError) if isinstance(entry.get("step"), int)]
+    return max(steps, default=None)
+
+
+WANDB_ENV = {"project": "WANDB_PROJECT", "name": "WANDB_NAME", "dir": "WANDB_DIR", "id": "WANDB_RUN_ID",
+             "resume": "WANDB_RESUME"}  # wandb.init's argument -> the environment variable that sets it
+
+
+def wandb_run_id(out: str) -> str:
+    """The W&B run id of the run folder: the stored one when the run resumes (its log holds entries), else a new
+    one, stored atomically before wandb.init so that a run killed at any point resumes into the same W&B run."""
+    path = os.path.join(out, WANDB_ID_NAME)
+    if last_logged_step(out) is not None and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            stored = f.read().strip()
+        if stored:
+            return stored
+    run_id = secrets.token_hex(8)  # W&B ids: letters, digits, '-' and '_'
+    atomic_write(path, lambda f: f.write(run_id + "\n"), binary=False)
+    return run_id
+
+
 class TensorBoardLogger:
     def __init__(self, out: str, config):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise ValueError("logger 'tensorboard' needs the tensorboard package: pip install tensorboard") from exc
-        self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
+        folder = os.path.join(out, "tensorboard")
+        last = last_logged_step(out)
+        # events of steps past the log's end (a run killed after logging them, before its checkpoint) are dropped
+        # by TensorBoard on reading: purge_step starts a session that hides the older files' later steps
+        earlier = os.path.isdir(folder) and any(name.startswith("events.") for name in os.listdir(folder))
+        purge_step = (0 if last is None else last + 1) if earlier else None
+        self.writer = SummaryWriter(folder, purge_step=purge_step)
 
     def log(self, entry: dict) -> None:
         for tag, value in scalars(entry):
@@ -62,9 +106,12 @@ class WandbLogger:
             import wandb
         except ImportError as exc:
             raise ValueError("logger 'wandb' needs the wandb package: pip install 'harmodt_fast[wandb]'") from exc
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "harmodt_fast"),
-                              name=os.path.basename(out), dir=out, config=config.to_dict(),
-                              settings=wandb.Settings(console="off"))
+        defaults = {"project": "harmodt_fast", "name": os.path.basename(out), "dir": out}
+        if "WANDB_RUN_ID" not in os.environ:  # a user's run id wins, and then the run folder keeps none
+            defaults.update(id=wandb_run_id(out), resume="allow")
+        # a user's WANDB_* variables win over these defaults (wandb.init's arguments would override them)
+        kwargs = {key: value for key, value in defaults.items() if WANDB_ENV[key] not in os.environ}
+        self.run = wandb.init(**kwargs, config=config.to_dict(), settings=wandb.Settings(console="off"))
 
     def log(self, entry: dict) -> None:
         values = dict(scalars(entry))
