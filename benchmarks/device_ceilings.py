@@ -87,8 +87,11 @@ def floor_ms(flops: float, nbytes: float, dtype: torch.dtype, ceilings: dict) ->
 
 def source_digest() -> str:
     """sha256 of the project's source files (names and contents): names the code a run used where the checkout
-    has no git history (the GPU machine gets a copy of the working tree); `--digest` prints it for a checkout."""
+    has no git history (the GPU machine gets a copy of the working tree); `--digest` prints it for a checkout. Run from
+an installed package, it digests the checkout in the working directory (gpu_run.sh runs in the repo root)."""
     root = os.path.dirname(HERE)
+    if not os.path.isdir(os.path.join(root, "csrc")):  # an installed copy: the checkout the command runs in
+        root = os.getcwd()
     digest = hashlib.sha256()
     for folder in ("harmodt_fast", "kernels", "csrc", "benchmarks", "tests", "scripts"):
         for path in sorted(glob.glob(os.path.join(root, folder, "**", "*"), recursive=True)):
