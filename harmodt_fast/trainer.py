@@ -203,7 +203,7 @@ class Trainer:
     def _run(self, stop_at: int | None, progress: bool) -> TrainResult:
         cfg = self.config
         end = stop_at or cfg.steps
-        stop = {"signal": None}
+        stop, self.stop_reason = {"signal": None}, None  # a run() again does not inherit the last one's request
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         in_main_thread = True
         try:

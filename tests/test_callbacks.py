@@ -180,3 +180,47 @@ def test_a_folder_write_cut_short_is_cleaned_or_put_back(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoints"]
     assert os.listdir(tmp_path / "checkpoints") == [] and kept.best_success == 0.25
     assert RunCheckpoints(str(tmp_path), keep=2, resumed_step=None).best_success is None  # a fresh run: not its
+
+
+class StopOnLog(Callback):
+    """Asks to stop at the log of step `at` and records every call (to show rank 1 gets none)."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, []
+
+    def on_log(self, trainer, entry):
+        self.calls.append(trainer.step)
+        return trainer.step == self.at
+
+
+def _stopping_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """hf.train as under torchrun with a callback asking to stop at step 3 (on rank 0, where callbacks run)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    callback = StopOnLog(at=3)
+    try:
+        result = hf.train(data, out, preset="tiny", steps=40, batch_per_task=2, mask_interval=4, log_every=1,
+                          progress=False, callbacks=[callback])
+        # the ranks check for stop requests every 10 steps: both stop after step 10
+        assert result.step == 10 and result.stopped_early, (rank, result.step)
+        if rank == 0:
+            assert result.stop_reason == "StopOnLog.on_log returned True at step 3" and callback.calls[:3] == [1, 2, 3]
+        else:
+            assert result.stop_reason == "a callback on data-parallel rank 0" and callback.calls == []
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_request_on_rank_0_stops_every_data_parallel_rank(tmp_path):
+    import socket
+
+    data = hf.collect(["reach-v3", "button-press-v3"], tmp_path / "data", episodes_per_task=4, quality="near-optimal",
+                      seed=0, workers=1, episode_steps=50, progress=False, verbose=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_stopping_worker, args=(2, port, str(data), str(tmp_path / "run")), nprocs=2)
+    assert load_checkpoint(str(tmp_path / "run"))["step"] == 10
