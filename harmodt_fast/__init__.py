@@ -35,6 +35,8 @@ _EXPORTS = {
     "load_policy": "harmodt_fast.policy",
     "Policy": "harmodt_fast.policy",
     "export": "harmodt_fast.checkpoint",
+    "Callback": "harmodt_fast.callbacks",
+    "StopAtSuccess": "harmodt_fast.callbacks",
     "collect": "harmodt_fast.data",
     "load_dataset": "harmodt_fast.data",
     "DatasetError": "harmodt_fast.data",
@@ -46,7 +48,7 @@ _EXPORTS = {
 
 _SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
                "policy", "loggers", "model", "config", "tasks", "reproduction", "activation_memory",
-               "memory_plan", "method", "task_gradients", "run_checks", "run_folder"}
+               "memory_plan", "method", "task_gradients", "run_checks", "run_folder", "callbacks"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]
 

@@ -50,7 +50,7 @@ EXPORT_FILES = ("config.json", "model.safetensors", "tasks.safetensors")
 _EXPORT_TO_CHECKPOINT_FORMAT = {"harmodt_fast-export/1": "harmodt_fast/1", EXPORT_FORMAT: CHECKPOINT_FORMAT}
 # config fields that only change logging, not the training trajectory: a resumed run may change them
 # (the backend and compile too: they compute the same step, to rounding)
-NON_TRAJECTORY_FIELDS = frozenset({"log_every", "checkpoint_every", "eval_every", "eval_episodes", "eval_max_steps",
+NON_TRAJECTORY_FIELDS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_episodes", "eval_max_steps",
                                    "eval_workers", "logger", "tensorboard", "extra", "backend", "compile"})
 
 

@@ -65,6 +65,7 @@ class HarmoDTConfig:
     # logging, checkpoints, periodic evaluation (0 = off)
     log_every: int = 50
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 0  # also keep the last N checkpoints as exports in checkpoints/step_<N>/ (0: none)
     eval_every: int = 0
     eval_episodes: int = 10
     eval_max_steps: int = 500  # steps per evaluation episode (Meta-World's 500; fewer only for quick checks)
@@ -120,8 +121,8 @@ class HarmoDTConfig:
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.grad_clip > 0, f"grad_clip must be > 0 (the gradient norm clipped to), got {self.grad_clip}"),
             (self.task_grad_clip > 0, f"task_grad_clip must be > 0, got {self.task_grad_clip}"),
-            (min(self.log_every, self.checkpoint_every) >= 1 and self.eval_every >= 0,
-             "log_every and checkpoint_every must be >= 1, eval_every >= 0"),
+            (min(self.log_every, self.checkpoint_every) >= 1 and min(self.eval_every, self.keep_checkpoints) >= 0,
+             "log_every and checkpoint_every must be >= 1, eval_every and keep_checkpoints >= 0"),
             (min(self.eval_episodes, self.eval_max_steps) >= 1,
              f"eval_episodes and eval_max_steps must be >= 1, got {self.eval_episodes} and {self.eval_max_steps}"),
             (self.eval_workers is None or self.eval_workers >= 0,

@@ -56,3 +56,19 @@ def truncate_log(path: str, step: int) -> None:
         atomic_write(path, lambda f: f.writelines(kept), binary=False)
     except OSError as exc:
         raise TrainingError(str(exc)) from exc
+
+
+def prepare(out) -> str:
+    """The run folder's absolute path, created; a folder that cannot be written raises ValueError naming it."""
+    out = os.path.abspath(os.fspath(out))
+    probe = os.path.join(out, f".write-test-{os.getpid()}")  # per process: data-parallel ranks share out
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+    except OSError as exc:
+        raise ValueError(f"cannot write to the output folder {out}: {exc}") from exc
+    finally:
+        if os.path.exists(probe):  # also when the write failed (a full disk)
+            os.unlink(probe)
+    return out

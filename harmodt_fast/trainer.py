@@ -22,6 +22,7 @@ import torch
 
 from harmodt_fast import ops
 from harmodt_fast import run_folder
+from harmodt_fast.callbacks import RunCheckpoints, check_callbacks, dispatch
 from harmodt_fast._io import FolderLock, append_json_line
 from harmodt_fast.batch import rows_per_slice
 from harmodt_fast.checkpoint import CHECKPOINT_NAME, RunState, prompt_to_dict
@@ -46,16 +47,20 @@ class TrainResult:
     out: str
     step: int
     metrics: str = field(default="")
+    stopped_early: bool = False  # a callback asked to stop, stop_reason says which and why
+    stop_reason: str = ""
 
 
 def train(data, out, preset: str = "demo", steps: int | None = None, device: str = "auto", *,
-          stop_at: int | None = None, progress: bool = True, check_memory: bool = True, **overrides) -> TrainResult:
+          stop_at: int | None = None, progress: bool = True, check_memory: bool = True, callbacks=(),
+          **overrides) -> TrainResult:
     """Trains HarmoDT (or the prompt-dt / mtdt baselines) on an offline dataset and returns a TrainResult.
 
     data: a dataset folder (hf.collect output or the MTDiff layout) or a loaded dataset; out: the run folder
     (resumed when it holds a checkpoint); overrides: HarmoDTConfig fields by name; stop_at: stop (with a checkpoint)
     once this many steps are done, to be resumed later; check_memory: refuse (ValueError) a run whose planned peak
-    memory (hf.plan) exceeds the device's, before any data is read or the model built; False runs it anyway.
+    memory (hf.plan) exceeds the device's, before any data is read or the model built; False runs it anyway;
+    callbacks: objects called during training, which may stop it (harmodt_fast/callbacks.py).
     """
     if "tasks" in overrides and overrides["tasks"] is not None:
         overrides["tasks"] = tuple(task_names(overrides["tasks"]))  # any names: the dataset says which exist
@@ -68,7 +73,7 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
     asked = pick_device(device)
     ops.check_backend(config.backend, asked)  # before loading data or building anything
     rows_per_slice(config.batch_per_task, world_size_from_env())  # a global batch the processes can share
-    out = _prepare_out(out)
+    out = run_folder.prepare(out)
     # the folder is this run's before anything is read from it; data-parallel, rank 0 (the writer) holds it
     lock = run_folder.lock(out)
     try:
@@ -86,26 +91,14 @@ def train(data, out, preset: str = "demo", steps: int | None = None, device: str
         sampler = MultiTaskSampler(dataset, config, device=device, seed=config.seed, rank=dist_info.rank,
                                    world=dist_info.world)
         trainer = Trainer(config, sampler, out, device, fingerprint=str(dataset.fingerprint), dist=dist_info,
-                          lock=lock)
+                          lock=lock, callbacks=callbacks)
         trainer.task_envs = dict(getattr(dataset, "env_specs", {}))  # Minari data: the environments to evaluate
         return trainer.run(stop_at=stop_at, progress=progress)
     finally:
         lock.release()
 
 
-def _prepare_out(out) -> str:
-    out = os.path.abspath(os.fspath(out))
-    probe = os.path.join(out, f".write-test-{os.getpid()}")  # per process: data-parallel ranks share out
-    try:
-        os.makedirs(out, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-    except OSError as exc:
-        raise ValueError(f"cannot write to the output folder {out}: {exc}") from exc
-    finally:
-        if os.path.exists(probe):  # also when the write failed (a full disk)
-            os.unlink(probe)
-    return out
+_prepare_out = run_folder.prepare  # its former name here, which scripts and tests import
 
 
 def _load(data):
@@ -141,11 +134,13 @@ class Trainer:
 
     The run folder is this trainer's (FolderLock on `out`; rank 0 holds it) from construction, before its
     checkpoint is read, until run() returns or raises; a folder in use elsewhere raises TrainingError. `lock`: the
-    folder's lock when the caller holds it already (hf.train takes it before reading the data)."""
+    folder's lock when the caller holds it already (hf.train takes it before reading the data). `callbacks`:
+    objects with on_log / on_evaluation / on_mask_update / on_checkpoint (harmodt_fast/callbacks.py)."""
 
     def __init__(self, config: HarmoDTConfig, sampler, out: str, device: torch.device, fingerprint: str,
-                 dist: Distributed = Distributed(), *, lock: FolderLock | None = None):
-        self.config, self.out, self.device, self.dist = config, _prepare_out(out), device, dist
+                 dist: Distributed = Distributed(), *, lock: FolderLock | None = None, callbacks=()):
+        self.config, self.out, self.device, self.dist = config, run_folder.prepare(out), device, dist
+        self.callbacks, self.stop_reason = check_callbacks(callbacks), None
         self._lock = lock if lock is not None else run_folder.lock(self.out)
         if dist.main:
             run_folder.hold(self._lock)
@@ -182,6 +177,7 @@ class Trainer:
         else:  # a run killed before its first checkpoint starts over: so does its log
             self._truncate_metrics(0)
         self._unused = method.unused_entries(self.model)
+        self._kept = RunCheckpoints(self.out, config.keep_checkpoints, self._saved_step) if dist.main else None
         # every rank started from the same config, data and checkpoint (a RUN folder not shared between nodes, say)
         start = {"config": json.dumps(config.to_dict(), sort_keys=True, default=str), "dataset fingerprint":
                  str(fingerprint), "resumed step": str(self.step)}
@@ -207,7 +203,7 @@ class Trainer:
     def _run(self, stop_at: int | None, progress: bool) -> TrainResult:
         cfg = self.config
         end = stop_at or cfg.steps
-        stop = {"signal": None}
+        stop, self.stop_reason = {"signal": None}, None  # a run() again does not inherit the last one's request
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         in_main_thread = True
         try:
@@ -221,7 +217,8 @@ class Trainer:
         t_last, rows_since = time.perf_counter(), 0
         stopped = False
         try:
-            while self.step < end and not (stopped := self._stop_requested(stop["signal"] is not None)):
+            while self.step < end and not (stopped := self._stop_requested(
+                    stop["signal"] is not None or self.stop_reason is not None)):
                 loss, per_task, rows = self._train_step()
                 self.step += 1
                 rows_since += rows
@@ -251,9 +248,9 @@ class Trainer:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
         # every rank stops alike, also for a signal after the last check (one more collective, once per run)
-        stopped = stopped or self.dist.any(stop["signal"] is not None, self.device)
+        signalled = self.dist.any(stop["signal"] is not None, self.device)
         self.save()
-        if stopped:
+        if signalled:
             why = (signal.Signals(stop["signal"]).name if stop["signal"] is not None
                    else "a signal to another data-parallel rank")
             raise TrainingStopped(f"training stopped by {why} at step {self.step}; the checkpoint in {self.out} "
@@ -261,8 +258,10 @@ class Trainer:
         if cfg.eval_every and self.step == cfg.steps and self._evaluation_missing():
             self._evaluate()
         self._loggers.close()
+        # stopped without a signal: a callback's request (made on rank 0, the others learnt of it at the stop check)
+        reason = (self.stop_reason or "a callback on data-parallel rank 0") if stopped else ""
         return TrainResult(self.ckpt_path, list(self.history), self.model.task_masks(), cfg, self.out, self.step,
-                           self.metrics_path)
+                           self.metrics_path, stopped_early=stopped, stop_reason=reason)
 
     def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimiser step; returns (loss, per-task losses) as device tensors and the rows trained on."""
@@ -320,6 +319,11 @@ class Trainer:
             return local
         return self.step % _STOP_CHECK_EVERY == 0 and self.dist.any(local, self.device)
 
+    def request_stop(self, reason: str = "a callback's request") -> None:
+        """Stops training after the current step, with a checkpoint; the TrainResult says stopped_early and why."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
     # ---- the outer level: harmony mask update ----------------------------------------------------------------
     def _mask_update(self) -> dict:
         _, info, agreement = method.mask_update(self.model, self.sampler.sample(), self.config, self.step,
@@ -328,6 +332,7 @@ class Trainer:
         self._check_masks_in_sync()  # every rank applied the same flips, or a loud failure here
         self._unused = method.unused_entries(self.model)
         self.task_agreement = agreement.cpu()
+        dispatch(self.callbacks, "on_mask_update", self, info)
         return info
 
     # ---- data parallel ------------------------------------------------------------------------------------------
@@ -360,10 +365,12 @@ class Trainer:
                                   workers=self.config.eval_workers)
             report["checkpoint"] = self.ckpt_path  # the state evaluated is the one just saved there
             path = save_report(report, self._evaluation_path())
+            self._kept.on_evaluation(self._policy_state(), report)  # best/ when it beats the best so far
             # the log keeps the summary; the file keeps every episode
             self._log({"step": self.step, "eval": {
                 "mean_success": report["mean_success"], "file": os.path.basename(path),
                 "per_task": {t: r["success_rate"] for t, r in report["per_task"].items()}}})
+            dispatch(self.callbacks, "on_evaluation", self, report)
         self.dist.barrier()
 
     def _evaluation_path(self) -> str:
@@ -380,6 +387,7 @@ class Trainer:
             return
         append_json_line(self.metrics_path, entry, TrainingError, default=_json_default)
         self._loggers.log(entry)
+        dispatch(self.callbacks, "on_log", self, entry)
 
     def save(self) -> str:
         """Writes the checkpoint (every rank takes part). Refuses non-finite weights (DivergenceError) and names
@@ -402,9 +410,11 @@ class Trainer:
             history=self.history, task_agreement=self.task_agreement)
         try:
             state.save(self.ckpt_path)
+            self._kept.on_save(state)  # checkpoints/step_<N>/ when keep_checkpoints > 0
         except OSError as exc:  # atomic_write's: names the file, says when the disk is full
             raise TrainingError(f"checkpoint of step {self.step} not written: {exc}") from exc
         self._saved_step = self.step
+        dispatch(self.callbacks, "on_checkpoint", self, self.ckpt_path)
         self.dist.barrier()
         return self.ckpt_path
 
