@@ -145,6 +145,7 @@ def plot_all(report: dict, checkpoint, out_dir: str, metrics_path: str | None = 
     dict or a RunState (for the masks and the stored task agreement). Returns {figure name: path, or the reason
     it was skipped}."""
     from harmodt_fast.checkpoint import RunState, model_from_checkpoint, read_run
+    from harmodt_fast.loggers import METRICS_NAME
 
     os.makedirs(out_dir, exist_ok=True)
     out = {"success_bars": success_bars(report, os.path.join(out_dir, "success_per_task.png"))}
@@ -153,7 +154,7 @@ def plot_all(report: dict, checkpoint, out_dir: str, metrics_path: str | None = 
     if metrics_path is None and not loaded:
         path = os.fspath(checkpoint)
         metrics_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
-                                    "metrics.jsonl")
+                                    METRICS_NAME)
     if metrics_path and os.path.isfile(metrics_path):
         curve = success_curve(metrics_path, os.path.join(out_dir, "success_vs_step.png"))
         out["success_curve"] = curve or f"skipped: no evaluation lines in {metrics_path}"

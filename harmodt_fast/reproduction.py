@@ -150,6 +150,8 @@ def read_evaluations(run_dir: str) -> list[dict]:
 def summarise_run(run_dir: str, steps: int) -> dict:
     """final (the evaluation at the last step) and best (the running best of the periodic evaluations, as the
     published code reports; per task: each task's success at that best evaluation), from the evaluation files."""
+    from harmodt_fast.loggers import METRICS_NAME
+
     evals = read_evaluations(run_dir)
     final = [e for e in evals if e["step"] == steps]
     if not final:
@@ -159,7 +161,7 @@ def summarise_run(run_dir: str, steps: int) -> dict:
     tasks = list(final["per_task"])
     return {
         "final_success": final["mean_success"], "best_success": best["mean_success"], "best_step": best["step"],
-        **_training_diagnostics(os.path.join(run_dir, "metrics.jsonl")),
+        **_training_diagnostics(os.path.join(run_dir, METRICS_NAME)),
         "per_task": {t: {"final": final["per_task"][t]["success_rate"], "best": best["per_task"][t]["success_rate"]}
                      for t in tasks},
         "curve": [[e["step"], e["mean_success"]] for e in evals],

@@ -29,7 +29,7 @@ from harmodt_fast.checkpoint import CHECKPOINT_NAME, RunState, prompt_to_dict
 from harmodt_fast import method
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.distributed import Distributed, init_distributed, world_size_from_env
-from harmodt_fast.loggers import Loggers
+from harmodt_fast.loggers import METRICS_NAME, Loggers
 from harmodt_fast.masks import TaskMasks
 from harmodt_fast.model import HarmoDT
 from harmodt_fast.memory_plan import refuse_if_over_memory
@@ -154,7 +154,7 @@ class Trainer:
                dist: Distributed) -> None:
         dist.check_sampler(sampler, config.batch_per_task)
         self.ckpt_path = os.path.join(self.out, CHECKPOINT_NAME)
-        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        self.metrics_path = os.path.join(self.out, METRICS_NAME)
         ops.check_backend(config.backend, device)
         torch.manual_seed(config.seed)
         self.model = HarmoDT(config).to(device)  # identical on every rank
