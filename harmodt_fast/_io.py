@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import socket
 import warnings
 from typing import Callable, IO
@@ -19,6 +20,7 @@ except ImportError:  # pragma: no cover  (Windows: no locks, temporary files are
 
 LOCK_FILE = ".lock"
 TEMPORARY_PREFIX = ".tmp-"  # atomic_write's temporary files: `.tmp-<random hex><the target's extension>`
+_OLD_SUFFIX = "-old"  # atomic_write_folder: `.tmp-<name>-old`, the folder it replaces, set aside
 
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True) -> str:
@@ -89,6 +91,41 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def atomic_write_folder(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) fills a temporary folder beside `path`, which then replaces `path`: a reader sees the old folder
+    or the new one (between the two renames, none; a run killed there gets the old one back on its next start),
+    never a part of either."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f"{TEMPORARY_PREFIX}{os.path.basename(path)}")
+    old = tmp + _OLD_SUFFIX
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write(tmp)
+        if os.path.isdir(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_temporary_folders(folder: str) -> None:
+    """Removes the temporary folders a killed atomic_write_folder left in `folder`; an old folder set aside whose
+    replacement never arrived goes back in place."""
+    if not os.path.isdir(folder):
+        return
+    for entry in list(os.scandir(folder)):
+        if not entry.name.startswith(TEMPORARY_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        target = os.path.join(folder, entry.name[len(TEMPORARY_PREFIX):].removesuffix(_OLD_SUFFIX))
+        if entry.name.endswith(_OLD_SUFFIX) and not os.path.exists(target):
+            os.replace(entry.path, target)
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def read_json_format(path: str, fmt: str, what: str, error: type[Exception]) -> dict:

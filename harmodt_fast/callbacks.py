@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 
-from harmodt_fast._io import TEMPORARY_PREFIX, atomic_write
+from harmodt_fast._io import atomic_write, atomic_write_folder, restore_temporary_folders
 from harmodt_fast.checkpoint import RunState, export
 
 CALLBACK_EVENTS = ("on_log", "on_evaluation", "on_mask_update", "on_checkpoint")
@@ -92,7 +92,7 @@ class RunCheckpoints:
         self.best_dir = os.path.join(out, BEST_DIR)
         self._exported_step: int | None = None
         for folder in (out, os.path.join(out, CHECKPOINTS_DIR)):
-            _clean_temporary_folders(folder)
+            restore_temporary_folders(folder)
         # the best so far: best/'s, when it belongs to the run resumed (written at or before its step)
         self.best_success: float | None = None
         best = read_best(out)
@@ -114,7 +114,7 @@ class RunCheckpoints:
             return None
         path = os.path.join(self.out, CHECKPOINTS_DIR, f"step_{state.step}")
         if self._exported_step != state.step or not os.path.isdir(path):
-            _write_folder(path, lambda tmp: export(state, tmp))
+            atomic_write_folder(path, lambda tmp: export(state, tmp))
             self._exported_step = state.step
         for _, old in self.step_dirs()[:-self.keep]:
             shutil.rmtree(old)
@@ -131,7 +131,7 @@ class RunCheckpoints:
             export(state, tmp)
             atomic_write(os.path.join(tmp, BEST_REPORT), lambda f: json.dump(report, f, indent=1), binary=False)
 
-        _write_folder(self.best_dir, write)
+        atomic_write_folder(self.best_dir, write)
         self.best_success = success
         return True
 
@@ -143,41 +143,3 @@ def read_best(out: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _write_folder(path: str, write) -> None:
-    """write(tmp) fills a temporary folder beside `path`, which then replaces `path`: a reader sees the old folder
-    or the new one (between the two renames, none; a run killed there gets the old one back on its next start),
-    never a part of either."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f"{TEMPORARY_PREFIX}{os.path.basename(path)}")
-    old = tmp + _OLD_SUFFIX
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        write(tmp)
-        if os.path.isdir(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-_OLD_SUFFIX = "-old"
-
-
-def _clean_temporary_folders(folder: str) -> None:
-    """Removes the temporary folders a killed _write_folder left in `folder`; an old folder set aside whose
-    replacement never arrived goes back in place."""
-    if not os.path.isdir(folder):
-        return
-    for entry in list(os.scandir(folder)):
-        if not entry.name.startswith(TEMPORARY_PREFIX) or not entry.is_dir(follow_symlinks=False):
-            continue
-        target = os.path.join(folder, entry.name[len(TEMPORARY_PREFIX):].removesuffix(_OLD_SUFFIX))
-        if entry.name.endswith(_OLD_SUFFIX) and not os.path.exists(target):
-            os.replace(entry.path, target)
-        else:
-            shutil.rmtree(entry.path, ignore_errors=True)
