@@ -68,18 +68,14 @@ def _cmd_export(args) -> int:
 def _cmd_evaluate(args) -> int:
     import os
 
-    from harmodt_fast.checkpoint import CheckpointError
     from harmodt_fast.evaluation import evaluate, format_table, save_report
 
-    try:
-        report = evaluate(args.checkpoint, tasks=args.tasks, episodes=args.episodes, seed=args.seed,
-                          target_return=args.target_return, max_episode_steps=args.max_steps,
-                          unseen=args.unseen, merge_threshold=args.merge_threshold, device=args.device,
-                          precision=args.precision, workers=args.workers, max_envs=args.max_envs,
-                          progress=not args.no_progress)
-    except CheckpointError as exc:
-        print(f"harmodt-fast evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    # a bad checkpoint (CheckpointError), device or backend is a ValueError: main prints it as one line
+    report = evaluate(args.checkpoint, tasks=args.tasks, episodes=args.episodes, seed=args.seed,
+                      target_return=args.target_return, max_episode_steps=args.max_steps,
+                      unseen=args.unseen, merge_threshold=args.merge_threshold, device=args.device,
+                      precision=args.precision, workers=args.workers, max_envs=args.max_envs,
+                      progress=not args.no_progress)
     print(format_table(report))
     path = os.fspath(args.checkpoint)
     run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -303,17 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_setup(args) -> None:
-    """The device and backend a train or evaluate command asks for, before any work (a ValueError, one line)."""
-    if args.command not in ("train", "evaluate"):
-        return
-    from harmodt_fast.ops import check_backend
-    from harmodt_fast.runtime import pick_device
-
-    check_backend(_parse_overrides(args.set).get("backend", "auto") if args.command == "train" else "auto",
-                  pick_device(args.device))
-
-
 def main(argv=None) -> int:
     """Runs one command; returns the exit status: 2 for bad input, 1 for a run that cannot go on (its folder in
     use, a file it cannot write, divergence), 128 + the signal's number for a run stopped by SIGTERM (after its
@@ -324,7 +309,6 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        _check_setup(args)
         return args.func(args)
     except ValueError as exc:  # bad input: one clear line, no traceback
         print(f"harmodt-fast {args.command}: error: {exc}", file=sys.stderr)

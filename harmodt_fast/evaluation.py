@@ -82,11 +82,11 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     wall0 = time.perf_counter()
     _check_counts(episodes, max_episode_steps, seed=seed, workers=workers, max_envs=max_envs,
                   merge_threshold=merge_threshold)  # before anything is read
+    dev = pick_device(device) if model is None else next(model.parameters()).device  # so is an unknown device
     state, source = _load(checkpoint_or_result)
     trained = list(state.tasks)
     requested, order, new, threshold = task_order(state, tasks, unseen, merge_threshold, source)
     torch.manual_seed(seed)
-    dev = pick_device(device) if model is None else next(model.parameters()).device
     from harmodt_fast.ops._dispatch import check_backend
 
     check_backend(state.config.get("backend", "auto") if backend is None else backend, dev)  # before any env starts
