@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -86,6 +87,14 @@ def grouped_mm_available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def record(timer, rows_out: list, dtype, fields: dict, op: str, impl: str, fn, flops: float, nbytes: float) -> None:
+    """Times fn (timer), appends its row (fields, op, impl, FLOPs, bytes and the floor they set) and prints it."""
+    r = timer(fn, impl)
+    r.update(**fields, op=op, impl=impl, flops=flops, bytes=nbytes, floor_ms=floor_ms(flops, nbytes, dtype))
+    rows_out.append(r)
+    print(f"  {op:18s} {impl:34s} wall {r['wall_ms']:.4f} ms  gpu {r.get('gpu_ms')}", flush=True)
+
+
 def bench_linear(timer, rows_out, group, n_in, n_out, tasks, rows_per_task, dtype, dev, compiled: bool):
     from harmodt_fast.kernels._common import device_offsets
     from harmodt_fast.kernels.masked_linear import launch_masked_dw, launch_masked_mm
@@ -110,11 +119,7 @@ def bench_linear(timer, rows_out, group, n_in, n_out, tasks, rows_per_task, dtyp
     shape = f"{M}x{n_in}->{n_out} T={tasks}"
 
     def add(op, impl, fn, nbytes, fl=flops):
-        r = timer(fn, impl)
-        r.update(group=group, shape=shape, op=op, impl=impl, flops=fl, bytes=nbytes,
-                 floor_ms=floor_ms(fl, nbytes, dtype))
-        rows_out.append(r)
-        print(f"  {op:10s} {impl:28s} wall {r['wall_ms']:.4f} ms  gpu {r.get('gpu_ms')}", flush=True)
+        record(timer, rows_out, dtype, dict(group=group, shape=shape), op, impl, fn, fl, nbytes)
 
     def materialise_fwd(x, w, b):
         outs = []
@@ -208,11 +213,7 @@ def bench_attention(timer, rows_out, group, B, L, H, heads, tasks, dtype, dev):
     attn_bytes = B * L * 4 * H * esz + B * L * L  # qkv in, out, the bool mask
     shape = f"B={B} L={L} H={H} heads={heads}"
 
-    def add(op, impl, fn, fl, nb):
-        r = timer(fn, impl)
-        r.update(group=group, shape=shape, op=op, impl=impl, flops=fl, bytes=nb, floor_ms=floor_ms(fl, nb, dtype))
-        rows_out.append(r)
-        print(f"  {op:18s} {impl:34s} wall {r['wall_ms']:.4f} ms  gpu {r.get('gpu_ms')}", flush=True)
+    add = functools.partial(record, timer, rows_out, dtype, dict(group=group, shape=shape))
 
     def heads_view(t):
         return t.view(B, L, 3, heads, D).permute(2, 0, 3, 1, 4)
@@ -282,11 +283,7 @@ def bench_mlp(timer, rows_out, group, hidden, mlp, tasks, rows_per_task, dtype, 
     io = 2 * M * hidden * esz + 2 * mlp * hidden * esz + 2 * mask_bytes(tasks, hidden, mlp)
     shape = f"{M}x{hidden}->{mlp}->{hidden} T={tasks}"
 
-    def add(op, impl, fn, fl, nb):
-        r = timer(fn, impl)
-        r.update(group=group, shape=shape, op=op, impl=impl, flops=fl, bytes=nb, floor_ms=floor_ms(fl, nb, dtype))
-        rows_out.append(r)
-        print(f"  {op:14s} {impl:34s} wall {r['wall_ms']:.4f} ms  gpu {r.get('gpu_ms')}", flush=True)
+    add = functools.partial(record, timer, rows_out, dtype, dict(group=group, shape=shape))
 
     def ours_inf():
         with torch.no_grad():

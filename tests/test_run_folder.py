@@ -365,17 +365,23 @@ def _cli_child(dataset, out):
                             env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_checkpoints_and_exits_as_sigterm_in_one_line(dataset, tmp_path):
-    """Finding 8: SIGTERM: the checkpoint, one line, exit status 128 + 15 (it was a KeyboardInterrupt traceback)."""
-    out = str(tmp_path)
+def _signalled_cli_child(dataset, out, signum):
+    """(exit status, stderr) of a CLI training sent `signum` once it has logged a step."""
     child = _cli_child(dataset, out)
     try:
         wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), child)
-        child.send_signal(signal.SIGTERM)
-        stdout, stderr = child.communicate(timeout=300)
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=300)
     finally:
         child.kill()
-    assert child.returncode == 128 + signal.SIGTERM, stderr
+    return child.returncode, stderr
+
+
+def test_sigterm_checkpoints_and_exits_as_sigterm_in_one_line(dataset, tmp_path):
+    """Finding 8: SIGTERM: the checkpoint, one line, exit status 128 + 15 (it was a KeyboardInterrupt traceback)."""
+    out = str(tmp_path)
+    returncode, stderr = _signalled_cli_child(dataset, out, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     (line,) = [l for l in stderr.splitlines() if "harmodt-fast" in l]
     step = load_checkpoint(out)["step"]
@@ -387,14 +393,8 @@ def test_sigterm_checkpoints_and_exits_as_sigterm_in_one_line(dataset, tmp_path)
 def test_sigint_keeps_its_keyboard_interrupt(dataset, tmp_path):
     """Ctrl-C as before: the checkpoint, then the KeyboardInterrupt (TrainingStopped) traceback, exit status 1."""
     out = str(tmp_path)
-    child = _cli_child(dataset, out)
-    try:
-        wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), child)
-        child.send_signal(signal.SIGINT)
-        stdout, stderr = child.communicate(timeout=300)
-    finally:
-        child.kill()
-    assert child.returncode == 1, stderr
+    returncode, stderr = _signalled_cli_child(dataset, out, signal.SIGINT)
+    assert returncode == 1, stderr
     assert "Traceback" in stderr and "TrainingStopped: training stopped by SIGINT at step" in stderr
     assert load_checkpoint(out)["step"] >= 1
 
