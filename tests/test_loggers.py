@@ -70,7 +70,7 @@ def wandb_records(path):
 
 
 def read_offline_runs(folder):
-    """(run id, config, history rows) of each W&B offline run directory under folder, oldest first, parsed from
+    """(run id, config, history rows) of each W&B offline run directory under folder, oldest session first, from
     its .wandb record file (a resumed offline run is one directory per session, all with the run's id)."""
     from wandb.proto import wandb_internal_pb2
 
@@ -84,18 +84,20 @@ def read_offline_runs(folder):
             if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        run_id, config, history = None, {}, []
+        run_id, started, config, history = None, None, {}, []
         for record in records:
             kind = record.WhichOneof("record_type")
             if kind == "run":
-                run_id = record.run.run_id
+                run_id, started = record.run.run_id, record.run.start_time.ToNanoseconds()
                 config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
             elif kind == "config":
                 config.update({i.key: json.loads(i.value_json) for i in record.config.update})
             elif kind == "history":
                 history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-        runs.append((run_id, config, history))
-    return runs
+        assert started, f"{path}: no run record with a start time"
+        runs.append((started, run_id, config, history))
+    # oldest first by the session's start (directory names are only second-resolution timestamps)
+    return [run[1:] for run in sorted(runs, key=lambda run: run[0])]
 
 
 def read_offline_run(root):
