@@ -117,7 +117,8 @@ def _register_fakes() -> None:
     loads, so that torch.compile traces the cpp backend (registering inside a traced call would fail)."""
     import torch
 
-    torch.library.register_fake("harmodt_fast::masked_weight")(lambda weight, bits: torch.empty_like(weight))
+    torch.library.register_fake("harmodt_fast::masked_weight")(  # bits [W]: W ⊙ M; bits [T, W]: [T, *W.shape]
+        lambda weight, bits: weight.new_empty((*bits.shape[:-1], *weight.shape)))
     torch.library.register_fake("harmodt_fast::masked_accumulate_")(lambda dw, grad, bits: None)
 
 

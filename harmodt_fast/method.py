@@ -9,6 +9,7 @@ Each task's loss is HarmoDT.task_losses: the action MSE of its rows, through its
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -29,6 +30,21 @@ def learning_rate(config: HarmoDTConfig, step: int) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
 
+def make_optimizer(model, config: HarmoDTConfig) -> torch.optim.AdamW:
+    """AdamW over every parameter as one fused kernel (CPU and CUDA): no per-parameter ops, and the step counters
+    stay tensors (no host reads)."""
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads a saved AdamW state; the implementation stays this optimiser's (a state saved by the unfused AdamW
+    of older versions would otherwise switch it back to per-parameter ops)."""
+    implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, implementation):
+        group.update(flags)
+
+
 def step_task(config: HarmoDTConfig, step: int) -> int | None:
     """The one task a round-robin step trains (the published schedule); None: every task in the step."""
     return step % config.num_tasks if config.schedule == "round-robin" else None
@@ -40,12 +56,22 @@ def step_loss(config: HarmoDTConfig, losses: torch.Tensor) -> torch.Tensor:
     return losses.sum() if config.schedule == "round-robin" else losses.mean()
 
 
-def unused_entries(model) -> dict[str, torch.Tensor]:
-    """Per masked layer with any, the entries no task uses (a mixed step must not move them)."""
+@dataclasses.dataclass
+class FrozenEntries:
+    """Entries a step must not move (masks: name -> bool, per masked layer with any) and the values the step
+    restores them to after the optimiser moved them (None: the weights as they are when the step starts)."""
+
+    masks: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor] | None = None
+
+
+def unused_entries(model) -> FrozenEntries:
+    """The entries no task uses (a mixed step must not move them), with their values now: no step moves them
+    until the masks change, so this one copy serves every step until then (no copy per step)."""
     masks = model.task_masks()
     if masks is None:
-        return {}
-    unused = {}
+        return FrozenEntries({}, {})
+    unused, values = {}, {}
     for name, layer in model.masked_layers().items():
         packed = masks.packed(name)
         used = packed[0].clone()
@@ -54,17 +80,18 @@ def unused_entries(model) -> dict[str, torch.Tensor]:
         never = ~ops.unpack_masks(used[None], layer.weight.numel()).view(layer.weight.shape)
         if bool(never.any()):
             unused[name] = never.to(layer.weight.device)
-    return unused
+            values[name] = layer.weight.detach().clone()
+    return FrozenEntries(unused, values)
 
 
-def frozen_entries(model, task: int | None, unused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def frozen_entries(model, task: int | None, unused: FrozenEntries) -> FrozenEntries:
     """Entries this step must not move: with one task per step every entry outside its mask, as published (the
     momentum of earlier tasks' steps and the weight decay would move them); with all tasks, the unused ones."""
     masks = model.task_masks()
     if task is None or masks is None:
         return unused
     device = next(model.parameters()).device
-    return {n: ~masks.to_dense(n, task).to(device) for n in masks.names}
+    return FrozenEntries({n: ~masks.to_dense(n, task).to(device) for n in masks.names})
 
 
 class NonFiniteStep(FloatingPointError):
@@ -97,19 +124,23 @@ class StepWatch:
 
     def check(self, taken: bool = True) -> None:
         """Raises NonFiniteStep when a step was recorded (one host synchronisation)."""
-        step = int(self._step)
+        # on the CPU the flag is read from memory, without dispatching an op: a CPU step dispatches no
+        # _local_scalar_dense, the op that marks a host synchronisation on CUDA (tests count it)
+        step = int(self._step.numpy()) if self.before_step else int(self._step)
         if step:
             raise NonFiniteStep(step, torch.nonzero(self._tasks).flatten().tolist(), float(self._grad_norm), taken)
 
 
-def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: dict[str, torch.Tensor], *,
+def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: FrozenEntries, *,
                losses_fn: Callable, amp_dtype: torch.dtype | None, watch: StepWatch | None = None,
                step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, clip and AdamW step over one batch; returns (loss, per-task losses) as device tensors
     (no host synchronisation, but for `watch.before_step`). Data-parallel, losses_fn is the DistributedDataParallel
     module around the model's losses: its backward leaves the gradients averaged over the processes (the returned
     losses are this process's). Frozen entries are restored after the step, bit for bit. `watch` records whether
-    this step (1-based `step`) had a non-finite loss or gradient (StepWatch)."""
+    this step (1-based `step`) had a non-finite loss or gradient (StepWatch).
+    Its ops do not grow with the task count: the masked layers run equal task segments as batched GEMMs, the clip
+    is foreach, the optimiser is the caller's (the trainer's is a fused AdamW), the restore one op per layer."""
     device = next(model.parameters()).device
     model.train()
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -117,19 +148,20 @@ def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: dict[str,
     loss = step_loss(config, losses)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
     if watch is not None:
         watch.record(step, losses, grad_norm)
         if watch.before_step:
             watch.check(taken=False)
     layers = model.masked_layers()
-    # torch.where with precomputed masks, not weight[mask] (a nonzero: a host sync per layer)
-    kept = {n: layers[n].weight.detach().clone() for n in frozen}
+    kept = frozen.values if frozen.values is not None else {
+        n: layers[n].weight.detach().clone() for n in frozen.masks}
     optimizer.step()
     with torch.no_grad():
-        for name, f in frozen.items():
+        for name, f in frozen.masks.items():
+            # torch.where with precomputed masks, not weight[mask] (a nonzero: a host sync per layer)
             weight = layers[name].weight
-            weight.copy_(torch.where(f, kept[name], weight))
+            torch.where(f, kept[name], weight, out=weight)
     return loss.detach(), losses.detach()
 
 

@@ -162,7 +162,7 @@ class Trainer:
             torch.manual_seed(dist.rank_seed(config.seed))  # but each rank its own dropout
         self.sampler = sampler
         self.fingerprint = fingerprint
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = method.make_optimizer(self.model, config)
         self.amp_dtype = autocast_dtype(config, device)
         self._task_losses = _compiled_task_losses(self.model, config) if config.compile else self.model.task_losses
         self._watch = method.StepWatch(config.num_tasks, device)  # the divergence guard
@@ -170,7 +170,7 @@ class Trainer:
         self._saved_step: int | None = None  # the step of the checkpoint on disk
         self.history: list[dict] = []
         self.task_agreement: torch.Tensor | None = None
-        self._unused: dict[str, torch.Tensor] = {}  # entries no task uses (refreshed after each mask update)
+        self._unused = method.FrozenEntries({})  # entries no task uses (refreshed after each mask update)
         self.task_envs: dict[str, str] = {}  # task -> gymnasium EnvSpec JSON, for tasks without a Meta-World name
         if os.path.exists(self.ckpt_path):
             self._resume(RunState.load(self.ckpt_path, warn_resume=dist.main))
@@ -430,7 +430,7 @@ class Trainer:
     def _resume(self, state: RunState) -> None:
         state.check_resumable(self.config, self.fingerprint, self.ckpt_path)
         self.model.load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
+        method.load_optimizer_state(self.optimizer, state.optimizer)
         self.sampler.load_state_dict(state.sampler)
         # any process count: the ranks the checkpoint has continue their dropout streams, the others start theirs
         # from the seed (so a resume on more processes differs from an uninterrupted run by its dropout only)

@@ -43,6 +43,7 @@ CASES = [
     ([20, 0, 45, 3], 64, 96),  # whole-word mask bits, segments over several row tiles
     ([1] * 12, 32, 40),  # many tasks of one row
     ([70], 96, 24),  # one long segment: several dW row splits inside one task
+    ([4, 4, 4, 4, 4], 19, 33),  # equal segments: the cpp backend's batched path
 ]
 
 
@@ -88,8 +89,9 @@ def test_forward_backward_against_naive(counts, n_in, n_out, rng, backend):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_weight_grad_is_masked_sum_and_task_grads(rng, backend):
-    counts, n_in, n_out = [4, 0, 6], 11, 9
+@pytest.mark.parametrize("counts", [[4, 0, 6], [5, 5, 5]])  # the per-task loop; equal segments (batched)
+def test_weight_grad_is_masked_sum_and_task_grads(rng, backend, counts):
+    n_in, n_out = 11, 9
     x, w, b, dense, offsets = random_case(rng, counts, n_in, n_out, dtype=torch.float32)
     packed = hf.ops.pack_masks(dense.flatten(1))
     w.requires_grad_()
@@ -105,14 +107,16 @@ def test_weight_grad_is_masked_sum_and_task_grads(rng, backend):
         torch.testing.assert_close(task_grads[t], g_t, rtol=1e-5, atol=1e-5)
         want_dw += dense[t] * g_t
     torch.testing.assert_close(w.grad, want_dw, rtol=1e-5, atol=1e-5)
-    assert torch.all(task_grads[1] == 0)  # the empty segment has no gradient
+    if counts[1] == 0:
+        assert torch.all(task_grads[1] == 0)  # the empty segment has no gradient
     # entries no task uses get no gradient at all
     unused = ~dense.any(0)
     assert torch.all(w.grad[unused] == 0)
 
 
-def test_gradcheck_float64(rng, backend):
-    x, w, b, dense, offsets = random_case(rng, [2, 0, 3], 5, 4)
+@pytest.mark.parametrize("counts", [[2, 0, 3], [2, 2, 2]])
+def test_gradcheck_float64(rng, backend, counts):
+    x, w, b, dense, offsets = random_case(rng, counts, 5, 4)
     packed = hf.ops.pack_masks(dense.flatten(1))
     args = [t.clone().requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(
@@ -121,16 +125,17 @@ def test_gradcheck_float64(rng, backend):
     assert hf.ops.last_backend("masked_linear") == backend
 
 
+@pytest.mark.parametrize("counts", [[6, 5], [6, 6]])
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"], indirect=True)
-def test_fewer_segments_than_masks_and_no_bias(rng, backend):
+def test_fewer_segments_than_masks_and_no_bias(rng, backend, counts):
     """More masks than segments and no bias: the output against the naive loop, dX and dW against autograd through
     it (the Triton kernels in fp32, which they run in, on DEVICE; the others in fp64 on the CPU)."""
     triton = backend == "triton"
-    x, w, _, dense, offsets = random_case(rng, [6, 5], 19, 11, T=4, dtype=torch.float32 if triton else torch.float64)
+    x, w, _, dense, offsets = random_case(rng, counts, 19, 11, T=4, dtype=torch.float32 if triton else torch.float64)
     device = DEVICE if triton else "cpu"
     x, w, dense = x.to(device), w.to(device), dense.to(device)
     packed = hf.ops.pack_masks(dense.flatten(1))
-    dy = torch.randn(11, 11, generator=rng, dtype=x.dtype).to(device)
+    dy = torch.randn(sum(counts), 11, generator=rng, dtype=x.dtype).to(device)
     ran, y, grads = run(backend, x, w, None, packed, offsets, dy, grads=(True, True, False))
     assert ran == backend
     leaves = [t.clone().requires_grad_() for t in (x, w)]

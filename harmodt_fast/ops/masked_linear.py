@@ -10,9 +10,12 @@ and, when a `task_grads` buffer [T, out, in] is passed, the per-task dense gradi
 of each task's effective weight, at active and inactive entries alike) are added into it: the mask update needs
 them and gets them from this one backward pass.
 
-This file holds the argument checks shared by all backends and the per-task loop behind two of them: "torch",
-the plain-PyTorch reference that defines the semantics, and "cpp", the CPU fast path whose mask expansion is C++
-(csrc/masked_linear.cpp). The "triton" backend is kernels/masked_linear.py.
+This file holds the argument checks shared by all backends, the per-task loop of "torch" (the plain-PyTorch
+reference that defines the semantics) and the "cpp" CPU fast path, whose mask expansion is C++
+(csrc/masked_linear.cpp). When the task segments are of equal size (every mixed training batch, every mask
+update's pass), "cpp" runs a fixed number of ops whatever the task count: all T' masked weights expanded in one
+C++ call, one batched GEMM per product, one C++ reduction Σ_t M_t ⊙ G_t; otherwise the per-task loop. The
+"triton" backend is kernels/masked_linear.py.
 """
 from __future__ import annotations
 
@@ -161,6 +164,50 @@ class _MaskedLinearPerTask(torch.autograd.Function):
         return dx, dw.to(weight.dtype) if dw is not None else None, db, None, None, None, None
 
 
+class _MaskedLinearEqualSegments(torch.autograd.Function):
+    """The cpp path for T' task segments of n rows each, in ops that do not grow with T' (per layer: forward 2,
+    backward 6 or fewer): W_t = W ⊙ M_t for all t in one C++ call [T', out, in], then batched GEMMs. The masked
+    weights are expanded again in backward rather than kept (T' x out x in per layer would be saved)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, masks_packed, tasks, task_grads):
+        masks = masks_packed[:tasks]
+        x3 = x2d.view(tasks, -1, x2d.shape[1])  # [T', n, in]
+        w_all = torch.ops.harmodt_fast.masked_weight(weight, masks).transpose(1, 2)  # [T', in, out]
+        y3 = torch.baddbmm(bias, x3, w_all) if bias is not None else torch.bmm(x3, w_all)  # [T', n, out]
+        ctx.save_for_backward(x2d, weight, masks)
+        ctx.has_bias, ctx.task_grads = bias is not None, task_grads
+        return y3.view(x2d.shape[0], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, masks = ctx.saved_tensors
+        tasks = masks.shape[0]
+        dy3 = dy.contiguous().view(tasks, -1, dy.shape[1])  # [T', n, out]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            w_all = torch.ops.harmodt_fast.masked_weight(weight, masks)  # [T', out, in]
+            dx = torch.bmm(dy3, w_all).view(x2d.shape)
+        if ctx.needs_input_grad[1] or ctx.task_grads is not None:
+            g = torch.bmm(dy3.transpose(1, 2), x2d.view(tasks, -1, x2d.shape[1]))  # G_t = dY_tᵀ X_t [T', out, in]
+            if ctx.needs_input_grad[1]:
+                # Σ_t in fp32 (fp64 for fp64 weights), tasks added in order as the per-task loop does
+                dw = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+                torch.ops.harmodt_fast.masked_accumulate_(dw, g, masks)
+                dw = dw.to(weight.dtype)
+            if ctx.task_grads is not None:
+                ctx.task_grads[:tasks] += g
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, dw, db, None, None, None
+
+
+def equal_segments(row_offsets: Sequence[int]) -> bool:
+    """Whether the task segments all hold the same (non-zero) number of rows."""
+    n = row_offsets[1] - row_offsets[0]
+    return n > 0 and all(b - a == n for a, b in zip(row_offsets, row_offsets[1:]))
+
+
 def masked_linear_torch(x2d, weight, bias, masks_packed, row_offsets, task_grads=None):
     return _MaskedLinearPerTask.apply(x2d, weight, bias, masks_packed, row_offsets, task_grads, _PerTaskMasks)
 
@@ -170,6 +217,8 @@ def masked_linear_cpp(x2d, weight, bias, masks_packed, row_offsets, task_grads=N
 
     if load_extension() is None:  # the dispatch only selects this backend when the extension loaded
         raise RuntimeError("the C++ extension is not available")
+    if equal_segments(row_offsets):
+        return _MaskedLinearEqualSegments.apply(x2d, weight, bias, masks_packed, len(row_offsets) - 1, task_grads)
     return _MaskedLinearPerTask.apply(x2d, weight, bias, masks_packed, row_offsets, task_grads, _CppMasks)
 
 
