@@ -48,8 +48,9 @@ class HarmoDTConfig:
     merge_threshold: int | None = None  # unseen tasks' consensus: None = half the trained tasks (published 25 of 50)
     flip_fraction: float = 0.0  # > 0: flips per update = this share of each task's active weights (not the schedule)
     # the mask update holds this much of per-task gradient rows at once (float32, G tasks x masked weights); when
-    # all T tasks fit it is the whole-buffer update, else the streamed one in micro-batches of G tasks (method.py)
-    mask_update_memory_mb: float = 256.0
+    # all T tasks fit it is the whole-buffer update, else the streamed one in micro-batches of G tasks (method.py);
+    # None ("auto"): half the free memory of a CUDA device, 256 MB elsewhere (task_gradients.update_group_size)
+    mask_update_memory_mb: float | None = 256.0
     # optimisation
     schedule: str = "mixed"
     steps: int = 1_000_000
@@ -114,7 +115,8 @@ class HarmoDTConfig:
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}"),
-            (self.mask_update_memory_mb > 0, f"mask_update_memory_mb must be > 0, got {self.mask_update_memory_mb}"),
+            (self.mask_update_memory_mb is None or self.mask_update_memory_mb > 0,
+             f"mask_update_memory_mb must be > 0 or None (auto), got {self.mask_update_memory_mb}"),
             (0.0 <= self.flip_fraction < 1.0, f"flip_fraction must be in [0, 1), got {self.flip_fraction}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),

@@ -17,6 +17,9 @@ import torch
 from harmodt_fast.ops.packing import pack_masks, popcount_rows, unpack_masks, words_for
 
 
+OVERLAP_PIECE_BITS = 1 << 24  # TaskMasks.overlap unpacks at most this many mask bits (all tasks) at once
+
+
 def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict[str, float]:
     """Erdős–Rényi-Kernel density per layer: density_l ∝ (Σ dims)/(Π dims), scaled so that the overall density
     is `density`; 1-D parameters, and layers whose density would exceed 1, stay dense."""
@@ -158,16 +161,20 @@ class TaskMasks:
         return out
 
     def overlap(self) -> torch.Tensor:
-        """T x T Jaccard similarity |M_i ∧ M_j| / |M_i ∨ M_j| over all masked weights (float64)."""
+        """T x T Jaccard similarity |M_i ∧ M_j| / |M_i ∨ M_j| over all masked weights (float64, on the CPU). Counted on
+        the masks' device (a matmul of the unpacked bits per piece); only the [T, T] result comes to the host."""
         T = self.num_tasks
-        inter = torch.zeros(T, T, dtype=torch.float64)
-        words = max(1, (1 << 21) // (32 * T))  # unpacked in pieces of ~8 MB of floats, never a [T, layer] copy
+        inter = torch.zeros(T, T, dtype=torch.float64, device=next(iter(self._packed.values())).device)
+        # pieces of OVERLAP_PIECE_BITS unpacked bits: float32 counts of a piece stay exact (<= 2**24)
+        words = max(1, OVERLAP_PIECE_BITS // (32 * T))
         for name in self.names:
             packed, n = self.packed(name), math.prod(self.shapes[name])
             for w0 in range(0, packed.shape[1], words):
                 w1 = min(packed.shape[1], w0 + words)
-                d = unpack_masks(packed[:, w0:w1].contiguous(), min(n, 32 * w1) - 32 * w0).float().cpu()
-                inter += (d @ d.t()).double()  # exact: the counts of a piece stay below 2**24
+                d = unpack_masks(packed[:, w0:w1].contiguous(), min(n, 32 * w1) - 32 * w0).float()
+                piece = (d @ d.t()).double()
+                inter += piece
+        inter = inter.cpu()
         sizes = inter.diagonal().clone()
         union = sizes[:, None] + sizes[None, :] - inter
         return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))

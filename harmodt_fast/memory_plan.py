@@ -270,7 +270,9 @@ def plan_config(config: HarmoDTConfig, device="auto", device_memory=None, transi
 
     update, group = {}, None
     if c.use_masks:
-        group = update_group_size(c, Pm)
+        # "auto" (mask_update_memory_mb None) on CUDA: what is free at an update, the persistent part aside
+        free = memory - sum(persistent.values()) if dev.type == "cuda" and memory is not None else None
+        group = update_group_size(c, Pm, free)
         k_max = max(c.eta_max, c.eta_min, math.ceil(c.flip_fraction * c.density * Pm))
         threads = torch.get_num_threads() if dev.type == "cpu" else 1
         # method.mask_update: G tasks' rows, ḡ, the flat copy of the masks the selection reads (the flips go into
@@ -296,6 +298,8 @@ def plan_config(config: HarmoDTConfig, device="auto", device_memory=None, transi
                      "measured 1.3-1.5x this plan (docs/plan.md)")
     if not transitions:
         notes.append("the dataset's copy is not counted (pass transitions= to count it)")
+    if c.use_masks and c.mask_update_memory_mb is None and dev.type == "cuda" and memory is None:
+        notes.append("mask_update_memory_mb is auto but the device's memory is unknown: G assumes 256 MB of rows")
 
     result = MemoryPlan(
         preset=preset, method=c.method, device=str(dev), precision="bf16" if amp is not None else "fp32",

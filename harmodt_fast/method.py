@@ -199,7 +199,8 @@ def mask_update(model, batch, config: HarmoDTConfig, step: int, *, losses_fn: Ca
         k_t      = min(k, active, inactive) of task t              (so the density is kept)
 
     ties to the lower index (ops/harmony.py holds the reference). The gradients come G tasks at a time within
-    config.mask_update_memory_mb (task_gradients.py; `tasks_per_pass` forces G); without dropout the masks do not
+    config.mask_update_memory_mb (None, "auto": every task when the [T, P] rows fit half of a CUDA device's free
+    memory; task_gradients.update_group_size; `tasks_per_pass` forces G); without dropout the masks do not
     depend on G.
     Returns the new masks (set on the model), the update's statistics and the task-gradient cosine [T, T]."""
     masks = model.task_masks()
@@ -220,13 +221,16 @@ def mask_update(model, batch, config: HarmoDTConfig, step: int, *, losses_fn: Ca
 
 
 def _update_info(masks: TaskMasks, k, stats: dict, backend: str, grads: TaskGradientPasses) -> dict:
-    overlap = masks.overlap()
+    overlap = masks.overlap()  # [T, T], counted on the masks' device, on the host
     off_diag = overlap[~torch.eye(masks.num_tasks, dtype=torch.bool)]
+    # the statistics' scalars in one read (apply_candidates leaves them on the host: no device synchronisation)
+    flips, agreement, conflict = torch.stack([stats["pruned"].sum(), stats["mean_agreement"].mean(),
+                                              stats["conflict_fraction"].mean()]).tolist()
     return {
         "k": k if isinstance(k, int) else sum(k),
-        "flips": int(stats["pruned"].sum()),
-        "mean_agreement": float(stats["mean_agreement"].mean()),
-        "conflict_fraction": float(stats["conflict_fraction"].mean()),
+        "flips": int(flips),
+        "mean_agreement": agreement,
+        "conflict_fraction": conflict,
         "mean_overlap": float(off_diag.mean()) if off_diag.numel() else 1.0,
         "density": masks.density(),
         "backend": backend,

@@ -2,7 +2,8 @@
 
 Task t's gradient g_t is that of its own loss w.r.t. its effective weights, from its own rows only, over the P
 masked entries (the model's flat layout), clipped to norm config.task_grad_clip. `TaskGradientPasses` delivers
-them G tasks at a time (G from config.mask_update_memory_mb: the float32 rows that fit):
+them G tasks at a time (G: the float32 rows that fit config.mask_update_memory_mb, or when that is None ("auto") half
+the free memory of a CUDA device, 256 MB elsewhere; `update_group_size`):
 - the first pass computes the clip factors and sums the harmony gradient ḡ = (1/T) Σ_t g_t (float64, tasks in
   order 0..T-1); when every task fits (G = T) it keeps the rows, and that is the only pass (the selection engine
   then sums ḡ from the kept rows itself, in cache, with the same arithmetic);
@@ -24,12 +25,30 @@ from harmodt_fast.distributed import Distributed
 from harmodt_fast.ops.harmony_rows import Candidates, merge_candidates
 
 AGREEMENT_ENTRIES = 16384  # entries (evenly spaced) the task-agreement diagnostic samples when the rows are not kept
+DEFAULT_UPDATE_MB = 256.0  # the rows' budget when mask_update_memory_mb is None ("auto") and the device is not CUDA
+AUTO_FREE_FRACTION = 0.5  # "auto" on CUDA: the rows may take this share of the free memory (the rest: the backward)
 
 
-def update_group_size(config: HarmoDTConfig, total: int) -> int:
-    """G: the tasks whose float32 gradient rows over the `total` masked entries fit mask_update_memory_mb (>= 1)."""
-    fit = int(config.mask_update_memory_mb * 2**20 // max(1, 4 * total))
-    return max(1, min(config.num_tasks, fit))
+def update_group_size(config: HarmoDTConfig, total: int, free_bytes: int | None = None) -> int:
+    """G (1..T): the tasks whose float32 gradient rows over `total` entries fit the budget: mask_update_memory_mb
+    when set; else ("auto") AUTO_FREE_FRACTION of `free_bytes` (a CUDA device's free memory: every task whenever
+    the whole [T, P] buffer fits), or DEFAULT_UPDATE_MB when free_bytes is None (the CPU). A pure function."""
+    if config.mask_update_memory_mb is not None:
+        budget = config.mask_update_memory_mb * 2**20
+    elif free_bytes is not None:
+        budget = AUTO_FREE_FRACTION * free_bytes
+    else:
+        budget = DEFAULT_UPDATE_MB * 2**20
+    return max(1, min(config.num_tasks, int(budget // max(1, 4 * total))))
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """What a new tensor may take on a CUDA device: the driver's free memory plus the caching allocator's unused
+    reserve (the training step's activations, freed); None off CUDA (update_group_size's free_bytes)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+               - torch.cuda.memory_allocated(device))
 
 
 def task_gradient_rows(model, batch, first: int, last: int, out: torch.Tensor, *, losses_fn: Callable,
@@ -69,16 +88,31 @@ def _norm_pieces(sizes: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
     return [(a - lo, b - lo) for a, b in zip(edges, edges[1:])]
 
 
+NORM_FAN_IN = 32  # |g_t|² is summed 32 entries at a time (a reduction of <= 32 is one fixed pattern on any device)
+
+
+def _sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per row of x [G, L] (float64), its sum as a tree of sums of NORM_FAN_IN consecutive values (the last one of a
+    level shorter): each sum reduces at most 32 entries of one row, whatever G is, so a row's result does not
+    depend on the other rows (a reduction over a whole row would: its split over threads follows the shape)."""
+    while x.shape[1] > 1:
+        full = x.shape[1] // NORM_FAN_IN * NORM_FAN_IN
+        parts = [x[:, :full].reshape(x.shape[0], -1, NORM_FAN_IN).sum(dim=2)] if full else []
+        if full < x.shape[1]:
+            parts.append(x[:, full:].sum(dim=1, keepdim=True))
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return x[:, 0]
+
+
 def clip_factors(rows: torch.Tensor, max_norm: float, sizes: list[int], offset: int = 0,
                  dist: Distributed | None = None) -> torch.Tensor:
     """Per row (task), min(1, max_norm / (|g_t| + 1e-6)) as float32 [G] (published clip: 0.25). |g_t|² is summed in
-    float64 over fixed pieces of the entries, so any grouping of the rows gives the same factors. rows may be a
-    shard (entries offset..); `dist` then sums the squares over the ranks."""
+    float64 over fixed pieces of the entries (`_sum_rows` within each piece, then over the pieces), so any grouping
+    of the rows gives the same factors, bit for bit; a few ops per piece, none per row. rows may be a shard
+    (entries offset..); `dist` then sums the squares over the ranks."""
     pieces = _norm_pieces(sizes, offset, offset + rows.shape[1])
-    squares = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
-    for r in range(rows.shape[0]):
-        for a, b in pieces:
-            squares[r] += rows[r, a:b].double().square().sum()
+    per_piece = [_sum_rows(rows[:, a:b].to(torch.float64, copy=True).square_()) for a, b in pieces]
+    squares = _sum_rows(torch.stack(per_piece, dim=1))
     if dist is not None:
         dist.sum_([squares])
     norms = squares.sqrt().float()
@@ -112,7 +146,7 @@ class TaskGradientPasses:
         self.device = next(model.parameters()).device
         self.sizes = model.masked_sizes()
         self.T, self.P = config.num_tasks, sum(self.sizes)
-        self.group = min(self.T, tasks_per_pass or update_group_size(config, self.P))
+        self.group = min(self.T, tasks_per_pass or update_group_size(config, self.P, self._free_bytes()))
         self.lo, self.hi = dist.shard_range(self.P)  # (0, P) on one process
         # every task's rows fit (one process): one pass, the buffer is kept
         self.keep = self.group == self.T and dist.world == 1
@@ -123,6 +157,14 @@ class TaskGradientPasses:
         self._sample_at = (torch.arange(min(self.P, AGREEMENT_ENTRIES), device=self.device) * self.P) // max(
             1, min(self.P, AGREEMENT_ENTRIES))
         self._sample = torch.zeros(self.T, self._sample_at.numel(), device=self.device)
+
+    def _free_bytes(self) -> int | None:
+        """The free device memory "auto" plans with (CUDA), the least over the ranks: every rank must take the same
+        G (the same collectives)."""
+        free = free_device_bytes(self.device)
+        if free is None or self.dist.world == 1:
+            return free
+        return min(int(t) for t in self.dist.all_gather_tensor(torch.tensor([free], device=self.device)))
 
     def _groups(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Each group's rows, averaged over the ranks on this rank's shard (unclipped); both passes replay the RNG,
@@ -148,8 +190,10 @@ class TaskGradientPasses:
             shard.mul_(self._factors[first:last, None])
             if gbar is None:
                 continue
-            for r in range(last - first):  # in the reference's order: t = 0, 1, ..., T-1
-                gbar += shard[r].double()
+            # in the reference's order, t = 0, 1, ..., T-1: a float64 add per row (float32 -> float64 is exact); a
+            # cumulative op would keep the order on the CPU only (on CUDA a one-column scan is a tree)
+            for r in range(last - first):
+                gbar.add_(shard[r])
         return None if gbar is None else gbar.div_(torch.tensor(float(self.T), dtype=torch.float64,
                                                                  device=self.device))
 
