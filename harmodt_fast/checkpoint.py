@@ -52,6 +52,10 @@ _EXPORT_TO_CHECKPOINT_FORMAT = {"harmodt_fast-export/1": "harmodt_fast/1", EXPOR
 # (the backend and compile too: they compute the same step, to rounding)
 NON_TRAJECTORY_FIELDS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_episodes", "eval_max_steps",
                                    "eval_workers", "logger", "tensorboard", "extra", "backend", "compile"})
+# field -> (its former default, its default now): a checkpoint holding the former default resumes under the new one
+# (mask_update_memory_mb None, "auto", is the former 256 MB on the CPU; on CUDA it may group the update's tasks
+# differently, which changes only which dropout draws the update's rows get)
+FORMER_DEFAULTS = {"mask_update_memory_mb": (256.0, None)}
 
 
 @dataclass
@@ -123,6 +127,8 @@ class RunState:
         differ only in NON_TRAJECTORY_FIELDS (a field the checkpoint lacks, added since, counts as its default)."""
         check_consistent(self, name)  # a broken file is named as broken, whatever else differs
         mine, theirs = config.to_dict(), {**_config_defaults(), **dict(self.config)}
+        theirs.update({k: now for k, (former, now) in FORMER_DEFAULTS.items()
+                       if theirs.get(k) == former and mine.get(k) == now})
         diff = sorted(k for k in mine if k not in NON_TRAJECTORY_FIELDS and mine[k] != theirs.get(k))
         if diff:
             details = ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} now" for k in diff[:6])

@@ -50,7 +50,7 @@ class HarmoDTConfig:
     # the mask update holds this much of per-task gradient rows at once (float32, G tasks x masked weights); when
     # all T tasks fit it is the whole-buffer update, else the streamed one in micro-batches of G tasks (method.py);
     # None ("auto"): half the free memory of a CUDA device, 256 MB elsewhere (task_gradients.update_group_size)
-    mask_update_memory_mb: float | None = 256.0
+    mask_update_memory_mb: float | None = None
     # optimisation
     schedule: str = "mixed"
     steps: int = 1_000_000

@@ -121,7 +121,8 @@ def test_auto_group_size_is_a_pure_function_of_the_free_memory():
     # a limit the user set wins, on either device
     assert update_group_size(_config(mask_update_memory_mb=1.0), P, free_bytes=80 * 2**30) == 1
     assert update_group_size(_config(mask_update_memory_mb=1e6), P) == 50
-    assert update_group_size(_config(), P, free_bytes=80 * 2**30) == 14  # the default (256) is a limit too
+    assert update_group_size(_config(), P, free_bytes=80 * 2**30) == 50  # the default is auto
+    assert update_group_size(_config(mask_update_memory_mb=256), P, free_bytes=80 * 2**30) == 14
 
 
 def test_plan_agrees_with_the_auto_group_size():
