@@ -146,19 +146,19 @@ def dense_task_policy(policy, position: int) -> DenseTaskPolicy:
                            policy.config.rtg_scale, policy.config.max_ep_len).eval()
 
 
-def example_inputs(config, batch: int = 2) -> tuple[torch.Tensor, ...]:
+def _example_inputs(config, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Inputs of the exported graphs' shapes (a full window of `batch` rows): tracing and smoke tests."""
     K, S, A = config.context, config.state_dim, config.act_dim
     return (torch.zeros(batch, K, S), torch.zeros(batch, K, A), torch.zeros(batch, K),
             torch.arange(K).repeat(batch, 1), torch.ones(batch, K, dtype=torch.bool))
 
 
-def exported_program(module: DenseTaskPolicy):
+def _exported_program(module: DenseTaskPolicy):
     """torch.export.export of the module with the batch dimension dynamic."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    batch = torch.export.Dim("batch", min=1)
     shapes = {name: {0: batch} for name in INPUT_NAMES}
     with torch.no_grad():
-        return torch.export.export(module, example_inputs(module.model.config), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(module, _example_inputs(module.model.config), dynamic_shapes=shapes, strict=False)
 
 
 # ---- files ----------------------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def _require(format: str) -> None:
 
 
 def _write_program(module: DenseTaskPolicy, path: str, format: str) -> None:
-    program = exported_program(module)
+    program = _exported_program(module)
     if format == "torch.export":
         torch.export.save(program, path)
         return

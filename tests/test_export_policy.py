@@ -5,15 +5,14 @@ import json
 import os
 
 import numpy as np
+import onnx  # the test extra installs them: a missing one fails here instead of skipping the tests
+import onnxruntime as ort
 import pytest
 import torch
 
 import harmodt_fast as hf
 from harmodt_fast.cli import main as cli_main
 from harmodt_fast.envs import make_env
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 TASKS = ["reach-v3", "button-press-v3"]
 STEPS = 40  # tiny context K = 5: the window fills, then slides for 35 steps
@@ -130,6 +129,15 @@ def test_export_errors_name_the_problem(run, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"not empty and not a policy export"):
         hf.export(run, run_folder, format="onnx")
     assert sorted(os.listdir(run_folder)) == before
+    # an earlier policy export is replaced as a whole; one holding a file of someone else's is refused
+    folder = tmp_path / "pt2"
+    hf.export(run, folder, format="torch.export", tasks="reach-v3")
+    hf.export(run, folder, format="torch.export", tasks="button-press-v3")
+    assert sorted(os.listdir(folder)) == ["button-press-v3.pt2", "manifest.json"]
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files its manifest.json does not name \(\['notes.txt'\]\)"):
+        hf.export(run, folder, format="torch.export", tasks="reach-v3")
+    assert sorted(os.listdir(folder)) == ["button-press-v3.pt2", "manifest.json", "notes.txt"]
     assert cli_main(["export", str(run.checkpoint), str(tmp_path / "out"), "--format", "onnx", "--tasks",
                      "door-open-v3"]) == 2
     assert "harmodt-fast export: error:" in capsys.readouterr().err and not (tmp_path / "out").exists()
