@@ -34,7 +34,7 @@ _EXPORTS = {
     "reproduce": "harmodt_fast.reproduction",
     "load_policy": "harmodt_fast.policy",
     "Policy": "harmodt_fast.policy",
-    "export": "harmodt_fast.checkpoint",
+    "export": "harmodt_fast.export_policy",
     "Callback": "harmodt_fast.callbacks",
     "StopAtSuccess": "harmodt_fast.callbacks",
     "collect": "harmodt_fast.data",
@@ -48,7 +48,7 @@ _EXPORTS = {
 
 _SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
                "policy", "loggers", "model", "config", "tasks", "reproduction", "activation_memory",
-               "memory_plan", "method", "task_gradients", "run_checks", "run_folder", "callbacks"}
+               "memory_plan", "method", "task_gradients", "run_checks", "run_folder", "callbacks", "export_policy"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]
 

@@ -58,10 +58,13 @@ def _cmd_collect(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from harmodt_fast.checkpoint import export
+    from harmodt_fast.export_policy import export
 
-    folder = export(args.run, args.folder)
-    print(f"exported {args.run} to {folder}: config.json, model.safetensors, tasks.safetensors")
+    folder = export(args.run, args.folder, format=args.format, tasks=args.tasks)
+    # a policy export's folder holds only its files; a safetensors export may share its folder
+    files = "config.json, model.safetensors, tasks.safetensors" if args.format == "safetensors" else ", ".join(
+        sorted(os.listdir(folder)))
+    print(f"exported {args.run} to {folder}: {files}")
     return 0
 
 
@@ -216,9 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("export", help="write a run as config.json + safetensors files (loadable without pickle)")
+    p = sub.add_parser("export", help="write a run as config.json + safetensors files (loadable without pickle), or "
+                                      "one ONNX / torch.export file per task")
     p.add_argument("run", help="a run folder or a checkpoint file")
     p.add_argument("folder", help="the export folder")
+    p.add_argument("--format", default="safetensors",
+                   help="safetensors (default: the whole model), onnx or torch.export (one dense policy per task "
+                        "and manifest.json; pip install 'harmodt_fast[export]')")
+    p.add_argument("--tasks", default=None, help="onnx / torch.export: the tasks to export (default: all the run's)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("train", help="train HarmoDT (or a baseline) on an offline dataset; resumes a run folder")
