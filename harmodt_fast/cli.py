@@ -111,11 +111,22 @@ def _parse_overrides(pairs) -> dict:
 
 
 def _cmd_train(args) -> int:
+    overrides = _parse_overrides(args.set)
+    if args.print_config:  # the preset, the file and the overrides resolved; the dataset is not read
+        from harmodt_fast.config import HarmoDTConfig
+
+        steps = {"steps": args.steps} if args.steps is not None else {}
+        config = HarmoDTConfig.resolve(args.preset, args.config, {**overrides, **steps})[0]
+        print(config.to_yaml("without the dataset: training sets state_dim, act_dim and (when null) tasks from it"),
+              end="")
+        return 0
+    if args.data is None or args.out is None:
+        raise ValueError("the following arguments are required: data, --out (--print-config alone runs without)")
     from harmodt_fast.trainer import train
 
     result = train(args.data, args.out, preset=args.preset, steps=args.steps, device=args.device,
-                   stop_at=args.stop_at, progress=not args.no_progress, check_memory=not args.no_memory_check,
-                   **_parse_overrides(args.set))
+                   config=args.config, stop_at=args.stop_at, progress=not args.no_progress,
+                   check_memory=not args.no_memory_check, **overrides)
     if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 reports for all
         return 0
     last = result.history[-1] if result.history else {}
@@ -176,6 +187,23 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+class _TrainHelp(argparse.Action):
+    """train's --help: its options, then every config field with its type, default and meaning, generated from
+    HarmoDTConfig when asked for (building the parser imports no torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from harmodt_fast.config import DEFAULT_PRESET, PRESETS, HarmoDTConfig
+
+        parser.epilog = (f"config fields (--set NAME=VALUE, or NAME: VALUE in a --config file), with the "
+                         f"dataclass's defaults;\nthe preset ({DEFAULT_PRESET} unless --preset or the file names "
+                         f"one of {', '.join(PRESETS)}) replaces some of them:\n{HarmoDTConfig.field_help()}")
+        parser.print_help()
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmodt-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,11 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="onnx / torch.export: the tasks to export (default: all the run's)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("train", help="train HarmoDT (or a baseline) on an offline dataset; resumes a run folder")
-    p.add_argument("data", help="dataset folder (harmodt-fast collect output, the MTDiff layout or a Minari "
-                                "dataset folder) or minari:<dataset_id>")
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl (resumed if present)")
-    p.add_argument("--preset", default="demo", help="tiny, demo, paper or large")
+    p = sub.add_parser("train", help="train HarmoDT (or a baseline) on an offline dataset; resumes a run folder",
+                       add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The config: the preset, then the --config file, then --steps and --set (each "
+                       "over the one before).\nThe run folder keeps it whole as RUN/config.yaml "
+                       "(--config RUN/config.yaml reruns it).")
+    p.add_argument("-h", "--help", action=_TrainHelp, help="show this help, with every config field, and exit")
+    p.add_argument("data", nargs="?", help="dataset folder (harmodt-fast collect output, the MTDiff layout or a "
+                                           "Minari dataset folder) or minari:<dataset_id>")
+    p.add_argument("--out", help="run folder: checkpoint.pt, metrics.jsonl, config.yaml (resumed if present)")
+    p.add_argument("--config", metavar="FILE", help="a YAML or JSON file of config fields (name: value), and "
+                                                    "optionally preset: NAME")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config (preset, --config, --steps, --set) as YAML and exit; needs no data")
+    p.add_argument("--preset", default=None, help="tiny, demo, paper or large (default: the --config file's "
+                                                  "preset, else demo)")
     p.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this many steps")

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 
+from harmodt_fast.config_file import field_comments, read_mapping, yaml_text, yaml_value
 from harmodt_fast.ops.harmony import DEFAULT_GAMMA, DEFAULT_SCORE, SCORE_TABLE  # the score choices: read live
+from harmodt_fast.tasks import task_names
 
 METHODS = ("harmodt", "prompt-dt", "mtdt")
 SCHEDULES = ("mixed", "round-robin")
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("auto", "triton", "cpp", "torch")  # of the masked ops (harmodt_fast.ops); "auto": the fastest that runs
+DEFAULT_PRESET = "demo"  # hf.train's and harmodt-fast train's when neither they nor a config file name one
 # the largest model a config may describe: fp32 weights plus bit-packed masks (training needs about 4x more);
 # a bound on sanity, so that a crafted config (layers: 1000000) is refused before anything is built
 MAX_MODEL_BYTES = 64 * 2**30
@@ -22,62 +28,62 @@ MAX_MODEL_BYTES = 64 * 2**30
 
 @dataclass
 class HarmoDTConfig:
-    # tasks: names of Meta-World tasks (num_tasks follows them when given)
-    tasks: tuple[str, ...] | None = None
-    num_tasks: int = 5
+    # Every field's line ends with its one-line meaning, a comment: `harmodt-fast train --help` lists the fields
+    # with these (config_file.field_help), so they are the one description of each field.
+    tasks: tuple[str, ...] | None = None  # the tasks' names or a task set (MT5, MT10, ...); None: the dataset's
+    num_tasks: int = 5  # number of tasks (follows tasks when they are given)
     # model (Prompt-DT backbone)
-    state_dim: int = 39
-    act_dim: int = 4
-    hidden: int = 256
-    layers: int = 6
-    heads: int = 8
-    mlp_hidden: int = 1024
-    activation: str = "relu"
-    dropout: float = 0.1
-    context: int = 20
-    prompt_len: int = 5
-    max_ep_len: int = 1000
+    state_dim: int = 39  # state dimension (training takes it from the data)
+    act_dim: int = 4  # action dimension (training takes it from the data)
+    hidden: int = 256  # model width: embedding and attention dimension
+    layers: int = 6  # transformer blocks
+    heads: int = 8  # attention heads per block (hidden must be a multiple of heads)
+    mlp_hidden: int = 1024  # width of each block's MLP
+    activation: str = "relu"  # MLP activation: relu or gelu
+    dropout: float = 0.1  # dropout probability in the blocks and the embeddings
+    context: int = 20  # K: timesteps of trajectory per sequence
+    prompt_len: int = 5  # timesteps of each task's prompt (0: no prompt)
+    max_ep_len: int = 1000  # rows of the timestep embedding (later timesteps share the last row)
     # method and masks
-    method: str = "harmodt"
-    score: str = DEFAULT_SCORE
-    density: float = 0.8
-    gamma: float = DEFAULT_GAMMA
-    mask_interval: int = 500
-    eta_min: int = 0
-    eta_max: int = 100
+    method: str = "harmodt"  # harmodt, prompt-dt (no masks) or mtdt (no masks, no prompt)
+    score: str = DEFAULT_SCORE  # prune score of the mask update (ops/harmony.py SCORE_TABLE: fisher, magnitude, ...)
+    density: float = 0.8  # share of the masked weights each task keeps (ERK init; kept by every update)
+    gamma: float = DEFAULT_GAMMA  # weight of the agreement with the mean gradient in the prune score
+    mask_interval: int = 500  # training steps between mask updates
+    eta_min: int = 0  # flips per mask update at the start and end of training (raised-cosine schedule)
+    eta_max: int = 100  # flips per mask update at mid-training (raised-cosine schedule)
     merge_threshold: int | None = None  # unseen tasks' consensus: None = half the trained tasks (published 25 of 50)
     flip_fraction: float = 0.0  # > 0: flips per update = this share of each task's active weights (not the schedule)
     # the mask update holds this much of per-task gradient rows at once (float32, G tasks x masked weights); when
-    # all T tasks fit it is the whole-buffer update, else the streamed one in micro-batches of G tasks (method.py);
-    # None ("auto"): half the free memory of a CUDA device, 256 MB elsewhere (task_gradients.update_group_size)
-    mask_update_memory_mb: float | None = None
+    # all T tasks fit it is the whole-buffer update, else the streamed one in micro-batches of G tasks (method.py)
+    mask_update_memory_mb: float | None = None  # MB of gradient rows an update holds; None: auto (GPU: half free; CPU: 256)
     # optimisation
-    schedule: str = "mixed"
-    steps: int = 1_000_000
-    batch_per_task: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_steps: int = 10_000
-    grad_clip: float = 0.25
-    task_grad_clip: float = 0.25
+    schedule: str = "mixed"  # mixed: every task in every step; round-robin: one task per step (published)
+    steps: int = 1_000_000  # total training steps
+    batch_per_task: int = 8  # sequences of every task per step (the global batch with several processes)
+    lr: float = 1e-4  # AdamW learning rate after the warm-up
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_steps: int = 10_000  # steps of linear learning-rate warm-up
+    grad_clip: float = 0.25  # the training step's gradient norm is clipped to this
+    task_grad_clip: float = 0.25  # each task's gradient of a mask update is clipped to this norm
     precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with native bf16; "fp32"; "bf16"
-    backend: str = "auto"  # every masked op of the model (linear, fused MLP, fused attention): one of BACKENDS
+    backend: str = "auto"  # of every masked op of the model (linear, MLP, attention): auto, triton, cpp or torch
     compile: bool = False  # torch.compile the training step's forward and loss (the masked ops trace as custom ops)
     # logging, checkpoints, periodic evaluation (0 = off)
-    log_every: int = 50
-    checkpoint_every: int = 1000
+    log_every: int = 50  # steps between log lines in metrics.jsonl
+    checkpoint_every: int = 1000  # steps between checkpoints
     keep_checkpoints: int = 0  # also keep the last N checkpoints as exports in checkpoints/step_<N>/ (0: none)
-    eval_every: int = 0
-    eval_episodes: int = 10
+    eval_every: int = 0  # steps between evaluations during training, and after the last step (0: none)
+    eval_episodes: int = 10  # episodes per task of each periodic evaluation
     eval_max_steps: int = 500  # steps per evaluation episode (Meta-World's 500; fewer only for quick checks)
     eval_workers: int | None = None  # environment worker processes of periodic evaluations (None: one per CPU)
-    # loggers mirroring metrics.jsonl: "tensorboard", "wandb", a list of them or None (harmodt_fast/loggers.py)
-    logger: str | tuple[str, ...] | None = None
+    # loggers mirroring metrics.jsonl (harmodt_fast/loggers.py)
+    logger: str | tuple[str, ...] | None = None  # "tensorboard", "wandb", a list of them, or None
     tensorboard: bool = False  # older spelling of logger="tensorboard", still accepted
     # returns-to-go and evaluation
-    rtg_scale: float = 1000.0
-    target_return: float = 4500.0
-    seed: int = 0
+    rtg_scale: float = 1000.0  # returns-to-go are divided by this
+    target_return: float = 4500.0  # return-to-go an evaluation episode starts from
+    seed: int = 0  # seeds the weights, masks, batches and evaluations
     extra: dict = field(default_factory=dict, repr=False)  # free-form notes carried into checkpoints
 
     def __post_init__(self):
@@ -143,19 +149,26 @@ class HarmoDTConfig:
                 raise ValueError(f"HarmoDTConfig: {msg}")
 
     def _check_types(self) -> None:
-        """Every field holds its declared type (ints are ints, not bools or fractions; floats are finite numbers),
-        else a ValueError naming the field; ints and floats given as other number types are converted."""
-        for name, kind in typing.get_type_hints(type(self)).items():
-            value = getattr(self, name)
-            options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
-            if value is None and type(None) in options:
-                continue
-            plain = [o for o in options if o is not type(None)]
-            converted = _as_type(value, plain)
-            if converted is _WRONG:
-                raise ValueError(f"HarmoDTConfig: {name} must be {_describe(kind)}, got {value!r} "
-                                 f"({type(value).__name__})")
-            setattr(self, name, converted)
+        """Every field holds its declared type (typed_value), else a ValueError naming the field."""
+        for name in self.field_names():
+            setattr(self, name, self.typed_value(name, getattr(self, name)))
+
+    @classmethod
+    def typed_value(cls, name: str, value):
+        """`value` as field `name`'s declared type (ints are ints, not bools or fractions; floats are finite numbers;
+        ints and floats given as other number types are converted), else a ValueError naming the field."""
+        hints = _field_types(cls)
+        if name not in hints:
+            raise ValueError(f"unknown config field {name!r}; known fields: {cls.field_names()}")
+        kind = hints[name]
+        options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+        if value is None and type(None) in options:
+            return None
+        converted = _as_type(value, [o for o in options if o is not type(None)])
+        if converted is _WRONG:
+            raise ValueError(f"HarmoDTConfig: {name} must be {_describe(kind)}, got {value!r} "
+                             f"({type(value).__name__})")
+        return converted
 
     def masked_weights(self) -> int:
         """Entries of the masked weights (QKV, attention output, MLP in and out of every block), from the fields."""
@@ -212,7 +225,7 @@ class HarmoDTConfig:
         """A field's value from text (a command line's --set), parsed by the field's declared type; a ValueError
         names the field, its type and the text. "none" is None where the field allows it; bools take
         true/false/1/0/yes/no/on/off; ints refuse fractions; tuples are comma-separated; dicts are JSON."""
-        hints = typing.get_type_hints(cls)
+        hints = _field_types(cls)
         if name not in hints:
             raise ValueError(f"unknown config field {name!r}; known fields: {cls.field_names()}")
         kind = hints[name]
@@ -261,8 +274,91 @@ class HarmoDTConfig:
             raise ValueError(f"unknown config field(s) {unknown}")
         return cls(**d)
 
+    # ---- config files: harmodt-fast train --config, hf.train(config=), RUN/config.yaml ---------------------------
+    @classmethod
+    def from_file(cls, path, preset: str | None = None, **overrides) -> "HarmoDTConfig":
+        """The config of a YAML or JSON file of fields (and optionally `preset: NAME`, its base): the preset, then
+        the file, then `overrides`, each over the one before. A ValueError names the file and the field: unknown,
+        of the wrong type or out of range, or YAML or JSON that does not parse."""
+        return cls.resolve(preset, path, overrides)[0]
+
+    @classmethod
+    def resolve(cls, preset: str | None, path, overrides: dict) -> tuple["HarmoDTConfig", dict]:
+        """(the config, the fields given by the file and overrides) of a preset (None: the file's `preset:`, else
+        DEFAULT_PRESET), a config file (None: none) and overrides, each over the one before. Tasks given as a task
+        set or comma-separated names become a tuple of names (names that are not Meta-World's are kept)."""
+        fields = cls._file_fields(path) if path is not None else {}
+        file_preset = fields.pop("preset", None)
+        given = {**fields, **overrides}
+        if given.get("tasks") is not None:
+            given["tasks"] = tuple(task_names(given["tasks"]))  # any names: the dataset says which exist
+        preset = preset or file_preset or DEFAULT_PRESET
+        try:
+            return cls.from_preset(preset, **given), given
+        except ValueError as exc:  # a range or a combination (hidden and heads): name where the values came from
+            if path is None:
+                raise
+            raise ValueError(f"{exc} (the config of preset {preset!r}, then {os.fspath(path)}, then the "
+                             f"overrides)") from None
+
+    @classmethod
+    def _file_fields(cls, path) -> dict:
+        """A config file's fields (and `preset`), each checked by its declared type; a ValueError names the file and
+        the field. Text where a number or bool is due is parsed as --set parses it (YAML reads 1e-4 as text)."""
+        fields, path = {}, os.fspath(path)
+        for name, value in read_mapping(path).items():
+            if name == "preset":
+                if not isinstance(value, str) or value not in PRESETS:
+                    raise ValueError(f"config file {path}: unknown preset {value!r}; expected one of "
+                                     f"{sorted(PRESETS)}")
+            elif name not in cls.field_names():
+                close = difflib.get_close_matches(name, cls.field_names(), n=1)
+                raise ValueError(f"config file {path}: unknown config field {name!r}" + (
+                    f" (did you mean {close[0]!r}?)" if close else "; harmodt-fast train --help lists them"))
+            else:
+                try:  # the messages name the field
+                    value = cls._typed_file_value(name, value)
+                except ValueError as exc:
+                    raise ValueError(f"config file {path}: {str(exc).removeprefix('HarmoDTConfig: ')}") from None
+            fields[name] = value
+        return fields
+
+    @classmethod
+    def _typed_file_value(cls, name: str, value):
+        if name == "tasks" and isinstance(value, str):
+            value = task_names(value)  # a task set or comma-separated names, as --set takes them
+        try:
+            value = cls.typed_value(name, value)
+        except ValueError:
+            if not isinstance(value, str):
+                raise
+            value = cls.typed_value(name, cls.parse_value(name, value))
+        return tuple(task_names(value)) if name == "tasks" and value is not None else value
+
+    def to_yaml(self, header: str = "") -> str:
+        """Every field as YAML (after `header` as comment lines); from_file reads it back to this config."""
+        return yaml_text(self.to_dict(), header)
+
+    @classmethod
+    def field_help(cls) -> str:
+        """Every field with its type, default and one-line meaning (the comment on its line in this file)."""
+        meanings, types_ = field_comments(cls), _field_types(cls)
+        lines = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            kind = types_[f.name]
+            kind = kind.__name__ if type(kind) is type else str(kind)
+            lines += [f"  {f.name}: {kind} = {yaml_value(default)}", f"      {meanings[f.name]}"]
+        return "\n".join(lines)
+
 
 _WRONG = object()  # _as_type's "no such value of these types"
+
+
+@functools.cache
+def _field_types(cls) -> dict:
+    """The declared type of each field (the annotations are strings: evaluated once per class, not per value)."""
+    return typing.get_type_hints(cls)
 
 
 def _as_type(value, kinds):

@@ -58,6 +58,20 @@ def truncate_log(path: str, step: int) -> None:
         raise TrainingError(str(exc)) from exc
 
 
+CONFIG_NAME = "config.yaml"  # the run's resolved config: `harmodt-fast train --config RUN/config.yaml` reruns it
+
+
+def write_config(folder: str, config) -> str:
+    """Writes the run's whole config (a HarmoDTConfig) as `folder`/config.yaml, atomically; a write that fails
+    raises TrainingError naming the file."""
+    text = config.to_yaml("this run's config, every field (preset, config file and overrides resolved); to rerun "
+                          "it:\nharmodt-fast train DATA --out NEW_RUN --config RUN/config.yaml")
+    try:
+        return atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: f.write(text), binary=False)
+    except OSError as exc:
+        raise TrainingError(str(exc)) from exc
+
+
 def prepare(out) -> str:
     """The run folder's absolute path, created; a folder that cannot be written raises ValueError naming it."""
     out = os.path.abspath(os.fspath(out))

@@ -35,7 +35,6 @@ from harmodt_fast.model import HarmoDT
 from harmodt_fast.memory_plan import refuse_if_over_memory
 from harmodt_fast.run_folder import DivergenceError, TrainingError, TrainingStopped
 from harmodt_fast.runtime import autocast_dtype, pick_device, progress_bar
-from harmodt_fast.tasks import task_names
 
 
 @dataclass
@@ -51,23 +50,24 @@ class TrainResult:
     stop_reason: str = ""
 
 
-def train(data, out, preset: str = "demo", steps: int | None = None, device: str = "auto", *,
-          stop_at: int | None = None, progress: bool = True, check_memory: bool = True, callbacks=(),
+def train(data, out, preset: str | None = None, steps: int | None = None, device: str = "auto", *,
+          config=None, stop_at: int | None = None, progress: bool = True, check_memory: bool = True, callbacks=(),
           **overrides) -> TrainResult:
     """Trains HarmoDT (or the prompt-dt / mtdt baselines) on an offline dataset and returns a TrainResult.
 
     data: a dataset folder (hf.collect output or the MTDiff layout) or a loaded dataset; out: the run folder
-    (resumed when it holds a checkpoint); overrides: HarmoDTConfig fields by name; stop_at: stop (with a checkpoint)
-    once this many steps are done, to be resumed later; check_memory: refuse (ValueError) a run whose planned peak
-    memory (hf.plan) exceeds the device's, before any data is read or the model built; False runs it anyway;
-    callbacks: objects called during training, which may stop it (harmodt_fast/callbacks.py).
+    (resumed when it holds a checkpoint); config: a YAML or JSON file of HarmoDTConfig fields (HarmoDTConfig.from_file:
+    over the preset, under the overrides); preset: the base (None: the file's `preset:`, else "demo"); overrides:
+    HarmoDTConfig fields by name; stop_at: stop (with a checkpoint) once this many steps are done, to be resumed
+    later; check_memory: refuse (ValueError) a run whose planned peak memory (hf.plan) exceeds the device's, before
+    any data is read or the model built; False runs it anyway; callbacks: objects called during training, which may
+    stop it (harmodt_fast/callbacks.py). The run folder keeps the resolved config as config.yaml.
     """
-    if "tasks" in overrides and overrides["tasks"] is not None:
-        overrides["tasks"] = tuple(task_names(overrides["tasks"]))  # any names: the dataset says which exist
-    explicit_dims = {k: overrides[k] for k in ("state_dim", "act_dim") if k in overrides}
     if steps is not None:
         overrides["steps"] = steps  # the config checks it (an integer > 0)
-    config = HarmoDTConfig.from_preset(preset, **overrides)  # unknown preset / field / value -> ValueError
+    # unknown preset / field / value, or a config file that does not parse -> ValueError naming them
+    config, given = HarmoDTConfig.resolve(preset, config, overrides)
+    explicit_dims = {k: given[k] for k in ("state_dim", "act_dim") if k in given}
     if stop_at is not None and not 0 < stop_at <= config.steps:
         raise ValueError(f"stop_at must be in 1..{config.steps}, got {stop_at}")
     asked = pick_device(device)
@@ -176,6 +176,8 @@ class Trainer:
             self._resume(RunState.load(self.ckpt_path, warn_resume=dist.main))
         else:  # a run killed before its first checkpoint starts over: so does its log
             self._truncate_metrics(0)
+        if dist.main:  # after a refused resume, the folder's config.yaml stays that of its own run
+            run_folder.write_config(self.out, config)
         self._unused = method.unused_entries(self.model)
         self._kept = RunCheckpoints(self.out, config.keep_checkpoints, self._saved_step) if dist.main else None
         # every rank started from the same config, data and checkpoint (a RUN folder not shared between nodes, say)
