@@ -73,15 +73,16 @@ def _cmd_evaluate(args) -> int:
 
     from harmodt_fast.evaluation import evaluate, format_table, save_report
 
+    path = os.fspath(args.checkpoint)
+    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     # a bad checkpoint (CheckpointError), device or backend is a ValueError: main prints it as one line
     report = evaluate(args.checkpoint, tasks=args.tasks, episodes=args.episodes, seed=args.seed,
                       target_return=args.target_return, max_episode_steps=args.max_steps,
                       unseen=args.unseen, merge_threshold=args.merge_threshold, device=args.device,
                       precision=args.precision, workers=args.workers, max_envs=args.max_envs,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, video=args.video, video_format=args.video_format,
+                      video_dir=os.path.join(args.plots or os.path.join(run_dir, "plots"), "videos"))
     print(format_table(report))
-    path = os.fspath(args.checkpoint)
-    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     out = args.out or os.path.join(run_dir, f"evaluation_step{report['step']}.json")
     print(f"report: {save_report(report, out)}")
     if not args.no_plots:
@@ -94,6 +95,8 @@ def _cmd_evaluate(args) -> int:
         else:
             for name, where in figures.items():
                 print(f"{name:14s} {where}")
+    for task, files in report.get("videos", {}).items():
+        print(f"video {task}: {', '.join(files)}")
     return 0
 
 
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON report path (default: RUN/evaluation_step<step>.json)")
     p.add_argument("--plots", default=None, help="folder for the figures (default: RUN/plots)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--video", type=int, default=0, metavar="N",
+                   help="record the first N episodes of every task into PLOTS/videos (one file per episode)")
+    p.add_argument("--video-format", default="mp4", choices=["mp4", "gif"], help="video file format")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -2,6 +2,8 @@
 
 Goal variants: Meta-World's MT1 benchmark for a task lists 50 goal variants ("train tasks"); variant i is
 `goal_variants(task)[i]`. Episodes last at most `MAX_EPISODE_STEPS` (the env truncates at 500).
+Rendering (evaluation videos): `make_env(..., render_size=N)` renders offscreen from `RENDER_CAMERA`; `render_frame`
+gives the upright frame. MuJoCo's GL backend (MUJOCO_GL) is chosen in harmodt_fast/video.py.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import functools
 import warnings
 
 MAX_EPISODE_STEPS = 500
+# the fixed camera that shows the whole table: arm, object and goal ("corner" is closer and cuts the arm off)
+RENDER_CAMERA = "corner2"
 
 # policy class names that do not follow 'Sawyer' + CamelCase(task) + 'V3Policy'
 _POLICY_NAME_EXCEPTIONS = {"peg-insert-side-v3": "SawyerPegInsertionSideV3Policy"}
@@ -37,13 +41,19 @@ def goal_variants(task: str, seed: int = 0) -> list:
     return list(_benchmark(task, seed).train_tasks)
 
 
-def make_env(task: str, goal_index: int = 0, seed: int = 0):
-    """A v3 environment of `task` set to goal variant `goal_index` (call env.reset(seed=...) before stepping)."""
+def make_env(task: str, goal_index: int = 0, seed: int = 0, render_size: int | None = None):
+    """A v3 environment of `task` set to goal variant `goal_index` (call env.reset(seed=...) before stepping).
+    render_size: also render offscreen, render_size x render_size pixels from RENDER_CAMERA (see render_frame)."""
     bench = _benchmark(task, seed)
     variants = bench.train_tasks
     if not 0 <= goal_index < len(variants):
         raise ValueError(f"{task}: goal_index {goal_index} out of range (0..{len(variants) - 1})")
-    env = bench.train_classes[task]()
+    view = {} if render_size is None else {"render_mode": "rgb_array", "camera_name": RENDER_CAMERA,
+                                           "width": int(render_size), "height": int(render_size)}
+    env = bench.train_classes[task](**view)
+    if view:  # no shadows, reflections or multisampling: a tenth of the software renderer's time (visual only)
+        env.model.vis.quality.shadowsize, env.model.vis.quality.offsamples = 0, 0
+        env.model.mat_reflectance[:] = 0.0
     env.set_task(variants[goal_index])
     return env
 
@@ -54,6 +64,12 @@ def make_gym_env(task: str, goal_index: int = 0, seed: int = 0, render_mode=None
     env = make_env(task, goal_index, seed)
     env.render_mode = render_mode
     return env
+
+
+def render_frame(env):
+    """The current frame of an env made with render_size, [H, W, 3] uint8, upright: Meta-World's corner cameras are
+    mounted upside down (their image y axis points up), so MuJoCo's image is flipped back."""
+    return env.render()[::-1].copy()
 
 
 def scripted_policy(task: str):

@@ -20,6 +20,8 @@ How it runs (read top to bottom: API, checkpoint, environments, rollout loop, th
   eval mode, so a seed gives the same report on every run, whatever the number of workers or `max_envs`.
 - Memory: a Meta-World environment takes about 20 MB; `max_envs` caps how many are open at once (episodes then run
   in waves, every wave still holding every task).
+- Videos (`video=N`): the groups render and write them (harmodt_fast/video.py), in the process that steps the
+  environment, so no frame crosses a process and the rollout (seeds, actions, numbers) is the same as without.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from harmodt_fast.checkpoint import CheckpointError, RunState, read_run
 from harmodt_fast.envs import MAX_EPISODE_STEPS, goal_variants, make_env, scripted_policy
 from harmodt_fast.policy import policy_from_checkpoint, task_order
 from harmodt_fast.runtime import integer_in, pick_device, progress_bar
+from harmodt_fast.video import EpisodeRecorder, default_video_folder, use_gl_backend, video_spec
 
 try:
     import gymnasium as gym
@@ -54,7 +57,8 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
              target_return: float | None = None, max_episode_steps: int = MAX_EPISODE_STEPS,
              unseen: bool = False, merge_threshold: int | None = None, device: str = "auto",
              precision: str | None = None, backend: str | None = None, workers: int | None = None,
-             max_envs: int | None = None, progress: bool = False, model=None) -> dict:
+             max_envs: int | None = None, progress: bool = False, model=None, video: int = 0,
+             video_dir=None, video_format: str = "mp4") -> dict:
     """Rolls out a trained model in Meta-World by the paper's protocol and returns the report (a JSON-able dict).
 
     checkpoint_or_result: a checkpoint file, a run folder holding checkpoint.pt, an export folder (hf.export), an
@@ -74,6 +78,9 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     max_envs: at most this many environments open at once (at least one per task); None: all episodes at once.
     model: roll out this model, which holds the run's weights (the trainer's live one), instead of building one; it
         runs on its own device (`device` is ignored), in eval mode, and is left in the mode it had.
+    video: record the first `video` episodes of every task (0..episodes), one file per episode,
+        `<task>_episode<e>.<video_format>` ("mp4" or "gif") in `video_dir` (default: RUN/plots/videos of a run folder
+        or checkpoint path), rendered offscreen (MUJOCO_GL: see harmodt_fast/video.py); report["videos"] lists them.
 
     The report has "mean_success", "per_task" {task: {"success_rate", "mean_return", "mean_length", "successes",
     "returns", "lengths", "seen"}}, "episodes", "env_steps", "env_steps_per_s" (over the rollout loop),
@@ -82,6 +89,10 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
     wall0 = time.perf_counter()
     _check_counts(episodes, max_episode_steps, seed=seed, workers=workers, max_envs=max_envs,
                   merge_threshold=merge_threshold)  # before anything is read
+    spec = None
+    if integer_in("video", video, 0, episodes):
+        spec = video_spec(video, default_video_folder(checkpoint_or_result) if video_dir is None else video_dir,
+                          video_format)
     dev = pick_device(device) if model is None else next(model.parameters()).device  # so is an unknown device
     state, source = _load(checkpoint_or_result)
     trained = list(state.tasks)
@@ -96,10 +107,14 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
                                       precision=precision, backend=backend, seed=seed, model=model)
 
     envs = [_environment(t, state, source) for t in order]
+    if spec is not None and any(isinstance(e, tuple) for e in envs):
+        raise ValueError(f"{source}: videos are recorded in Meta-World environments only; task(s) "
+                         f"{[t for t, e in zip(order, envs) if isinstance(e, tuple)]} run in a recorded gymnasium "
+                         f"environment: evaluate them without video")
     was_training = model is not None and model.training
     try:
         stats = rollout(order, episodes, make_policy, seed=seed, max_episode_steps=max_episode_steps,
-                        workers=workers, max_envs=max_envs, progress=progress, envs=envs)
+                        workers=workers, max_envs=max_envs, progress=progress, envs=envs, video=spec)
     finally:
         if model is not None:
             model.train(was_training)
@@ -122,6 +137,8 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
         "masked_linear_backend": masked_backend,
         "wall_s": wall, "model_time_share": stats["model_s"] / wall,
     })
+    if spec is not None:
+        report["videos"] = {t: [spec.path(t, e) for e in range(spec.episodes)] for t in requested}
     if new:
         seen_rates = [report["per_task"][t]["success_rate"] for t in requested if t in trained]
         report["mean_success_seen"] = float(np.mean(seen_rates)) if seen_rates else None
@@ -178,14 +195,17 @@ class EnvGroup(gym.Env):
     JSON) for another gymnasium environment (goal variant g: reset seed g). Observation [n, 39], action [n, 4].
     reset(options={"wave": w}) starts wave w; step() steps the slots whose episode is running and reports per slot
     in info: "reward", "success" and "done". The group itself never terminates, so the vector env never resets it
-    behind our back.
+    behind our back. video: a VideoSpec: its episodes (goal variants below video.episodes) are recorded here.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, slots, max_episode_steps: int = MAX_EPISODE_STEPS, seed: int = 0):
+    def __init__(self, slots, max_episode_steps: int = MAX_EPISODE_STEPS, seed: int = 0, video=None):
         self.slots = [(task, tuple(goals)) for task, goals in slots]
         self.max_episode_steps, self.seed = int(max_episode_steps), int(seed)
+        self.video, self._recorders = video, {}  # slot -> the EpisodeRecorder of its running episode
+        if video is not None:
+            use_gl_backend(video.gl)  # before this process makes its first rendering environment
         n = len(self.slots)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (n, OBS_DIM), np.float64)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (n, ACT_DIM), np.float32)
@@ -197,6 +217,7 @@ class EnvGroup(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         wave = int((options or {}).get("wave", 0))
+        self._drop_recorders()
         for i, (task, goals) in enumerate(self.slots):
             goal = goals[wave] if task is not None and wave < len(goals) else None
             self._running[i], self._steps[i] = goal is not None, 0
@@ -209,10 +230,13 @@ class EnvGroup(gym.Env):
                 self._obs[i] = self._envs[i].reset(seed=goal)[0]
                 continue
             if self._envs[i] is None:
-                self._envs[i] = make_env(task, goal, self.seed)
+                self._envs[i] = make_env(task, goal, self.seed, render_size=self.video.size if self.video else None)
             else:  # same task, next goal variant: no new MuJoCo model
                 self._envs[i].set_task(goal_variants(task, self.seed)[goal])
             self._obs[i] = self._envs[i].reset()[0]
+            if self.video is not None and goal < self.video.episodes:
+                self._recorders[i] = EpisodeRecorder(self.video, task, goal, self.max_episode_steps)
+                self._recorders[i].record(self._envs[i])
         return self._obs.copy(), {"running": self._running.copy()}
 
     def step(self, action):
@@ -225,9 +249,19 @@ class EnvGroup(gym.Env):
             self._steps[i] += 1
             if terminated or truncated or self._steps[i] >= self.max_episode_steps:
                 self._running[i], done[i] = False, True
+            if i in self._recorders:
+                self._recorders[i].record(self._envs[i], r, success[i])
+                if done[i]:
+                    self._recorders.pop(i).finish()
         return self._obs.copy(), float(reward.sum()), False, False, {"reward": reward, "success": success, "done": done}
 
+    def _drop_recorders(self):
+        for recorder in self._recorders.values():  # episodes cut off (the evaluation stopped): no file
+            recorder.abort()
+        self._recorders = {}
+
     def close(self):
+        self._drop_recorders()
         for env in self._envs:
             if env is not None:
                 env.close()
@@ -258,10 +292,10 @@ def _plan(num_tasks: int, episodes: int, workers: int, max_envs: int | None):
     return groups, rows, waves
 
 
-def make_vector_env(tasks, groups, max_episode_steps: int, seed: int, workers: int):
+def make_vector_env(tasks, groups, max_episode_steps: int, seed: int, workers: int, video=None):
     """gymnasium AsyncVectorEnv over the groups (worker processes), or SyncVectorEnv when workers == 0."""
     fns = [functools.partial(EnvGroup, [(tasks[t] if t is not None else None, goals) for t, goals in group],
-                             max_episode_steps, seed) for group in groups]
+                             max_episode_steps, seed, video) for group in groups]
     if workers == 0:
         return gym.vector.SyncVectorEnv(fns)
     # MuJoCo and OpenMP-using parents do not survive fork reliably: start workers from a clean process.
@@ -272,7 +306,8 @@ def make_vector_env(tasks, groups, max_episode_steps: int, seed: int, workers: i
 
 # ---- the rollout loop ----------------------------------------------------------------------------------------------
 def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: int = MAX_EPISODE_STEPS,
-            workers: int | None = None, max_envs: int | None = None, progress: bool = False, envs=None) -> dict:
+            workers: int | None = None, max_envs: int | None = None, progress: bool = False, envs=None,
+            video=None) -> dict:
     """Runs `episodes` episodes of every task (goal variants 0..episodes-1) with `policy`; all tasks' environments
     step together and the policy is asked once per step for the actions of every live episode.
 
@@ -281,6 +316,7 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
     ignored); .observe(rewards [R]) after every step (0 for rows not live). Or a function that returns such a policy: it is called while
     the workers build their environments, so loading a model overlaps with that.
     envs: what each task's environments are built from (EnvGroup's slot tasks; None: the task names).
+    video: a VideoSpec (harmodt_fast/video.py): the groups record those episodes; None: no video.
     Returns per-episode arrays [T, E] ("success", "returns", "lengths"), counters, timings and the policy.
     """
     tasks = list(tasks)
@@ -298,7 +334,7 @@ def rollout(tasks, episodes: int, policy, *, seed: int = 0, max_episode_steps: i
     forwards = max_rows = 0
 
     t0 = time.perf_counter()
-    vec = make_vector_env(tasks if envs is None else list(envs), groups, max_episode_steps, seed, workers)
+    vec = make_vector_env(tasks if envs is None else list(envs), groups, max_episode_steps, seed, workers, video)
     try:
         if workers and not hasattr(policy, "act"):
             vec.reset_async(seed=seed, options={"wave": 0})  # the workers build every environment meanwhile
