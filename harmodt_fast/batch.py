@@ -54,11 +54,12 @@ class Batch:
         """Task id of every row, [B] int64 on the rows' device (no host-to-device copy per step)."""
         if self.row_tasks is not None and self.row_tasks.device == self.states.device:
             return self.row_tasks
-        return _task_ids(tuple(int(o) for o in self.task_offsets), self.states.device)
+        # tolist: the offsets are host ints in a CPU tensor, read without dispatching an op per entry
+        return _task_ids(tuple(self.task_offsets.tolist()), self.states.device)
 
     def task_slice(self, first: int, last: int) -> "Batch":
         """The rows of tasks first..last-1 as a batch of last-first tasks (ids renumbered from 0): views, no copy."""
-        offsets = [int(o) for o in self.task_offsets]
+        offsets = self.task_offsets.tolist()
         lo, hi = offsets[first], offsets[last]
         rows = {f.name: getattr(self, f.name)[lo:hi] for f in fields(self)
                 if f.name not in ("task_offsets", "prompt", "row_tasks", "global_task_steps", "num_slices")}
