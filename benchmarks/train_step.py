@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +41,7 @@ from harmodt_fast.benchmarks import device_ceilings
 from harmodt_fast.benchmarks.published_baseline import PublishedProcedure
 from harmodt_fast.trainer import Trainer
 
-ROWS = ("ours", "ours-compiled", "torch", "torch-compiled", "prompt-dt", "published", "mask-update")
+ROWS = ("ours", "ours-compiled", "torch", "torch-compiled", "prompt-dt", "published", "mask-update", "gemm-floor")
 
 
 class PrebuiltSampler(SyntheticSampler):
@@ -131,8 +132,41 @@ def main(argv=None):
                     "of the bf16 matmul ceiling they reach")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="extra config override for every path (as the train CLI's --set)")
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="N busy-looping processes beside the measurement (a shared machine)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        return _measure(args, ap)
+    finally:
+        for proc in busy:
+            proc.kill()
+
+
+def gemm_floor(cfg, device, seconds: float) -> dict:
+    """The step's matmuls alone at the model's shapes (fp32): every block's four projections forward and both
+    backward products, the attention products, all task rows at once. Sequences/s at this rate is the floor a
+    step cannot beat on this device with these threads."""
+    rows = cfg.batch_per_task * cfg.num_tasks * cfg.tokens_per_sequence
+    H, M, L = cfg.hidden, cfg.mlp_hidden, cfg.tokens_per_sequence
+    B = cfg.batch_per_task * cfg.num_tasks
+    mats = [(rows, H, 3 * H), (rows, H, H), (rows, H, M), (rows, M, H)]
+    operands = [(torch.randn(m, k, device=device), torch.randn(k, n, device=device)) for m, k, n in mats]
+    q = torch.randn(B * cfg.heads, L, H // cfg.heads, device=device)
+
+    def one_step():
+        for _ in range(cfg.layers):
+            for a, b in operands:  # forward, dX, dW
+                a @ b, (a @ b) @ b.t(), a.t() @ (a @ b)
+            for _ in range(2):  # six L x L x d products: QKᵀ and PV forward, two backward products each
+                torch.bmm(torch.bmm(q, q.transpose(1, 2)), q), torch.bmm(q, q.transpose(1, 2))
+
+    sec, n = timed(one_step, device, 2, seconds)
+    return {"s_per_step": sec, "steps_timed": n, "sequences_per_s": B / sec}
+
+
+def _measure(args, ap) -> int:
     from harmodt_fast.cli import _parse_overrides
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -189,6 +223,8 @@ def main(argv=None):
             record({"path": f"published procedure (re-implemented), {'bf16' if published['amp'] else 'fp32'}",
                     "s_per_step": sec, "steps_timed": n, "sequences_per_s": base_cfg.batch_per_task / sec,
                     **profile(pub_step, device, args.profile_top)})
+        elif key == "gemm-floor":
+            record({"path": "GEMM floor (the step's matmuls alone, fp32)", **gemm_floor(base_cfg, device, args.seconds)})
         elif key == "mask-update":
             tr = trainers.get("ours") or Trainer(base_cfg, sampler, tempfile.mkdtemp(), device, "synthetic")
             sec, n = timed(tr._mask_update, device, 1, args.seconds, min(args.warmup, 1))
@@ -225,11 +261,13 @@ def write(rows, args, cfg, device) -> str:
             "batch_per_task": cfg.batch_per_task, "tokens_per_sequence": cfg.tokens_per_sequence, "device": name,
             "torch": torch.__version__, "python": platform.python_version(), "flops_per_sequence": flops,
             "ceilings": args.ceilings_record, "poison": os.environ.get("HARMODT_POISON") == "1",  # False to time
-            "autotune": os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0",
+            "autotune": os.environ.get("HARMODT_FAST_AUTOTUNE", "1") != "0", "busy_processes": args.busy,
+            "cpu_wait_policy": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m harmodt_fast.benchmarks.train_step " + " ".join(sys.argv[1:]), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"train_step_{device.type}_{args.preset}_T{cfg.num_tasks}_{meta['date'][:10]}")
+    stem = os.path.join(args.out, f"train_step_{device.type}_{args.preset}_T{cfg.num_tasks}"
+                                  f"{f'_busy{args.busy}' if args.busy else ''}_{meta['date'][:10]}")
     with open(stem + ".json", "w") as f:
         json.dump(meta, f, indent=2)
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"  # noqa: E731

@@ -6,6 +6,10 @@ by the first op that needs them.
 import importlib
 import os
 
+from harmodt_fast.threads import apply_cpu_wait_policy
+
+apply_cpu_wait_policy()  # before torch loads its OpenMP runtime (harmodt_fast/threads.py says why)
+
 # In a source checkout the Triton kernels and the benchmarks sit in the top-level kernels/ and benchmarks/ folders
 # (setup.py installs them as harmodt_fast.kernels and harmodt_fast.benchmarks); let the package find them there too.
 _here = os.path.dirname(os.path.abspath(__file__))
