@@ -120,6 +120,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("harmodt_fast::masked_weight")(  # bits [W]: W ⊙ M; bits [T, W]: [T, *W.shape]
         lambda weight, bits: weight.new_empty((*bits.shape[:-1], *weight.shape)))
     torch.library.register_fake("harmodt_fast::masked_accumulate_")(lambda dw, grad, bits: None)
+    torch.library.register_fake("harmodt_fast::dropout")(
+        lambda x, seed, p: (torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)))
 
 
 def extension_error() -> str | None:

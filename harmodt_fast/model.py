@@ -9,6 +9,7 @@ norms and heads are shared and unmasked.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import torch
@@ -48,6 +49,18 @@ class MaskedLinear(nn.Linear):
                                  backend=self.backend, task_grads=self.task_grads)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout through hf.ops.dropout: on the CPU the parallel C++ mask ("cpp"), elsewhere torch's. A model on
+    backend="torch" (the reference) keeps torch's."""
+
+    def __init__(self, p: float, backend: str = "auto"):
+        super().__init__(p)
+        self.backend = "torch" if backend == "torch" else "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.dropout(x, self.p, self.training, backend=self.backend)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: HarmoDTConfig):
         super().__init__()
@@ -55,7 +68,7 @@ class Attention(nn.Module):
         self.c_attn = MaskedLinear(cfg.hidden, 3 * cfg.hidden, backend=cfg.backend)
         self.c_proj = MaskedLinear(cfg.hidden, cfg.hidden, backend=cfg.backend)
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout, cfg.backend)
         # GPT-2 blocks are causal (HarmoDT builds its masks inside the causal triangle); the fused Triton path
         # also skips the key blocks after each query block
         self.causal = True
@@ -71,8 +84,13 @@ class Attention(nn.Module):
         q, k, v = self.c_attn(x, task_offsets).split(H, dim=2)
         q, k, v = (t.view(B, L, self.heads, H // self.heads).transpose(1, 2) for t in (q, k, v))
         mask = attn_mask.mask if isinstance(attn_mask, AttentionMask) else attn_mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0 and x.device.type == "cpu" and self.resid_dropout.backend != "torch":
+            # the same math as SDPA's CPU path under dropout, with the parallel dropout of hf.ops.dropout
+            att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1])).masked_fill_(~mask, float("-inf"))
+            y = ops.dropout(att.softmax(-1), self.dropout) @ v  # [B, heads, L, H / heads]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, L, H)
         return self.resid_dropout(self.c_proj(y, task_offsets))
 
@@ -84,7 +102,7 @@ class MLP(nn.Module):
         self.c_proj = MaskedLinear(cfg.mlp_hidden, cfg.hidden, backend=cfg.backend)
         self.activation = cfg.activation
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.backend)
 
     def forward(self, x, task_offsets):
         fc, proj = self.c_fc, self.c_proj
@@ -133,7 +151,7 @@ class HarmoDT(nn.Module):
         self.embed = StepEmbedding(cfg)
         self.prompt_embed = StepEmbedding(cfg) if cfg.use_prompt else None
         self.embed_ln = nn.LayerNorm(cfg.hidden)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, cfg.backend)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.predict_action = nn.Sequential(nn.Linear(cfg.hidden, cfg.act_dim), nn.Tanh())

@@ -34,3 +34,27 @@ def test_attention_mask_on_another_device_is_refused():
     mask = torch.ones(4, 4, dtype=torch.bool, device="meta")
     with pytest.raises(ValueError, match="attn_mask is on meta"):
         attention_mask_3d(mask, 3, 4, "cpu")
+
+
+def _spin_count_seen(code: str, **env) -> str:
+    """GOMP_SPINCOUNT as a fresh interpreter running `code` sees it (the CLI's and workers' situation)."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                         env={**base, **env}, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_cpu_wait_policy_is_set_before_torch_loads():
+    from harmodt_fast.threads import SPIN_COUNT
+
+    # imported before torch (the CLI, the demo, their workers): a short spin; the main module too
+    assert _spin_count_seen("import harmodt_fast, torch") == str(SPIN_COUNT)
+    assert _spin_count_seen("import harmodt_fast.cli") == str(SPIN_COUNT)
+    # the user's own policy wins; after torch it would be too late to matter, so it is left alone
+    assert _spin_count_seen("import harmodt_fast", OMP_WAIT_POLICY="ACTIVE") == "None"
+    assert _spin_count_seen("import harmodt_fast", GOMP_SPINCOUNT="123") == "123"
+    assert _spin_count_seen("import torch, harmodt_fast") == "None"

@@ -7,6 +7,7 @@ from harmodt_fast.ops._dispatch import (
     last_backend,
     runs_fused,
 )
+from harmodt_fast.ops.dropout import dropout
 from harmodt_fast.ops.harmony import harmony_update, task_agreement
 from harmodt_fast.ops.masked_attention import masked_attention
 from harmodt_fast.ops.masked_linear import masked_linear
@@ -18,6 +19,7 @@ __all__ = [
     "call_counts",
     "check_backend",
     "runs_fused",
+    "dropout",
     "implemented_backends",
     "last_backend",
     "harmony_update",
