@@ -15,7 +15,8 @@ Attention paths (what the attention keeps differs most between them):
     triton-fused    harmodt with the triton backend (hf.ops.masked_attention, masked_mlp; CUDA, or the CPU under
                     TRITON_INTERPRET=1): qkv, output and log-sum-exp; no L x L tensor at all, backward recomputes
                     the probabilities (flash style)
-Dropout keep-masks are bool on CUDA (native dropout) and a float tensor of the input's dtype on the CPU.
+Dropout keep-masks are bool on CUDA (native dropout) and from hf.ops.dropout on the CPU (backend "torch": a float
+tensor of the input's dtype); the math attention's own dropout inside SDPA keeps fp32.
 Counted against torch.autograd.graph.saved_tensors_hooks (tests/test_plan.py): cpu-math, cpu-flash and
 triton-fused (under the Triton interpreter), fp32 and bf16. Not measured (no GPU here): cuda-efficient, which
 follows PyTorch's memory-efficient kernel, and CUDA's bool dropout masks.
@@ -68,8 +69,9 @@ def sequence_bytes(config, device_type: str, a: int) -> dict[str, int]:
     S, A = c.state_dim, c.act_dim
     dropout = c.dropout > 0
     on_cuda = device_type == "cuda"
-    # dropout keep-masks: bool on CUDA (native dropout), a float tensor of the input's dtype on the CPU
-    keep_bytes = 1 if on_cuda else a
+    # dropout keep-masks: bool on CUDA (native dropout) and from hf.ops.dropout's cpp backend (the CPU), a float
+    # tensor of the input's dtype from torch's CPU dropout (backend="torch")
+    keep_bytes = 1 if on_cuda or c.backend != "torch" else a
     per_block = {
         "layer norm inputs (fp32)": 2 * (L * H * FP32 + 2 * L * FP32),  # input, mean and rstd of ln_1 and ln_2
         "projection inputs": 3 * L * H * a,  # of c_attn, attn.c_proj, mlp.c_fc (mlp.c_proj's is the MLP hidden)
@@ -80,7 +82,7 @@ def sequence_bytes(config, device_type: str, a: int) -> dict[str, int]:
     parts = {name: c.layers * v for name, v in per_block.items()}
     parts["embeddings"] = (
         3 * K * H * FP32 + 2 * 3 * K * FP32  # the trajectory tokens' LayerNorm (the prompt's tokens skip it)
-        + (L * H * (1 if on_cuda else FP32) if dropout else 0)  # the token dropout's keep-mask (fp32 tokens)
+        + (L * H * (1 if keep_bytes == 1 else FP32) if dropout else 0)  # the token dropout's keep-mask (fp32 tokens)
         + ((K + Kp) * (1 + S + A) * a if a != FP32 else 0)  # inputs of the embedding Linears, cast
     )
     # the action head's input: the state tokens, a copy unless they are a plain view of the final norm's output

@@ -9,7 +9,6 @@ norms and heads are shared and unmasked.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Sequence
 
 import torch
@@ -84,13 +83,8 @@ class Attention(nn.Module):
         q, k, v = self.c_attn(x, task_offsets).split(H, dim=2)
         q, k, v = (t.view(B, L, self.heads, H // self.heads).transpose(1, 2) for t in (q, k, v))
         mask = attn_mask.mask if isinstance(attn_mask, AttentionMask) else attn_mask
-        if self.training and self.dropout > 0 and x.device.type == "cpu" and self.resid_dropout.backend != "torch":
-            # the same math as SDPA's CPU path under dropout, with the parallel dropout of hf.ops.dropout
-            att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1])).masked_fill_(~mask, float("-inf"))
-            y = ops.dropout(att.softmax(-1), self.dropout) @ v  # [B, heads, L, H / heads]
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, L, H)
         return self.resid_dropout(self.c_proj(y, task_offsets))
 

@@ -72,20 +72,3 @@ def test_model_uses_it_on_the_cpu(cpp_ext):
     reference = hf.HarmoDT(hf.HarmoDTConfig.from_dict({**cfg.to_dict(), "backend": "torch"}))
     assert all(m.backend == "torch" for m in reference.modules() if isinstance(m, torch.nn.Dropout))
 
-
-def test_cpu_attention_under_dropout_is_sdpa_math(cpp_ext, rng):
-    """Training on the CPU, attention runs softmax(QKᵀ/√d + mask) → hf.ops.dropout → ·V itself (SDPA's math path
-    with the parallel dropout): with p too small to drop anything it equals SDPA, padded keys included."""
-    from harmodt_fast.model import Attention
-    from harmodt_fast.ops.masked_attention import AttentionMask
-
-    attention = Attention(hf.HarmoDTConfig.from_preset("tiny", num_tasks=2))
-    attention.dropout = attention.resid_dropout.p = 1e-12  # below the hash's resolution: nothing is dropped
-    x = torch.randn(3, 7, attention.c_attn.in_features, generator=rng)
-    mask = (torch.ones(7, 7, dtype=torch.bool).tril() | torch.eye(7, dtype=torch.bool)).repeat(3, 1, 1, 1)
-    mask[0, :, :, 3] = False  # a padded key
-    mask[0, :, 3, 3] = True
-    before = hf.ops.call_counts().get(("dropout", "cpp"), 0)
-    trained = attention.train()(x, None, AttentionMask(mask))
-    assert hf.ops.call_counts()[("dropout", "cpp")] == before + 2  # the probabilities' and the residual's
-    torch.testing.assert_close(trained, attention.eval()(x, None, AttentionMask(mask)), rtol=1e-5, atol=1e-6)
