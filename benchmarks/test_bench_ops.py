@@ -8,6 +8,7 @@ masked_linear group: our op (Triton on CUDA, the C++ path on the CPU) against th
 ceiling: the mask is 1 bit per weight) and against materialising W ⊙ M_t per task in plain PyTorch. FLOPs are
 2 x rows x in x out (the matmul work; masking adds none), bytes the operands read and the output written.
 mask_init group: one task's ERK mask of a large-preset layer (exact-count random subset vs a full permutation).
+dropout group: hf.ops.dropout against torch's F.dropout on one paper-shaped activation.
 train_step group: one optimiser step of ours (all tasks in one batch) against the published one-task-per-step
 procedure (benchmarks/published_baseline.py) doing the same number of sequences (T of its steps); FLOPs
 ~ 6 x parameters x tokens, counted.
@@ -101,7 +102,7 @@ def test_bench_train_step(benchmark, impl):
     torch.manual_seed(0)
     if impl == "ours":
         model = HarmoDT(config).to(DEVICE)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+        optimizer = method.make_optimizer(model, config)  # the trainer's (fused AdamW)
         batch = batches.sample()
         unused = method.unused_entries(model)
 
@@ -127,6 +128,28 @@ def test_bench_train_step(benchmark, impl):
     benchmark.extra_info.update({"group": "train_step", "impl": impl, "device": str(DEVICE), "quick": QUICK,
                                  "tasks": TASKS, "sequences": sequences, "flops": 6 * params * tokens,
                                  "bytes": 4 * params * 4, "amp": str(amp)})
+
+
+# dropout group: the dropout of one paper-shaped activation (rows x hidden, p 0.1): ours (hf.ops.dropout: the
+# parallel C++ mask on the CPU; on CUDA it is torch's) against torch's F.dropout. Bytes: x read, y and the mask written
+@pytest.mark.benchmark(group="dropout")
+@pytest.mark.parametrize("impl", ["ours", "torch"])
+def test_bench_dropout(benchmark, impl):
+    x = torch.randn(TASKS * ROWS_PER_TASK, N_IN, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
+    fn = (lambda: ops.dropout(x, 0.1)) if impl == "ours" else (lambda: F.dropout(x, 0.1, training=True))
+
+    def run():
+        y = fn()
+        _sync()
+        return y
+
+    y = benchmark(run)
+    assert y.shape == x.shape and 0 < int((y == 0).sum()) < x.numel()
+    benchmark.extra_info.update({"group": "dropout", "impl": impl, "device": str(DEVICE), "quick": QUICK,
+                                 "elements": x.numel(), "flops": x.numel(),
+                                 "bytes": x.numel() * (2 * x.element_size() + 1)})
+    if impl == "ours":
+        benchmark.extra_info["backend"] = ops.last_backend("dropout")
 
 
 # mask_init group: one task's mask of one large-preset MLP layer (4096 x 1024 weights, 80% active), the exact-count

@@ -44,7 +44,7 @@ def test_op_and_train_step_suites_run_and_render(tmp_path):
     for b in json.loads(out.read_text())["benchmarks"]:
         groups.setdefault(b["extra_info"]["group"], []).append(b["extra_info"]["impl"])
     assert groups == {"masked_linear": ["ours", "dense", "materialise-per-task"], "train_step": ["ours", "published"],
-                      "mask_init": ["random_subset", "torch.randperm"]}
+                      "mask_init": ["random_subset", "torch.randperm"], "dropout": ["ours", "torch"]}
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- bench:begin -->\nold\n<!-- bench:end -->\ny\n")
     proc = subprocess.run([sys.executable, "-m", "harmodt_fast.benchmarks.render_benchmarks", str(out),
