@@ -72,16 +72,17 @@ def _cmd_evaluate(args) -> int:
     import os
 
     from harmodt_fast.evaluation import evaluate, format_table, save_report
+    from harmodt_fast.run_folder import folder_of
 
-    path = os.fspath(args.checkpoint)
-    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    run_dir = folder_of(args.checkpoint)
+    plots_dir = args.plots or os.path.join(run_dir, "plots")
     # a bad checkpoint (CheckpointError), device or backend is a ValueError: main prints it as one line
     report = evaluate(args.checkpoint, tasks=args.tasks, episodes=args.episodes, seed=args.seed,
                       target_return=args.target_return, max_episode_steps=args.max_steps,
                       unseen=args.unseen, merge_threshold=args.merge_threshold, device=args.device,
                       precision=args.precision, workers=args.workers, max_envs=args.max_envs,
                       progress=not args.no_progress, video=args.video, video_format=args.video_format,
-                      video_dir=os.path.join(args.plots or os.path.join(run_dir, "plots"), "videos"))
+                      video_dir=os.path.join(plots_dir, "videos"))
     print(format_table(report))
     out = args.out or os.path.join(run_dir, f"evaluation_step{report['step']}.json")
     print(f"report: {save_report(report, out)}")
@@ -89,7 +90,7 @@ def _cmd_evaluate(args) -> int:
         try:
             from harmodt_fast.plots import plot_all
 
-            figures = plot_all(report, args.checkpoint, args.plots or os.path.join(run_dir, "plots"))
+            figures = plot_all(report, args.checkpoint, plots_dir)
         except ImportError as exc:
             print(f"plots skipped: {exc}", file=sys.stderr)
         else:

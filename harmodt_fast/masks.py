@@ -172,8 +172,7 @@ class TaskMasks:
             for w0 in range(0, packed.shape[1], words):
                 w1 = min(packed.shape[1], w0 + words)
                 d = unpack_masks(packed[:, w0:w1].contiguous(), min(n, 32 * w1) - 32 * w0).float()
-                piece = (d @ d.t()).double()
-                inter += piece
+                inter += (d @ d.t()).double()
         inter = inter.cpu()
         sizes = inter.diagonal().clone()
         union = sizes[:, None] + sizes[None, :] - inter

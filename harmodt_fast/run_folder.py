@@ -58,6 +58,12 @@ def truncate_log(path: str, step: int) -> None:
         raise TrainingError(str(exc)) from exc
 
 
+def folder_of(path) -> str:
+    """The run folder a path names: the path itself when it is a folder, else (a checkpoint file) its folder."""
+    path = os.fspath(path)
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
 CONFIG_NAME = "config.yaml"  # the run's resolved config: `harmodt-fast train --config RUN/config.yaml` reruns it
 
 

@@ -20,6 +20,7 @@ import os
 import secrets
 
 from harmodt_fast._io import TEMPORARY_PREFIX, atomic_write
+from harmodt_fast.run_folder import folder_of
 
 VIDEO_FORMATS = ("mp4", "gif")
 VIDEO_FPS = 30
@@ -62,9 +63,7 @@ def default_video_folder(source) -> str | None:
     path = getattr(source, "checkpoint", source)
     if not isinstance(path, (str, os.PathLike)):
         return None
-    path = os.fspath(path)
-    run = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    return os.path.join(run, "plots", "videos")
+    return os.path.join(folder_of(path), "plots", "videos")
 
 
 # ---- the GL backend ------------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
-"""Helpers the op tests share (one copy each)."""
+"""Helpers the tests share (one copy each)."""
+import collections
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def close(got, want, tol=2e-5):
@@ -16,3 +19,29 @@ def dt_mask(rng, B, L, device="cpu"):
     valid = torch.arange(L)[None, :] >= torch.randint(0, max(1, L // 2), (B, 1), generator=rng)
     m = (torch.ones(L, L, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(L, dtype=torch.bool)
     return m[:, None].to(device)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten (and custom) ops dispatched inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+POLICY_TASKS = ["reach-v3", "button-press-v3"]
+
+
+def train_tiny_policy_run(root):
+    """A tiny fp32 run trained by hf.train on expert data collected for POLICY_TASKS (seconds): what the policy and
+    export tests act with."""
+    import harmodt_fast as hf
+
+    data = hf.collect(POLICY_TASKS, root / "data", episodes_per_task=3, quality="expert", seed=0, workers=1,
+                      episode_steps=30, progress=False, verbose=False)
+    return hf.train(data, root / "run", preset="tiny", steps=6, mask_interval=3, log_every=3, progress=False,
+                    precision="fp32", device="cpu")

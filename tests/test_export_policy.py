@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import harmodt_fast as hf
+from helpers import POLICY_TASKS, train_tiny_policy_run
 from harmodt_fast.cli import main as cli_main
 from harmodt_fast.envs import make_env
 
-TASKS = ["reach-v3", "button-press-v3"]
+TASKS = POLICY_TASKS
 STEPS = 40  # tiny context K = 5: the window fills, then slides for 35 steps
 # fp32 against fp32: the masked model (W ⊙ M inside the matmul) and the folded dense graph sum in other orders;
 # the actions are tanh outputs in [-1, 1], so an absolute tolerance of a few fp32 roundings of the activations
@@ -23,11 +24,7 @@ ATOL = 2e-5
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_policy")
-    data = hf.collect(TASKS, root / "data", episodes_per_task=3, quality="expert", seed=0, workers=1,
-                      episode_steps=30, progress=False, verbose=False)
-    return hf.train(data, root / "run", preset="tiny", steps=6, mask_interval=3, log_every=3, progress=False,
-                    precision="fp32", device="cpu")
+    return train_tiny_policy_run(tmp_path_factory.mktemp("export_policy"))
 
 
 def window(history, K):

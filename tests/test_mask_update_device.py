@@ -3,11 +3,9 @@ ops that does not grow with the tasks, bit-for-bit factors whatever the grouping
 the update's task groups (mask_update_memory_mb None) as a pure function of the free memory, agreeing with hf.plan."""
 from __future__ import annotations
 
-import collections
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import harmodt_fast as hf
 from harmodt_fast.config import HarmoDTConfig
@@ -15,20 +13,9 @@ from harmodt_fast.masks import OVERLAP_PIECE_BITS, TaskMasks
 from harmodt_fast.ops.packing import popcount_rows
 from harmodt_fast.task_gradients import (AUTO_FREE_FRACTION, DEFAULT_UPDATE_MB, _norm_pieces, clip_factors,
                                          update_group_size)
+from helpers import OpCounter
 
 SIZES = [3000, 777, 40000, 65]  # layers of awkward sizes: pieces of every length
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def dispatched_ops(fn) -> int:

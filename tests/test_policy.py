@@ -10,20 +10,17 @@ import pytest
 import torch
 
 import harmodt_fast as hf
+from helpers import POLICY_TASKS, train_tiny_policy_run
 from harmodt_fast.checkpoint import CheckpointError, load_checkpoint
 from harmodt_fast.envs import make_env
 
-TASKS = ["reach-v3", "button-press-v3"]
+TASKS = POLICY_TASKS
 STEPS = 12  # tiny context K=5: the policy's 2K window wraps twice
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("policy")
-    data = hf.collect(TASKS, root / "data", episodes_per_task=3, quality="expert", seed=0, workers=1,
-                      episode_steps=30, progress=False, verbose=False)
-    return hf.train(data, root / "run", preset="tiny", steps=6, mask_interval=3, log_every=3, progress=False,
-                    precision="fp32", device="cpu")
+    return train_tiny_policy_run(tmp_path_factory.mktemp("policy"))
 
 
 def plain_loop(policy, tasks, goals, steps=STEPS, batched=True):

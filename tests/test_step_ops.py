@@ -3,32 +3,21 @@ clip, AdamW, frozen-entry restore) dispatches, counted at the dispatcher (a Torc
 grow with the number of tasks on the cpp and on the triton backend (the kernels under the interpreter here), and
 no op of the step reads a tensor back to the host (_local_scalar_dense: what .item(), int() or bool() of a tensor
 dispatch, a host synchronisation on CUDA)."""
-import collections
 import tempfile
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import harmodt_fast as hf
 from harmodt_fast.batch import SyntheticSampler
 from harmodt_fast.trainer import Trainer
+from helpers import OpCounter
 
 # the shapes the triton interpreter runs in seconds (the count depends on the layers, not on the shapes)
 SMALL = dict(hidden=32, heads=2, mlp_hidden=64, context=2, prompt_len=1, batch_per_task=1, layers=1)
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def step_ops(num_tasks: int, **overrides) -> collections.Counter:
+def step_ops(num_tasks: int, **overrides) -> dict[str, int]:
     """The ops of the second training step of a fresh tiny run (the first creates the optimiser's state)."""
     # density 0.1: some entries no task uses, at 16 tasks too (the restore runs)
     cfg = hf.HarmoDTConfig.from_preset("tiny", num_tasks=num_tasks, dropout=0.1, density=0.1, **overrides)
