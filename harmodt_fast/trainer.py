@@ -98,9 +98,6 @@ def train(data, out, preset: str | None = None, steps: int | None = None, device
         lock.release()
 
 
-_prepare_out = run_folder.prepare  # its former name here, which scripts and tests import
-
-
 def _load(data):
     if hasattr(data, "episodes") and hasattr(data, "tasks"):
         return data

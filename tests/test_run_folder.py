@@ -401,11 +401,11 @@ def test_sigint_keeps_its_keyboard_interrupt(dataset, tmp_path):
 
 _FULL_FROM_THE_START = """
 import os, resource, signal, sys
-from harmodt_fast.trainer import _prepare_out
+from harmodt_fast.run_folder import prepare
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
 try:
-    _prepare_out(sys.argv[1])
+    prepare(sys.argv[1])
 except ValueError as exc:
     print(exc)
 """
