@@ -170,7 +170,7 @@ def _cmd_demo(args) -> int:
     from harmodt_fast.demo import run_demo
 
     run_demo(root=args.root, episodes_per_task=args.episodes, steps=args.steps, eval_episodes=args.eval_episodes,
-             seed=args.seed, workers=args.workers, device=args.device, tasks=args.tasks)
+             eval_every=args.eval_every, seed=args.seed, workers=args.workers, device=args.device, tasks=args.tasks)
     return 0
 
 
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=40, help="episodes per task to collect")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
     p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between evaluations during training (default: half the steps; the last always)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")

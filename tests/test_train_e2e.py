@@ -110,6 +110,8 @@ def test_demo_end_to_end_short(tmp_path, capsys):
     assert "reach-v3" in out and os.path.isfile(tmp_path / "run" / "eval_report.json")
     assert os.path.isfile(tmp_path / "run" / "loss.png")
     assert os.path.isfile(tmp_path / "run" / "success_per_task.png")
+    assert os.path.isfile(tmp_path / "run" / "success_vs_step.png")  # evaluations at steps 2 and 4
+    assert report == json.loads((tmp_path / "run" / "evaluation_step4.json").read_text())
 
 
 def test_bench_command_runs_every_row(tmp_path, capsys):
