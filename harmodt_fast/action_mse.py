@@ -96,22 +96,27 @@ def action_mse(run, dataset, device: str = "cpu", rows: int = _ROWS) -> dict:
             "checkpoint_step": int(state.step)}
 
 
-def cached_action_mse(run_dir: str, dataset_path: str, device: str = "cpu") -> dict:
+def cached_action_mse(run_dir: str, dataset_path: str, device: str = "cpu", step: int | None = None) -> dict:
     """The run's action MSE on the dataset at `dataset_path`, from `run_dir/action_mse.json` when that was computed
-    for the same dataset folder and checkpoint step, else computed and written there."""
+    for the same dataset folder and checkpoint step, else computed and written there. step: the checkpoint step
+    expected (a suite's last step; then a matching cache is used without reading the checkpoint); None: the
+    checkpoint's."""
     from harmodt_fast._io import atomic_write
     from harmodt_fast.checkpoint import read_run
 
     path = os.path.join(run_dir, ACTION_MSE_NAME)
     data_name = os.path.basename(os.path.normpath(dataset_path))
+    if step is None:
+        step = read_run(run_dir)[0].step
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
         if cached.get("format") != ACTION_MSE_FORMAT:
             raise ValueError(f"{path}: format {cached.get('format')!r}, expected {ACTION_MSE_FORMAT!r}")
-        step = read_run(run_dir)[0].step
         if cached.get("expert_data") == data_name and cached.get("checkpoint_step") == step:
             return cached
     result = {"format": ACTION_MSE_FORMAT, "expert_data": data_name, **action_mse(run_dir, dataset_path, device)}
+    if result["checkpoint_step"] != step:
+        raise ValueError(f"{run_dir}: the checkpoint is at step {result['checkpoint_step']}, expected {step}")
     atomic_write(path, lambda f: json.dump(result, f, indent=1), binary=False)
     return result

@@ -143,6 +143,25 @@ def write_report(report: dict, out: str) -> dict:
     return figures
 
 
+def rebuild_report(out: str, *, bootstrap_reps: int = 10000, device: str = "cpu") -> dict:
+    """Builds and writes the report of the suite folder `out` again from its files alone (budget.json, the runs
+    and expert data its report.json names, each run's evaluation files and action_mse.json), e.g. after the
+    report's code changed; returns it. A report.json of format /1 (methods, no arms) reads as arms = methods."""
+    from harmodt_fast.suite_report import build_report
+
+    with open(os.path.join(out, "budget.json")) as f:
+        budget = json.load(f)
+    with open(os.path.join(out, "report.json")) as f:
+        old = json.load(f)
+    plan = [(r["quality"], r.get("arm", r["method"]), r["method"], r["seed"]) for r in old["runs"]]
+    expert = old.get("expert_data")
+    if expert is not None:
+        expert = {**expert, "path": os.path.join(out, expert["path"])}
+    report = build_report(out, budget, plan, expert_data=expert, device=device, reps=bootstrap_reps)
+    write_report(report, out)
+    return report
+
+
 def _episodes(quality: str, near_optimal: int) -> int:
     # the paper's sub-optimal data is the first half of each near-optimal buffer; hf.collect's sub-optimal ramp of
     # E episodes is exactly the first E episodes of the near-optimal ramp of 2E

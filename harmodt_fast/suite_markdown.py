@@ -124,8 +124,10 @@ def findings(report: dict) -> list[str]:
                 numbers = f"P = {_ci(p, 1.0, 2)}, IQM difference {_metric_ci(d, metric)}"
                 if p["significant"] or d["significant"]:
                     verdict = "better" if p["point"] > 0.5 else "worse"
-                    shows.append(f"{quality}: {REFERENCE_ARM} is {verdict} than {arm} on {METRIC_NAMES[metric]} "
-                                 f"({numbers}).")
+                    which = ("" if p["significant"] and d["significant"] else
+                             " by the IQM difference only" if d["significant"] else " by P(better) only")
+                    shows.append(f"{quality}: {REFERENCE_ARM} is {verdict} than {arm} on {METRIC_NAMES[metric]}"
+                                 f"{which} ({numbers}).")
                 else:
                     unresolved.append(f"{arm} on {METRIC_NAMES[metric]} ({numbers})")
         if unresolved:

@@ -127,7 +127,7 @@ def build_report(out: str, budget: dict, plan, *, expert_data: dict | None = Non
             with open(wall) as f:
                 entry["wall_s"] = json.load(f)["wall_s"]
         if expert_data is not None:
-            mse = cached_action_mse(run_dir, expert_data["path"], device)
+            mse = cached_action_mse(run_dir, expert_data["path"], device, step=budget["steps"])
             entry["action_mse"] = {"mean": mse["mean"], "per_task": mse["per_task"]}
         runs.append(entry)
     summary: dict = {}
@@ -214,8 +214,11 @@ def draw_figures(report: dict, out: str) -> dict:
         first = next((r for r in report["runs"] if r["quality"] == quality and r["arm"] == REFERENCE_ARM), None)
         if first is None:
             continue
-        from harmodt_fast.checkpoint import RunState, model_from_checkpoint
+        from harmodt_fast.checkpoint import CHECKPOINT_NAME, RunState, model_from_checkpoint
 
+        if not os.path.isfile(os.path.join(out, first["run_dir"], CHECKPOINT_NAME)):  # a report rebuilt from copies
+            figures[f"mask_overlap_{quality}"] = f"skipped: no {CHECKPOINT_NAME} in {first['run_dir']}"
+            continue
         state = RunState.load(os.path.join(out, first["run_dir"]))
         masks = model_from_checkpoint(state)[0].task_masks()
         figures[f"mask_overlap_{quality}"] = plots.mask_overlap_heatmap(
@@ -223,4 +226,4 @@ def draw_figures(report: dict, out: str) -> dict:
         if state.task_agreement is not None:
             figures[f"task_agreement_{quality}"] = plots.agreement_heatmap(
                 state.task_agreement, state.tasks, os.path.join(folder, f"task_agreement_{quality}.png"))
-    return {k: os.path.relpath(v, out) for k, v in figures.items()}
+    return {k: v if v.startswith("skipped") else os.path.relpath(v, out) for k, v in figures.items()}

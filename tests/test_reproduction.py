@@ -2,6 +2,7 @@
 report from the runs' files, resume of a killed suite, the budget and argument checks, the CLI's options."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,10 +10,10 @@ import yaml
 
 import harmodt_fast as hf
 from harmodt_fast.cli import main
-from harmodt_fast.reproduction import write_report
+from harmodt_fast.reproduction import rebuild_report
 from harmodt_fast.report_stats import iqm
 from harmodt_fast.suite_markdown import render_markdown
-from harmodt_fast.suite_report import build_report, read_evaluations
+from harmodt_fast.suite_report import read_evaluations
 
 TASKS = ["reach-v3", "button-press-v3"]
 KW = dict(qualities=("near-optimal", "sub-optimal"), arms=("harmodt", "mtdt", "harmodt-flip"), seeds=(0, 1),
@@ -97,19 +98,27 @@ def test_statistics_are_those_of_the_per_task_scores(suite):
         assert s["profile"]["harmodt"]["taus"][0] == 0.0 and s["profile"]["harmodt"]["fraction"][0] == 1.0
 
 
-def test_the_report_rebuilds_from_the_files(suite):
+def test_the_report_rebuilds_from_the_files(suite, tmp_path):
+    # a copy of the suite without its checkpoints: every number must come from the files the report names
     out, report = suite
-    kept = out / "runs" / "sub-optimal" / "mtdt" / "seed1" / "action_mse.json"
-    mtime = os.path.getmtime(kept)
-    plan = [(r["quality"], r["arm"], r["method"], r["seed"]) for r in report["runs"]]
-    expert = {**report["expert_data"], "path": str(out / report["expert_data"]["path"])}
-    again = build_report(str(out), report["budget"], plan, expert_data=expert, reps=200)
-    assert os.path.getmtime(kept) == mtime  # the cached action MSE is read, not recomputed
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoint.pt", "*.npz"))
+    assert not list(copy.rglob("checkpoint.pt"))
+    again = rebuild_report(str(copy), bootstrap_reps=200)
     drop = lambda r: {k: v for k, v in r.items() if k not in ("written", "machine")}  # noqa: E731
     assert drop(again) == drop(report)
-    os.remove(out / "report.md")
-    write_report(again, str(out))
-    assert "## harmodt against every other arm" in open(out / "report.md").read()
+    md = open(copy / "report.md").read()
+    assert "## harmodt against every other arm" in md and "skipped: no checkpoint.pt in runs/near-optimal" in md
+    # a report of the first format (methods, no arms) rebuilds with arms = methods
+    old = json.load(open(copy / "report.json"))
+    old["format"] = "harmodt_fast.reproduce/1"
+    old["runs"] = [{k: v for k, v in r.items() if k != "arm"} for r in old["runs"] if r["arm"] in ("harmodt", "mtdt")]
+    del old["expert_data"]
+    json.dump(old, open(copy / "report.json", "w"))
+    first = rebuild_report(str(copy), bootstrap_reps=200)
+    assert list(first["summary"]["near-optimal"]) == ["harmodt", "mtdt"] and "action_mse" not in first["runs"][0]
+    assert first["summary"] == {q: {a: s for a, s in per.items() if a != "harmodt-flip0.1"}
+                                for q, per in report["summary"].items()}
 
 
 def test_the_paper_column_gives_every_published_number():
