@@ -155,6 +155,7 @@ class SyntheticSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.state_mean = torch.zeros(config.num_tasks, config.state_dim)
         self.state_std = torch.ones(config.num_tasks, config.state_dim)
+        self.best_return = {t: config.target_return for t in self.tasks}  # no episodes: the fixed target
 
     def sample(self, task: int | None = None) -> Batch:
         counts = [self.config.batch_per_task] * self.config.num_tasks

@@ -10,6 +10,7 @@ folder, fsync, rename):
     "tasks":         task names, in model task-id order
     "state_mean", "state_std":  float32 [T, state_dim] per-task state normalisation
     "eval_prompts":  {field: tensor [T, prompt_len, ...]} one prompt per task (fields of hf.Prompt), or None
+    "best_return":   float32 [T] each task's highest episode return in the training data (target_mode data-max)
     "dataset_fingerprint": str identifying the training data
     "task_envs":     {task: gymnasium EnvSpec JSON} for tasks without a Meta-World name
 and what resuming needs ("optimizer", "sampler", "rng", "history", "task_agreement", "world_size"; the learning
@@ -56,6 +57,8 @@ NON_TRAJECTORY_FIELDS = frozenset({"log_every", "checkpoint_every", "keep_checkp
 # (mask_update_memory_mb None, "auto", is the former 256 MB on the CPU; on CUDA it may group the update's tasks
 # differently, which changes only which dropout draws the update's rows get)
 FORMER_DEFAULTS = {"mask_update_memory_mb": (256.0, None)}
+# field -> what a config written before the field existed did (not the default now): read in when it is absent
+ABSENT_MEANS = {"prompt_source": "held-out"}
 
 
 @dataclass
@@ -72,6 +75,7 @@ class RunState:
     eval_prompts: dict[str, torch.Tensor] | None = None
     dataset_fingerprint: str | None = None
     task_envs: dict[str, str] = field(default_factory=dict)
+    best_return: torch.Tensor | None = None
     optimizer: dict | None = None
     sampler: dict | None = None
     rng: list[dict] | None = None  # one {"torch", "cuda"} per rank (dropout streams)
@@ -98,6 +102,8 @@ class RunState:
                    if d.get(k) is None]
         if missing:
             raise CheckpointError(f"{name}: checkpoint lacks {missing}")
+        if isinstance(d.get("config"), dict):
+            d = {**d, "config": {**ABSENT_MEANS, **d["config"]}}
         state = cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
         check_field_types(state, name)
         state.tasks, state.task_envs = list(state.tasks), dict(state.task_envs or {})
@@ -265,6 +271,8 @@ def export(run, folder) -> str:
     per_task = {"state_mean": state.state_mean.float().contiguous(), "state_std": state.state_std.float().contiguous()}
     for f, v in (state.eval_prompts or {}).items():
         per_task[f"prompt.{f}"] = v.cpu().contiguous()
+    if state.best_return is not None:
+        per_task["best_return"] = state.best_return.float().contiguous()
     blobs = {"model.safetensors": save(tensors), "tasks.safetensors": save(per_task)}
     meta = {"format": EXPORT_FORMAT, "config": state.config, "tasks": list(state.tasks), "step": int(state.step),
             "dataset_fingerprint": state.dataset_fingerprint, "task_envs": state.task_envs or {},
@@ -313,7 +321,7 @@ def read_export(folder: str) -> RunState:
         "model": loaded["model.safetensors"], "step": meta.get("step", 0), "tasks": meta["tasks"],
         "state_mean": per_task.get("state_mean"), "state_std": per_task.get("state_std"),  # missing: from_dict says
         "eval_prompts": prompts or None, "dataset_fingerprint": meta.get("dataset_fingerprint"),
-        "task_envs": meta.get("task_envs") or {}}, folder)
+        "task_envs": meta.get("task_envs") or {}, "best_return": per_task.get("best_return")}, folder)
 
 
 def _read_export_meta(path: str) -> dict:

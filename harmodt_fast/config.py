@@ -16,7 +16,9 @@ from harmodt_fast.config_file import field_comments, read_mapping, yaml_text, ya
 from harmodt_fast.ops.harmony import DEFAULT_GAMMA, DEFAULT_SCORE, SCORE_TABLE  # the score choices: read live
 from harmodt_fast.tasks import task_names
 
-METHODS = ("harmodt", "prompt-dt", "mtdt")
+METHODS = ("harmodt", "random-masks", "prompt-dt", "mtdt")
+PROMPT_SOURCES = ("train", "held-out")
+TARGET_RETURNS = ("fixed", "data-max")
 SCHEDULES = ("mixed", "round-robin")
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("auto", "triton", "cpp", "torch")  # of the masked ops (harmodt_fast.ops); "auto": the fastest that runs
@@ -43,9 +45,10 @@ class HarmoDTConfig:
     dropout: float = 0.1  # dropout probability in the blocks and the embeddings
     context: int = 20  # K: timesteps of trajectory per sequence
     prompt_len: int = 5  # timesteps of each task's prompt (0: no prompt)
+    prompt_source: str = "train"  # train: prompts from the best training episodes (published); held-out: kept out
     max_ep_len: int = 1000  # rows of the timestep embedding (later timesteps share the last row)
     # method and masks
-    method: str = "harmodt"  # harmodt, prompt-dt (no masks) or mtdt (no masks, no prompt)
+    method: str = "harmodt"  # harmodt, random-masks (ERK masks never updated), prompt-dt (no masks), mtdt (no prompt)
     score: str = DEFAULT_SCORE  # prune score of the mask update (ops/harmony.py SCORE_TABLE: fisher, magnitude, ...)
     density: float = 0.8  # share of the masked weights each task keeps (ERK init; kept by every update)
     gamma: float = DEFAULT_GAMMA  # weight of the agreement with the mean gradient in the prune score
@@ -82,7 +85,8 @@ class HarmoDTConfig:
     tensorboard: bool = False  # older spelling of logger="tensorboard", still accepted
     # returns-to-go and evaluation
     rtg_scale: float = 1000.0  # returns-to-go are divided by this
-    target_return: float = 4500.0  # return-to-go an evaluation episode starts from
+    target_return: float = 4500.0  # return-to-go an evaluation episode starts from (target_mode fixed)
+    target_mode: str = "fixed"  # fixed: target_return for every task (published); data-max: each task's best return
     seed: int = 0  # seeds the weights, masks, batches and evaluations
     extra: dict = field(default_factory=dict, repr=False)  # free-form notes carried into checkpoints
 
@@ -107,6 +111,10 @@ class HarmoDTConfig:
             (self.context >= 1 and self.prompt_len >= 0, "context must be >= 1 and prompt_len >= 0"),
             (self.max_ep_len >= 1, f"max_ep_len must be >= 1, got {self.max_ep_len}"),
             (self.method in METHODS, f"unknown method {self.method!r}; expected one of {METHODS}"),
+            (self.prompt_source in PROMPT_SOURCES,
+             f"unknown prompt_source {self.prompt_source!r}; expected one of {PROMPT_SOURCES}"),
+            (self.target_mode in TARGET_RETURNS,
+             f"unknown target_mode {self.target_mode!r}; expected one of {TARGET_RETURNS}"),
             (self.score in SCORE_TABLE, f"unknown score {self.score!r}; expected one of {tuple(SCORE_TABLE)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}"),
             (0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density}"),
@@ -190,6 +198,11 @@ class HarmoDTConfig:
 
     @property
     def use_masks(self) -> bool:
+        return self.method in ("harmodt", "random-masks")
+
+    @property
+    def updates_masks(self) -> bool:
+        """The harmony mask update runs (random-masks keeps its initial ERK masks: the mechanism ablation)."""
         return self.method == "harmodt"
 
     @property

@@ -69,7 +69,7 @@ def evaluate(checkpoint_or_result, tasks=None, episodes: int = 10, seed: int = 0
         tasks).
     episodes: rollouts per task, on goal variants 0..episodes-1; seed: the Meta-World MT1 seed that draws the
         goal-variant list (0: Meta-World's default list, the one hf.collect uses).
-    target_return: the return-to-go the model is conditioned on (default: config.target_return, published 4500).
+    target_return: the return-to-go the model is conditioned on (default: by config.target_mode, published 4500).
     max_episode_steps: at most 500 (Meta-World truncates there); smaller only for quick checks.
     device: "auto" | "cpu" | "cuda"...; precision: None (the checkpoint config's), "auto", "fp32" or "bf16";
     backend: the backend of every masked op (linear, fused MLP, fused attention): "auto", "triton", "cpp" or

@@ -84,7 +84,8 @@ def export(run, out, format: str = "safetensors", tasks=None) -> str:
             with open(path, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
             entries[task] = {"file": files[task], "sha256": digest, "model_task_id": int(policy.task_ids[i]),
-                             "state_mean": policy.mean[i].tolist(), "state_std": policy.std[i].tolist()}
+                             "state_mean": policy.mean[i].tolist(), "state_std": policy.std[i].tolist(),
+                             "target_return": float(policy.target_returns[i])}
         manifest = _manifest(state, name, config, format, policy.target_return, entries)
         with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
             json.dump(manifest, f, indent=1)

@@ -269,7 +269,7 @@ def plan_config(config: HarmoDTConfig, device="auto", device_memory=None, transi
         optimizer_step["frozen_weight_copies"] = 4 * frozen
 
     update, group = {}, None
-    if c.use_masks:
+    if c.updates_masks:
         # "auto" (mask_update_memory_mb None) on CUDA: what is free at an update, the persistent part aside
         free = memory - sum(persistent.values()) if dev.type == "cuda" and memory is not None else None
         group = update_group_size(c, Pm, free)
@@ -298,7 +298,7 @@ def plan_config(config: HarmoDTConfig, device="auto", device_memory=None, transi
                      "measured 1.3-1.5x this plan (docs/plan.md)")
     if not transitions:
         notes.append("the dataset's copy is not counted (pass transitions= to count it)")
-    if c.use_masks and c.mask_update_memory_mb is None and dev.type == "cuda" and memory is None:
+    if c.updates_masks and c.mask_update_memory_mb is None and dev.type == "cuda" and memory is None:
         notes.append("mask_update_memory_mb is auto but the device's memory is unknown: G assumes 256 MB of rows")
 
     result = MemoryPlan(

@@ -2,7 +2,9 @@
 facts and their sources). The trainer owns the loop, checkpoints, logging and processes, and calls these.
 
 The three methods share everything here and differ in two switches of HarmoDTConfig:
-    harmodt    per-task masks (config.use_masks) and trajectory prompts (config.use_prompt)
+    harmodt       per-task masks (config.use_masks), updated by the harmony rule (config.updates_masks), and
+                  trajectory prompts (config.use_prompt)
+    random-masks  the same initial per-task masks, never updated (the mechanism ablation), prompts
     prompt-dt  no masks, prompts
     mtdt       no masks, no prompts
 Each task's loss is HarmoDT.task_losses: the action MSE of its rows, through its own mask.
@@ -184,7 +186,7 @@ def flips_per_task(config: HarmoDTConfig, step: int, masks: TaskMasks) -> int | 
 def mask_update_due(config: HarmoDTConfig, step: int) -> bool:
     """Whether the masks are updated after optimiser step `step` (1-based): every mask_interval steps, not after
     the last one."""
-    return config.use_masks and step % config.mask_interval == 0 and step < config.steps
+    return config.updates_masks and step % config.mask_interval == 0 and step < config.steps
 
 
 def mask_update(model, batch, config: HarmoDTConfig, step: int, *, losses_fn: Callable,

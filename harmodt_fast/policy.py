@@ -44,7 +44,7 @@ def load_policy(source, device: str = "auto", *, tasks=None, unseen: bool = Fals
 
     tasks: the tasks it may act on (None: the trained ones); a task it was not trained on needs unseen=True (the
     consensus mask of `merge_threshold` trained tasks, default the config's). target_return: the return-to-go it is
-    conditioned on (default config.target_return); precision: None (the config's), "auto", "fp32" or "bf16";
+    conditioned on (default: by config.target_mode); precision: None (the config's), "auto", "fp32" or "bf16";
     backend: the masked_linear backend of every masked layer (None: the model's); seed: the Meta-World seed of
     the scripted episode that gives an unseen task its prompt.
     """
@@ -115,9 +115,12 @@ def policy_from_checkpoint(state: RunState, order, device: torch.device, *, new=
     mean, std = _state_stats(state, order, trained)
     prompt = _prompts(state, config, order, trained, mean, std, seed) if config.use_prompt else None
     task_ids = [trained.index(t) if t in trained else len(trained) for t in order]
-    return Policy(model, config, order, task_ids, mean, std, prompt,
-                  config.target_return if target_return is None else float(target_return),
-                  autocast_dtype(config, device))
+    if target_return is not None or config.target_mode == "fixed":
+        targets = config.target_return if target_return is None else float(target_return)
+    else:  # data-max: each trained task's best return in its data; an unseen task has none, so the fixed one
+        targets = [float(state.best_return[trained.index(t)]) if t in trained else config.target_return
+                   for t in order]
+    return Policy(model, config, order, task_ids, mean, std, prompt, targets, autocast_dtype(config, device))
 
 
 # ---- masks, normalisation and prompts -----------------------------------------------------------------------------
@@ -211,9 +214,13 @@ class Policy:
         self.num_segments = int(self.task_ids.max()) + 1
         self.mean, self.std = state_mean.to(self.device), state_std.to(self.device)
         self.prompt = prompt.to(self.device) if prompt is not None else None
-        self.target_return = float(target_return)
-        if not math.isfinite(self.target_return):
-            raise ValueError(f"target_return must be finite, got {target_return}")
+        # one return-to-go for every task (a float) or one per task position
+        targets = [float(target_return)] * len(self.tasks) if np.ndim(target_return) == 0 else list(target_return)
+        if len(targets) != len(self.tasks) or not all(math.isfinite(v) for v in targets):
+            raise ValueError(f"target_return must be finite, one number or one per task, got {target_return}")
+        self.target_returns = torch.tensor(targets, dtype=torch.float32)
+        # what reports show: the number when all tasks share it, else {task: number}
+        self.target_return = targets[0] if len(set(targets)) == 1 else dict(zip(self.tasks, targets))
         self.amp_dtype = amp_dtype
         self._rows, self._single = 0, False
 
@@ -292,7 +299,7 @@ class Policy:
         self.rtg = torch.zeros(R, 2 * K, 1, device=dev)
         self.timesteps = torch.zeros(R, 2 * K, dtype=torch.int64, device=dev)
         self.mask = torch.zeros(R, 2 * K, dtype=torch.bool, device=dev)
-        self.current_rtg = torch.full((R,), self.target_return / self.config.rtg_scale, device=dev)
+        self.current_rtg = (self.target_returns[rows] / self.config.rtg_scale).to(dev)
         self.pos, self.t = K - 1, 0
 
     @torch.inference_mode()

@@ -23,7 +23,7 @@ def check_consistent(state, name: str) -> None:
     check_field_types(state, name)
     tensors = {f"model[{k!r}]": v for k, v in state.model.items()}
     tensors.update({f"eval_prompts[{k!r}]": v for k, v in (state.eval_prompts or {}).items()})
-    tensors.update({k: getattr(state, k) for k in ("state_mean", "state_std", "task_agreement")
+    tensors.update({k: getattr(state, k) for k in ("state_mean", "state_std", "best_return", "task_agreement")
                     if getattr(state, k) is not None})
     for what, t in tensors.items():  # before anything reads the values
         _check_storage(t, f"{name}: {what}")
@@ -42,6 +42,11 @@ def check_consistent(state, name: str) -> None:
         if tuple(getattr(state, key).shape) != (T, S) or getattr(state, key).dtype not in floats:
             problems.append(f"{key} has shape {tuple(getattr(state, key).shape)} ({getattr(state, key).dtype}), "
                             f"expected ({T}, {S}) of floats")
+    if state.best_return is not None and (tuple(state.best_return.shape) != (T,) or state.best_return.dtype not in floats):
+        problems.append(f"best_return has shape {tuple(state.best_return.shape)} ({state.best_return.dtype}), "
+                        f"expected ({T},) of floats")
+    if config.target_mode == "data-max" and state.best_return is None:
+        problems.append("config.target_mode is data-max but the checkpoint has no best_return")
     prompts, Kp = state.eval_prompts, config.prompt_len  # None: acts on unseen tasks only (policy.py says so)
     want = {"states": ((T, Kp, S), floats), "actions": ((T, Kp, config.act_dim), floats),
             "returns_to_go": ((T, Kp, 1), floats), "timesteps": ((T, Kp), ints), "attention_mask": ((T, Kp), (
@@ -68,7 +73,7 @@ def check_consistent(state, name: str) -> None:
 _FIELD_TYPES = {"config": dict, "model": dict, "tasks": (list, tuple), "state_mean": torch.Tensor, "state_std":
                 torch.Tensor, "step": int, "eval_prompts": dict, "dataset_fingerprint": str, "task_envs": dict,
                 "optimizer": dict, "sampler": dict, "rng": list, "history": list, "task_agreement": torch.Tensor,
-                "world_size": int}
+                "world_size": int, "best_return": torch.Tensor}
 
 
 def check_field_types(state, name: str) -> None:

@@ -424,7 +424,8 @@ class Trainer:
             tasks=list(self.sampler.tasks), state_mean=self.sampler.state_mean.float().cpu(),
             state_std=self.sampler.state_std.float().cpu(),
             eval_prompts=prompt_to_dict(self.sampler.eval_prompt()) if self.config.use_prompt else None,
-            dataset_fingerprint=self.fingerprint, task_envs=self.task_envs)
+            dataset_fingerprint=self.fingerprint, task_envs=self.task_envs,
+            best_return=torch.tensor([self.sampler.best_return[t] for t in self.sampler.tasks], dtype=torch.float32))
 
     def _resume(self, state: RunState) -> None:
         state.check_resumable(self.config, self.fingerprint, self.ckpt_path)

@@ -31,7 +31,8 @@ def data(tmp_path_factory):
 
 
 def config(ds, **kw):
-    kw = {"tasks": ds.tasks, "max_ep_len": 16, "batch_per_task": 6, "dropout": 0.0, **kw}
+    # most tests here check the held-out split's bookkeeping; test_train_prompt_source covers the default
+    kw = {"tasks": ds.tasks, "max_ep_len": 16, "batch_per_task": 6, "dropout": 0.0, "prompt_source": "held-out", **kw}
     return hf.HarmoDTConfig.from_preset("tiny", **kw)
 
 
@@ -103,6 +104,20 @@ def test_held_out_prompt_episodes_are_the_best(data):
                                                                        "drawer-open-v3": 1}
     none = MultiTaskSampler(data, config(data, prompt_len=0))
     assert all(len(v) == 0 for v in none.prompt_episodes.values()) and none.eval_prompt() is None
+
+
+def test_train_prompt_source(data):
+    """The default (as published): prompts come from the best episodes, and every episode trains, those too."""
+    s = MultiTaskSampler(data, config(data, prompt_source="train"), prompt_episodes=3)
+    held = MultiTaskSampler(data, config(data), prompt_episodes=2)
+    for task in data.tasks:
+        returns = [sum(float(r) for r in e["rewards"]) for e in data.episodes(task)]
+        assert s.train_episodes[task].tolist() == list(range(len(returns)))  # push-v3: 3 prompts of 3 episodes
+        assert s.prompt_episodes[task].tolist() == sorted(range(len(returns)), key=lambda i: (-returns[i], i))[:3]
+        assert s.best_return[task] == pytest.approx(max(returns)) == held.best_return[task]
+    assert s.num_transitions == held.num_transitions
+    torch.testing.assert_close(s.eval_prompt().states, held.eval_prompt().states)  # the best episode's tail
+    assert s.sample().prompt is not None
 
 
 def test_rows_match_the_slow_reference_at_every_position(data):

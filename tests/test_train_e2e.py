@@ -122,3 +122,32 @@ def test_bench_command_runs_every_row(tmp_path, capsys):
     masked = [r for r in result["rows"] if r["path"] == "masked (auto)"]
     assert all(r["backend"] == "cpp" for r in masked)  # the CPU fast path, not a silent fallback
     assert all(r["ms"] > 0 for r in result["rows"])
+
+
+def test_random_masks_keep_their_masks_and_data_max_targets_each_tasks_best(dataset, tmp_path):
+    """The mechanism ablation: random-masks trains through the same per-task masks as harmodt from the same seed,
+    but never updates them. target_mode data-max conditions each task on its best return in the data."""
+    kw = dict(preset="tiny", steps=6, mask_interval=2, log_every=2, progress=False, precision="fp32")
+    fixed = hf.train(dataset, tmp_path / "harmodt", **kw)
+    frozen = hf.train(dataset, tmp_path / "random", method="random-masks", target_mode="data-max", **kw)
+    initial = hf.train(dataset, tmp_path / "initial", **{**kw, "steps": 1}).masks  # before any update
+    assert frozen.masks == initial and fixed.masks != initial
+    lines = [json.loads(l) for l in open(os.path.join(tmp_path / "random", "metrics.jsonl"))]
+    assert lines and not any("mask_update" in l for l in lines)
+
+    data = hf.load_dataset(dataset)
+    best = {t: max(sum(float(r) for r in e["rewards"]) for e in data.episodes(t)) for t in TASKS}
+    policy = hf.load_policy(frozen.checkpoint, device="cpu")
+    assert policy.target_return == pytest.approx(best)
+    policy.reset(TASKS)
+    assert policy.current_rtg.tolist() == pytest.approx([best[t] / 1000.0 for t in TASKS], rel=1e-6)
+    assert hf.load_policy(frozen.checkpoint, device="cpu", target_return=4500).target_return == 4500
+    assert hf.load_policy(fixed.checkpoint, device="cpu").target_return == 4500
+
+
+def test_a_checkpoint_without_prompt_source_resumes_as_held_out(dataset, tmp_path):
+    """Runs from before prompt_source held their prompt episodes out: so does the config read from their files."""
+    res = hf.train(dataset, tmp_path, preset="tiny", steps=2, progress=False, prompt_source="held-out")
+    state = hf.checkpoint.RunState.load(res.checkpoint).to_dict()
+    del state["config"]["prompt_source"]
+    assert hf.checkpoint.RunState.from_dict(state).harmodt_config().prompt_source == "held-out"

@@ -9,12 +9,13 @@ waits on the host; device="cpu" runs the same code.
 Sampling (as in Decision Transformer / Prompt-DT): a training row is the K steps starting at a transition drawn
 uniformly from the task's training transitions (so an episode is drawn with probability proportional to its
 length and a start uniformly inside it), cut at the episode's end and padded on the LEFT with zeros. Its prompt
-is the last prompt_len steps of one of the task's best held-out episodes, drawn uniformly.
+is the last prompt_len steps of one of the task's best episodes (its prompt episodes), drawn uniformly.
 
-Held-out prompt episodes: when prompt_len > 0, each task's `prompt_episodes` episodes with the highest return
-(ties: the lower index) are kept out of the training segments (default min(5, max(1, E // 10)) of E episodes);
-they are held out for every method, so MTDT and Prompt-DT/HarmoDT train on the same transitions. The evaluation
-prompt of a task is the last prompt_len steps of its best episode.
+Prompt episodes: when prompt_len > 0, each task's `prompt_episodes` episodes with the highest return (ties: the
+lower index; default min(5, max(1, E // 10)) of E episodes). With config.prompt_source "train" (the default, as
+the published code does) they are also trained on; with "held-out" they are kept out of the training segments,
+for every method, so MTDT and Prompt-DT/HarmoDT train on the same transitions. The evaluation prompt of a task is
+the last prompt_len steps of its best episode.
 
 Data parallel (rank, world): every process's sampler has the same seed and draws the same GLOBAL batch
 (batch_per_task rows per task), then gathers only its slice: rows [rank*b, (rank+1)*b) of each task's segment,
@@ -96,7 +97,7 @@ class MultiTaskSampler:
         self.tasks = tasks
         self.seed = int(seed)
         T, K, Kp = len(tasks), config.context, config.prompt_len
-        hold_out = Kp > 0
+        hold_out = Kp > 0 and config.prompt_source == "held-out"
 
         datas = [_task_data(dataset, t) for t in tasks]
         where = getattr(dataset, "path", "the dataset")
@@ -116,20 +117,19 @@ class MultiTaskSampler:
         p_rows = []
         self.train_episodes: dict[str, np.ndarray] = {}
         self.prompt_episodes: dict[str, np.ndarray] = {}
+        self.best_return: dict[str, float] = {}  # each task's highest episode return (target_mode data-max)
         base = 0
         for t, (task, d) in enumerate(zip(tasks, datas)):
             E = d.num_episodes
-            if hold_out:
-                P = prompt_episodes if prompt_episodes is not None else min(5, max(1, E // 10))
-                if E < P + 1:
-                    raise DatasetError(f"task {task}: {E} episode(s); the sampler holds {P} out for prompts and "
-                                       f"needs at least one more for training")
-            else:
-                P = 0
+            P = min(E, prompt_episodes if prompt_episodes is not None else min(5, max(1, E // 10))) if Kp else 0
+            if hold_out and E < P + 1:
+                raise DatasetError(f"task {task}: {E} episode(s); the sampler holds {P} out for prompts "
+                                   f"(prompt_source held-out) and needs at least one more for training")
             returns = d.episode_returns()
             order = np.lexsort((np.arange(E), -returns))  # best return first, ties to the lower index
-            held = order[:P]
-            train = np.setdiff1d(np.arange(E), held)
+            held = order[:P]  # the prompt episodes
+            train = np.setdiff1d(np.arange(E), held) if hold_out else np.arange(E)
+            self.best_return[task] = float(returns[order[0]])
             self.prompt_episodes[task] = held
             self.train_episodes[task] = train
 
@@ -177,7 +177,7 @@ class MultiTaskSampler:
         self._prompt_start = as_dev(prompt_start)
         self._prompt_end = as_dev(prompt_end)
         self._prompt_count = as_dev(np.maximum(prompt_count, 1))
-        self._has_prompts = hold_out
+        self._has_prompts = Kp > 0
         self.state_mean = torch.as_tensor(np.stack(means), dtype=torch.float32)
         self.state_std = torch.as_tensor(np.stack(stds), dtype=torch.float32)
         self.num_transitions = N
