@@ -16,11 +16,12 @@ from harmodt_fast.suite_markdown import render_markdown
 from harmodt_fast.suite_report import read_evaluations
 
 TASKS = ["reach-v3", "button-press-v3"]
-KW = dict(qualities=("near-optimal", "sub-optimal"), arms=("harmodt", "mtdt", "harmodt-flip"), seeds=(0, 1),
+KW = dict(qualities=("near-optimal", "sub-optimal"), arms=("harmodt", "random-masks", "mtdt", "harmodt-flip"),
+          seeds=(0, 1),
           steps=4, preset="tiny", episodes_per_task=4, eval_episodes=1, eval_every=2, eval_max_steps=15,
           episode_steps=30, flip_fraction=0.1, expert_episodes=2, bootstrap_reps=200, workers=0, progress=False,
           mask_interval=2, precision="fp32")
-ARMS = ("harmodt", "mtdt", "harmodt-flip0.1")
+ARMS = ("harmodt", "random-masks", "mtdt", "harmodt-flip0.1")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def suite(tmp_path_factory):
 def test_report_holds_every_run_and_matches_the_evaluation_files(suite):
     out, report = suite
     assert report == json.load(open(out / "report.json"))
-    assert len(report["runs"]) == 2 * 3 * 2
+    assert len(report["runs"]) == 2 * 4 * 2
     assert {(r["quality"], r["arm"], r["seed"]) for r in report["runs"]} == {
         (q, a, s) for q in KW["qualities"] for a in ARMS for s in KW["seeds"]}
     for run in report["runs"]:
@@ -58,7 +59,8 @@ def test_report_holds_every_run_and_matches_the_evaluation_files(suite):
                                      "episodes_per_task": 2, "seed": 1}
     md = open(out / "report.md").read()
     assert "| near-optimal | harmodt | 2 |" in md and "| sub-optimal | harmodt-flip0.1 | 2 |" in md
-    assert "What this shows" in md and "What this does not show" in md and "0.0004% of the paper's steps" in md
+    assert "What this shows" in md and "What this does not show" in md
+    assert "sub-optimal: that the harmony mask update itself (harmodt against the same per-task masks never updated)" in md and "0.0004% of the paper's steps" in md
     for name in ("success_vs_step.png", "per_task.png", "performance_profile.png", "iqm.png",
                  "mask_overlap_near-optimal.png", "task_agreement_sub-optimal.png"):
         assert os.path.getsize(out / "plots" / name) > 0
@@ -73,7 +75,7 @@ def test_the_flip_arm_is_harmodt_with_the_flip_fraction(suite):
         assert plain["flip_fraction"] == 0.0
         runs = {r["arm"]: r for r in report["runs"] if r["quality"] == quality and r["seed"] == 0}
         assert runs["harmodt-flip0.1"]["flips"] > runs["harmodt"]["flips"]  # 10% of the active weights per update
-        assert "flips" not in runs["mtdt"]
+        assert "flips" not in runs["mtdt"] and "flips" not in runs["random-masks"]  # its masks are never updated
 
 
 def test_statistics_are_those_of_the_per_task_scores(suite):
@@ -91,7 +93,7 @@ def test_statistics_are_those_of_the_per_task_scores(suite):
                 for agg in ("iqm", "mean"):
                     e = est[metric][agg]
                     assert e["low"] <= e["point"] + 1e-12 and e["point"] <= e["high"] + 1e-12
-        assert set(s["comparisons"]) == {"mtdt", "harmodt-flip0.1"}
+        assert set(s["comparisons"]) == {"random-masks", "mtdt", "harmodt-flip0.1"}
         for c in s["comparisons"].values():
             assert set(c) == {"success", "action_mse"}
             assert 0.0 <= c["success"]["probability_of_improvement"]["point"] <= 1.0
@@ -117,7 +119,7 @@ def test_the_report_rebuilds_from_the_files(suite, tmp_path):
     json.dump(old, open(copy / "report.json", "w"))
     first = rebuild_report(str(copy), bootstrap_reps=200)
     assert list(first["summary"]["near-optimal"]) == ["harmodt", "mtdt"] and "action_mse" not in first["runs"][0]
-    assert first["summary"] == {q: {a: s for a, s in per.items() if a != "harmodt-flip0.1"}
+    assert first["summary"] == {q: {a: s for a, s in per.items() if a in ("harmodt", "mtdt")}
                                 for q, per in report["summary"].items()}
 
 
@@ -183,3 +185,19 @@ def test_cli_help_names_the_options(capsys):
     for option in ("--arms", "random-masks (the same per-task masks, never updated)", "--flip-fraction",
                    "--expert-episodes", "--bootstrap-reps"):
         assert option in text
+
+
+def test_cli_continues_the_suite_and_prints_every_arm(suite, capsys):
+    out, report = suite
+    args = ["reproduce", "--suite", ",".join(TASKS), "--out", str(out), "--arms", ",".join(KW["arms"]),
+            "--seeds", "0,1", "--steps", "4", "--preset", "tiny", "--episodes", "4", "--eval-episodes", "1",
+            "--eval-every", "2", "--eval-max-steps", "15", "--episode-steps", "30", "--flip-fraction", "0.1",
+            "--expert-episodes", "2", "--bootstrap-reps", "200", "--workers", "0", "--no-progress",
+            "--set", "mask_interval=2", "--set", "precision=fp32"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for quality in KW["qualities"]:
+        for arm in ARMS:
+            iqm_ = report["statistics"][quality]["arms"][arm]["success"]["iqm"]
+            assert f"{quality:13s} {arm:18s} final IQM {100 * iqm_['point']:5.1f}" in printed
+    assert printed.count(": done, kept") == len(report["runs"]) and ": training" not in printed
