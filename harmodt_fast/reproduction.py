@@ -88,7 +88,8 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, arm
     budget = {"suite": suite_name, "tasks": tasks, "preset": preset, "steps": steps,
               "episodes_per_task": {q: _episodes(q, episodes_per_task) for q in QUALITIES},
               "episode_steps": episode_steps, "data_seed": data_seed, "eval_episodes": eval_episodes,
-              "eval_every": eval_every, "eval_max_steps": eval_max_steps, "overrides": overrides}
+              "eval_every": eval_every, "eval_max_steps": eval_max_steps, "overrides": overrides,
+              "config": _shared_config(preset, overrides)}
     os.makedirs(out, exist_ok=True)
     _check_same_budget(out, budget)
 
@@ -176,6 +177,18 @@ def _finished(run_dir: str, steps: int) -> bool:
     return os.path.isfile(os.path.join(run_dir, f"evaluation_step{steps}.json"))
 
 
+def _shared_config(preset: str, overrides: dict) -> dict:
+    """The resolved config fields every run shares: a default changed by a later version of the code changes the
+    budget, so that runs trained before and after it never share a report (not the arm's, seed's and step
+    fields, nor those that do not change the training trajectory)."""
+    from harmodt_fast.checkpoint import NON_TRAJECTORY_FIELDS
+    from harmodt_fast.config import HarmoDTConfig
+
+    resolved = HarmoDTConfig.from_preset(preset, **overrides).to_dict()
+    per_run = {"method", "flip_fraction", "seed", "steps", "tasks", "num_tasks"}
+    return {k: v for k, v in resolved.items() if k not in per_run | NON_TRAJECTORY_FIELDS}
+
+
 def _check_same_budget(out: str, budget: dict) -> None:
     """A suite folder holds one budget: continuing it with other settings would mix runs in one report. (Which
     qualities, arms and seeds run is not part of it: shards of one suite may run side by side in one folder, and
@@ -189,6 +202,11 @@ def _check_same_budget(out: str, budget: dict) -> None:
         new = json.loads(json.dumps(budget))  # as it would read back (tuples become lists)
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"{out} holds a suite with another budget (differs in {diff}); use another folder")
+            if "config" in diff and isinstance(old.get("config"), dict):  # name the fields
+                diff.remove("config")
+                diff += sorted(f"config.{k}" for k in set(old["config"]) | set(new["config"])
+                               if old["config"].get(k, "absent") != new["config"].get(k, "absent"))
+            raise ValueError(f"{out} holds a suite with another budget (differs in {', '.join(diff)}); use another "
+                             f"folder")
     else:
         write_json(path, budget)

@@ -167,6 +167,12 @@ def test_bad_arguments_are_refused_before_any_work(suite, tmp_path):
     out, _ = suite
     with pytest.raises(ValueError, match="another budget.*steps"):
         hf.reproduce(TASKS, str(out), **{**KW, "steps": 6})
+    # a changed default of the code changes the budget too (the folder's runs were trained under the old one)
+    budget = json.load(open(out / "budget.json"))
+    budget["config"]["prompt_source"] = "held-out"
+    json.dump(budget, open(tmp_path / "budget.json", "w"))
+    with pytest.raises(ValueError, match=r"differs in config.prompt_source\)"):
+        hf.reproduce(TASKS, str(tmp_path), **KW)
     with pytest.raises(ValueError, match="unknown arm 'dt'"):
         hf.reproduce(TASKS, str(tmp_path / "a"), **{**KW, "arms": ("dt",)})
     with pytest.raises(ValueError, match=r"\['method'\] are set by the arms"):
