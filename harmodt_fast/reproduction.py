@@ -56,6 +56,8 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, arm
     from harmodt_fast.tasks import resolve_tasks
     from harmodt_fast.trainer import train
 
+    if "methods" in overrides:
+        raise ValueError("reproduce: methods= is now arms= (a method plus settings; the methods are arms too)")
     tasks = resolve_tasks(suite)
     suite_name = suite if isinstance(suite, str) and "," not in suite else f"{len(tasks)} tasks"
     bad = [q for q in qualities if q not in QUALITIES]
@@ -66,7 +68,7 @@ def reproduce(suite="MT5", out: str = "reports/mt5", *, qualities=QUALITIES, arm
     named = [arm_settings(a, flip_fraction) for a in arms]
     if not named or len({n for n, _ in named}) != len(named):
         raise ValueError(f"reproduce: needs at least one arm and no arm twice, got {list(arms)}")
-    taken = sorted({k for _, settings in named for k in settings} & set(overrides))
+    taken = sorted({"method", "flip_fraction"} & set(overrides))
     if taken:
         raise ValueError(f"reproduce: {taken} are set by the arms; pass arms (and flip_fraction), not overrides")
     if not seeds or steps <= 0 or episodes_per_task < 4 or eval_every <= 0:

@@ -177,6 +177,8 @@ def test_bad_arguments_are_refused_before_any_work(suite, tmp_path):
         hf.reproduce(TASKS, str(tmp_path / "a"), **{**KW, "arms": ("dt",)})
     with pytest.raises(ValueError, match=r"\['method'\] are set by the arms"):
         hf.reproduce(TASKS, str(tmp_path / "b"), **{**KW, "method": "mtdt"})
+    with pytest.raises(ValueError, match="methods= is now arms="):
+        hf.reproduce(TASKS, str(tmp_path / "a"), **KW, methods=("harmodt",))
     with pytest.raises(ValueError, match="flip_fraction must be in"):
         hf.reproduce(TASKS, str(tmp_path / "c"), **{**KW, "flip_fraction": 0.0})
     with pytest.raises(ValueError, match="arm harmodt: unknown config field"):
