@@ -177,16 +177,19 @@ def _cmd_demo(args) -> int:
 def _cmd_reproduce(args) -> int:
     from harmodt_fast.reproduction import reproduce
 
-    report = reproduce(args.suite, args.out, qualities=args.qualities.split(","), methods=args.methods.split(","),
+    report = reproduce(args.suite, args.out, qualities=args.qualities.split(","), arms=args.arms.split(","),
                        seeds=[int(s) for s in args.seeds.split(",")], steps=args.steps, preset=args.preset,
                        episodes_per_task=args.episodes, eval_episodes=args.eval_episodes, eval_every=args.eval_every,
                        eval_max_steps=args.eval_max_steps, episode_steps=args.episode_steps,
+                       flip_fraction=args.flip_fraction, expert_episodes=args.expert_episodes,
                        data_root=args.data_root, data_seed=args.data_seed, device=args.device, workers=args.workers,
-                       progress=not args.no_progress, **_parse_overrides(args.set))
-    for quality, per_method in report["summary"].items():
-        for method, s in per_method.items():
-            print(f"{quality:13s} {method:10s} final {100 * s['final_mean']:5.1f} ± {100 * s['final_std']:4.1f}   "
-                  f"best {100 * s['best_mean']:5.1f} ± {100 * s['best_std']:4.1f}   ({len(s['seeds'])} seeds)")
+                       progress=not args.no_progress, bootstrap_reps=args.bootstrap_reps, **_parse_overrides(args.set))
+    for quality, per_arm in report["summary"].items():
+        for arm, s in per_arm.items():
+            iqm = report["statistics"][quality]["arms"][arm]["success"]["iqm"]
+            print(f"{quality:13s} {arm:18s} final IQM {100 * iqm['point']:5.1f} [{100 * iqm['low']:5.1f}, "
+                  f"{100 * iqm['high']:5.1f}]   mean {100 * s['final_mean']:5.1f} ± {100 * s['final_std']:4.1f}   "
+                  f"({len(s['seeds'])} seeds)")
     print(f"report: {args.out}/report.md")
     return 0
 
@@ -300,11 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("reproduce", help="HarmoDT vs Prompt-DT vs MTDT: data, every (quality, method, seed), report")
+    p = sub.add_parser("reproduce", help="the mechanism-ablation suite: data, every (quality, arm, seed), report "
+                       "with intervals")
     p.add_argument("--suite", default="MT5", help="task set (MT5, MT10, MT30, MT50) or comma-separated v3 names")
     p.add_argument("--out", default="reports/mt5", help="suite folder (runs, report.md, report.json, plots); resumed")
     p.add_argument("--qualities", default="near-optimal,sub-optimal")
-    p.add_argument("--methods", default="harmodt,prompt-dt,mtdt")
+    p.add_argument("--arms", default="harmodt,random-masks,prompt-dt,mtdt,harmodt-flip",
+                   help="comma-separated arms: harmodt (harmony mask updates), random-masks (the same per-task "
+                   "masks, never updated), prompt-dt, mtdt, harmodt-flip (harmodt flipping --flip-fraction per update)")
+    p.add_argument("--flip-fraction", type=float, default=0.05,
+                   help="harmodt-flip's flips per mask update, a share of each task's active weights; the arm is "
+                   "named after it (harmodt-flip0.05)")
+    p.add_argument("--expert-episodes", type=int, default=5,
+                   help="held-out expert episodes per task (data seed + 1) for every run's action MSE; 0: none")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=1000, help="training steps per run")
     p.add_argument("--preset", default="demo")
@@ -314,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (and the last step)")
     p.add_argument("--eval-max-steps", type=int, default=500, help="steps per evaluation episode (at most 500)")
     p.add_argument("--episode-steps", type=int, default=500, help="steps per collected episode (at most 500)")
+    p.add_argument("--bootstrap-reps", type=int, default=10000, help="bootstrap samples per confidence interval")
     p.add_argument("--data-root", default=None, help="dataset folders (default: OUT/data)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--device", default="auto")

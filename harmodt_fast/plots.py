@@ -7,6 +7,11 @@
 - agreement_heatmap: the T x T task gradient agreement (cosine) the trainer stores in the checkpoint as
   "task_agreement" at its last mask update.
 plot_all() draws every figure the inputs allow and says which it skipped and why.
+For a suite report (hf.reproduce):
+- suite_success_curves: mean success against step per arm, band min-max over seeds;
+- suite_per_task: per-task final success per arm, mean over seeds;
+- performance_profile: share of task x seed runs with success >= tau per arm, band: the 95% bootstrap interval;
+- iqm_bars: each arm's IQM with its 95% interval, success and held-out action MSE.
 """
 from __future__ import annotations
 
@@ -170,6 +175,97 @@ def plot_all(report: dict, checkpoint, out_dir: str, metrics_path: str | None = 
                              if agreement is not None else "skipped: the checkpoint has no task_agreement "
                              "(written by the trainer at a mask update)")
     return out
+
+
+# ---- suite reports (report.json of hf.reproduce) ----------------------------------------------------------------
+def _runs(report: dict, quality: str, arm: str) -> list[dict]:
+    return [r for r in report["runs"] if r["quality"] == quality and r["arm"] == arm]
+
+
+def suite_success_curves(report: dict, path: str) -> str:
+    plt = _pyplot()
+    import numpy as np
+
+    qualities = list(report["summary"])
+    fig, axes = plt.subplots(1, len(qualities), figsize=(5.5 * len(qualities), 4.0), squeeze=False)
+    for ax, quality in zip(axes[0], qualities):
+        for arm in report["summary"][quality]:
+            curves = [dict(map(tuple, r["curve"])) for r in _runs(report, quality, arm)]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            vals = np.array([[c[s] for s in steps] for c in curves])
+            ax.plot(steps, vals.mean(0), marker="o", label=arm)
+            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2)
+        ax.set_title(f"{report['suite']} {quality}", fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean success (band: min-max over seeds)")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def suite_per_task(report: dict, path: str) -> str:
+    plt = _pyplot()
+    import numpy as np
+
+    qualities, tasks = list(report["summary"]), report["budget"]["tasks"]
+    arms = list(report["summary"][qualities[0]])
+    fig, axes = plt.subplots(len(qualities), 1, figsize=(max(6.0, 0.25 * len(tasks) * len(arms) + 3),
+                                                         3.5 * len(qualities)), squeeze=False)
+    width = 0.8 / len(arms)
+    for ax, quality in zip(axes[:, 0], qualities):
+        for j, arm in enumerate(arms):
+            vals = [np.mean([r["per_task"][t]["final"] for r in _runs(report, quality, arm)]) for t in tasks]
+            ax.bar(np.arange(len(tasks)) + (j - (len(arms) - 1) / 2) * width, vals, width, label=arm)
+        ax.set_xticks(range(len(tasks)))
+        ax.set_xticklabels([_short(t) for t in tasks], rotation=90 if len(tasks) > 10 else 0, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("final success")
+        ax.set_title(f"{quality}: per task, mean over seeds", fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def performance_profile(report: dict, path: str) -> str:
+    """From report["statistics"][quality]["profile"][arm] ({"taus", "fraction", "low", "high"})."""
+    plt = _pyplot()
+    stats = report["statistics"]
+    fig, axes = plt.subplots(1, len(stats), figsize=(5.5 * len(stats), 4.0), squeeze=False)
+    for ax, (quality, s) in zip(axes[0], stats.items()):
+        for arm, prof in s["profile"].items():
+            ax.step(prof["taus"], prof["fraction"], where="post", label=arm)
+            ax.fill_between(prof["taus"], prof["low"], prof["high"], step="post", alpha=0.2)
+        ax.set_xlabel("success threshold tau")
+        ax.set_ylabel("share of task x seed runs with success >= tau")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{report['suite']} {quality} (band: 95% stratified bootstrap)", fontsize=9)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def iqm_bars(report: dict, path: str) -> str:
+    """Each arm's IQM with its 95% interval: final success per quality and, where computed, held-out action MSE."""
+    plt = _pyplot()
+    stats = report["statistics"]
+    metrics = [m for m in ("success", "action_mse") if any(m in a for s in stats.values() for a in s["arms"].values())]
+    fig, axes = plt.subplots(len(metrics), len(stats), figsize=(5.0 * len(stats), 3.5 * len(metrics)), squeeze=False)
+    for col, (quality, s) in enumerate(stats.items()):
+        for row, metric in enumerate(metrics):
+            ax, arms = axes[row, col], [a for a in s["arms"] if metric in s["arms"][a]]
+            est = [s["arms"][a][metric]["iqm"] for a in arms]
+            err = [[e["point"] - e["low"] for e in est], [e["high"] - e["point"] for e in est]]
+            ax.barh(range(len(arms)), [e["point"] for e in est], xerr=err, capsize=4, color="tab:blue", alpha=0.7)
+            ax.set_yticks(range(len(arms)))
+            ax.set_yticklabels(arms, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel("IQM of final success" if metric == "success" else "IQM of held-out action MSE (lower is "
+                          "better)")
+            if metric == "success":
+                ax.set_xlim(0, 1.05)
+            ax.grid(alpha=0.3, axis="x")
+            ax.set_title(f"{quality} (bars: 95% stratified bootstrap)", fontsize=9)
+    return _save(fig, path)
 
 
 def _save(fig, path: str) -> str:
