@@ -52,7 +52,8 @@ _EXPORTS = {
 
 _SUBMODULES = {"ops", "demo", "bench", "batch", "data", "envs", "checkpoint", "plots", "evaluation", "trainer", "masks",
                "policy", "loggers", "model", "config", "tasks", "reproduction", "activation_memory",
-               "memory_plan", "method", "task_gradients", "run_checks", "run_folder", "callbacks", "export_policy"}
+               "memory_plan", "method", "task_gradients", "run_checks", "run_folder", "callbacks", "export_policy",
+               "report_stats", "action_mse", "suite_report"}
 
 __all__ = sorted(_EXPORTS) + ["ops"]
 
