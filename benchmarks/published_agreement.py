@@ -460,9 +460,9 @@ def markdown(record: dict) -> str:
                      f"{f'{ratio:.4f}' if ratio else '-'} |")
     mu = record.get("mask_update")
     if mu:
-        def fmt(v):  # lists per task: Jaccards to 2 places, {parameter: picks} as their total
+        def fmt(v):  # lists per task; {parameter: picks} as their total
             items = [sum(x.values()) if isinstance(x, dict) else x for x in (v if isinstance(v, list) else [v])]
-            return ", ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in items)
+            return ", ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in items)
         lines += ["", f"Mask update at step {mu['step']} from the same state (per task, Jaccard of the chosen entries "
                   f"or counts; k = {mu['k_ours']} each way, the published schedule gives "
                   f"{mu['k_published_schedule']} there; docs/agreement.md explains each line):\n"]
