@@ -26,6 +26,7 @@ TOOLS = {
     "gpu_summary": "folds the GPU run's stage outputs into summary.json and summary.md",
     "kernel_variants": "counts the Triton kernel variants a command compiles",
     "precompile": "compiles the GPU run's Triton kernels for sm_90 without a GPU",
+    "published_agreement": "trains the published HarmoDT code and ours in lockstep and compares losses, weights, masks",
     "render_benchmarks": "renders a pytest-benchmark JSON into markdown tables and a plot",
     "scaling_table": "rewrites the memory and communication table of docs/scaling.md",
 }
