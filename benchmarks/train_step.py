@@ -2,6 +2,7 @@
 
     ours (eager)             the trainer's step, masked ops on backend "auto" (triton on CUDA, cpp on CPU)
     ours (compiled)          the same with compile=True (torch.compile of the forward and loss)
+    ours (compiled step)     the same with compile="step" (also the clip, AdamW and restore; CUDA graphs on CUDA)
     plain PyTorch (eager)    the trainer's step with backend="torch" (W ⊙ M_t built per task segment)
     plain PyTorch (compiled) the same with compile=True
     unmasked prompt-dt       method="prompt-dt" at the same batch: the dense ceiling
@@ -41,7 +42,7 @@ from harmodt_fast.benchmarks import device_ceilings
 from harmodt_fast.benchmarks.published_baseline import PublishedProcedure
 from harmodt_fast.trainer import Trainer
 
-ROWS = ("ours", "ours-compiled", "torch", "torch-compiled", "prompt-dt", "published", "mask-update", "gemm-floor")
+ROWS = ("ours", "ours-compiled", "ours-step", "torch", "torch-compiled", "prompt-dt", "published", "mask-update", "gemm-floor")
 
 
 class PrebuiltSampler(SyntheticSampler):
@@ -189,6 +190,7 @@ def _measure(args, ap) -> int:
         write(rows, args, base_cfg, device)
 
     paths = {"ours": ("ours (eager)", {}), "ours-compiled": ("ours (compiled)", dict(compile=True)),
+             "ours-step": ("ours (compiled step)", dict(compile="step")),
              "torch": ("plain PyTorch (eager)", dict(backend="torch")),
              "torch-compiled": ("plain PyTorch (compiled)", dict(backend="torch", compile=True)),
              "prompt-dt": ("unmasked prompt-dt (dense ceiling)", dict(method="prompt-dt"))}

@@ -22,6 +22,8 @@ TARGET_RETURNS = ("fixed", "data-max")
 SCHEDULES = ("mixed", "round-robin")
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("auto", "triton", "cpp", "torch")  # of the masked ops (harmodt_fast.ops); "auto": the fastest that runs
+# compile's values by name: off (false), forward (true: the forward and loss) and step (the whole training step)
+COMPILE_MODES = {"off": False, "forward": True, "step": "step"}
 DEFAULT_PRESET = "demo"  # hf.train's and harmodt-fast train's when neither they nor a config file name one
 # the largest model a config may describe: fp32 weights plus bit-packed masks (training needs about 4x more);
 # a bound on sanity, so that a crafted config (layers: 1000000) is refused before anything is built
@@ -71,7 +73,7 @@ class HarmoDTConfig:
     task_grad_clip: float = 0.25  # each task's gradient of a mask update is clipped to this norm
     precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with native bf16; "fp32"; "bf16"
     backend: str = "auto"  # of every masked op of the model (linear, MLP, attention): auto, triton, cpp or torch
-    compile: bool = False  # torch.compile the training step's forward and loss (the masked ops trace as custom ops)
+    compile: bool | str = False  # torch.compile: false; true or forward: the forward and loss; step: the whole training step
     # logging, checkpoints, periodic evaluation (0 = off)
     log_every: int = 50  # steps between log lines in metrics.jsonl
     checkpoint_every: int = 1000  # steps between checkpoints
@@ -92,6 +94,12 @@ class HarmoDTConfig:
 
     def __post_init__(self):
         self._check_types()
+        if isinstance(self.compile, str):  # a mode's name, or true / false as text (a quoted value in a file)
+            try:
+                self.compile = self.parse_value("compile", self.compile)
+            except ValueError:
+                raise ValueError(f"HarmoDTConfig: compile must be true or false, got {self.compile!r} (or one of "
+                                 f"the modes {tuple(COMPILE_MODES)})") from None
         if self.tasks is not None:
             self.tasks = tuple(self.tasks)
             self.num_tasks = len(self.tasks)
@@ -248,12 +256,16 @@ class HarmoDTConfig:
         if name == "tasks":  # a task set or comma-separated names, resolved where the data is known
             return text
         plain = [o for o in options if o is not type(None)]
-        target = str if str in plain else plain[0]  # a str | tuple field (logger) takes the text as it is
+        # a str | tuple field (logger) takes the text as it is; bool | str (compile): a bool's words or a mode's name
+        target = str if str in plain and bool not in plain else plain[0]
         try:
             if target is bool:
                 word = text.strip().lower()
+                if name == "compile" and word in COMPILE_MODES:
+                    return COMPILE_MODES[word]
                 if word not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                    raise ValueError("expected true or false")
+                    raise ValueError("expected true or false" + (
+                        f", or one of the modes {tuple(COMPILE_MODES)}" if name == "compile" else ""))
                 return word in ("true", "1", "yes", "on")
             if target is int:
                 return int(text)

@@ -34,14 +34,18 @@ def learning_rate(config: HarmoDTConfig, step: int) -> float:
 
 def make_optimizer(model, config: HarmoDTConfig) -> torch.optim.AdamW:
     """AdamW over every parameter as one fused kernel (CPU and CUDA): no per-parameter ops, and the step counters
-    stay tensors (no host reads)."""
+    stay tensors (no host reads). With compile="step" the foreach form instead, capturable (step counters and lr
+    as tensors, on the device), which torch.compile traces and fuses (it does not trace into the fused kernel)."""
+    if config.compile == "step":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True,
+                                 capturable=True)
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Loads a saved AdamW state; the implementation stays this optimiser's (a state saved by the unfused AdamW
-    of older versions would otherwise switch it back to per-parameter ops)."""
-    implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    of older versions, or by another compile mode, would otherwise switch it to that one's)."""
+    implementation = [{k: g.get(k) for k in ("fused", "foreach", "capturable")} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, flags in zip(optimizer.param_groups, implementation):
         group.update(flags)
@@ -133,14 +137,32 @@ class StepWatch:
             raise NonFiniteStep(step, torch.nonzero(self._tasks).flatten().tolist(), float(self._grad_norm), taken)
 
 
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clips the gradients' total norm to max_norm in one foreach pass; returns the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                    frozen: FrozenEntries) -> None:
+    """The optimiser step, then the frozen entries of the masked layers' `weights` (name -> weight) restored bit
+    for bit (torch.where with the precomputed masks, not weight[mask]: a nonzero, a host sync per layer)."""
+    kept = frozen.values if frozen.values is not None else {n: weights[n].detach().clone() for n in frozen.masks}
+    optimizer.step()
+    with torch.no_grad():
+        for name, f in frozen.masks.items():
+            torch.where(f, kept[name], weights[name], out=weights[name])
+
+
 def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: FrozenEntries, *,
                losses_fn: Callable, amp_dtype: torch.dtype | None, watch: StepWatch | None = None,
-               step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+               step: int = 0, clip_fn: Callable = clip_gradients,
+               apply_fn: Callable = apply_gradients) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, clip and AdamW step over one batch; returns (loss, per-task losses) as device tensors
     (no host synchronisation, but for `watch.before_step`). Data-parallel, losses_fn is the DistributedDataParallel
     module around the model's losses: its backward leaves the gradients averaged over the processes (the returned
     losses are this process's). Frozen entries are restored after the step, bit for bit. `watch` records whether
-    this step (1-based `step`) had a non-finite loss or gradient (StepWatch).
+    this step (1-based `step`) had a non-finite loss or gradient (StepWatch). clip_fn and apply_fn are
+    clip_gradients and apply_gradients or their compiled forms (compile="step", harmodt_fast/compiled.py).
     Its ops do not grow with the task count: the masked layers run equal task segments as batched GEMMs, the clip
     is foreach, the optimiser is the caller's (the trainer's is a fused AdamW), the restore one op per layer."""
     device = next(model.parameters()).device
@@ -150,20 +172,13 @@ def inner_step(model, optimizer, batch, config: HarmoDTConfig, frozen: FrozenEnt
     loss = step_loss(config, losses)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
+    grad_norm = clip_fn(list(model.parameters()), config.grad_clip)
     if watch is not None:
         watch.record(step, losses, grad_norm)
         if watch.before_step:
             watch.check(taken=False)
     layers = model.masked_layers()
-    kept = frozen.values if frozen.values is not None else {
-        n: layers[n].weight.detach().clone() for n in frozen.masks}
-    optimizer.step()
-    with torch.no_grad():
-        for name, f in frozen.masks.items():
-            # torch.where with precomputed masks, not weight[mask] (a nonzero: a host sync per layer)
-            weight = layers[name].weight
-            torch.where(f, kept[name], weight, out=weight)
+    apply_fn(optimizer, {name: layers[name].weight for name in frozen.masks}, frozen)
     return loss.detach(), losses.detach()
 
 

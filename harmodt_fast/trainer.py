@@ -26,6 +26,7 @@ from harmodt_fast.callbacks import RunCheckpoints, check_callbacks, dispatch
 from harmodt_fast._io import FolderLock, append_json_line
 from harmodt_fast.batch import rows_per_slice
 from harmodt_fast.checkpoint import CHECKPOINT_NAME, RunState, prompt_to_dict
+from harmodt_fast.compiled import CompiledStep
 from harmodt_fast import method
 from harmodt_fast.config import HarmoDTConfig
 from harmodt_fast.distributed import Distributed, init_distributed, world_size_from_env
@@ -161,7 +162,8 @@ class Trainer:
         self.fingerprint = fingerprint
         self.optimizer = method.make_optimizer(self.model, config)
         self.amp_dtype = autocast_dtype(config, device)
-        self._task_losses = _compiled_task_losses(self.model, config) if config.compile else self.model.task_losses
+        self._compiled = CompiledStep(self.model, self.optimizer, config, device, dist.world)  # as config.compile
+        self._task_losses = self._compiled.task_losses
         self._watch = method.StepWatch(config.num_tasks, device)  # the divergence guard
         self.step = 0
         self._saved_step: int | None = None  # the step of the checkpoint on disk
@@ -270,10 +272,12 @@ class Trainer:
         task = method.step_task(cfg, self.step)
         batch = self.sampler.sample(task=task) if task is not None else self.sampler.sample()
         frozen = method.frozen_entries(self.model, task, self._unused)
+        self._compiled.begin_step()
         try:
             loss, losses = method.inner_step(self.model, self.optimizer, batch, cfg, frozen,
                                              losses_fn=self._step_losses, amp_dtype=self.amp_dtype,
-                                             watch=self._watch, step=self.step + 1)
+                                             watch=self._watch, step=self.step + 1, clip_fn=self._compiled.clip,
+                                             apply_fn=self._compiled.apply)
         except method.NonFiniteStep as exc:
             self._diverged(exc)
         return loss, losses, batch.num_rows
@@ -452,36 +456,6 @@ class Trainer:
 
 
 _STOP_CHECK_EVERY = 10  # steps between the data-parallel "did a rank get a signal?" checks
-
-
-def _compiled_task_losses(model: HarmoDT, config: HarmoDTConfig):
-    """model.task_losses under torch.compile. The task offsets enter the graph as host ints (the masked ops need
-    them on the host), so each distinct offsets gets its own graph: one for the mixed schedule, one per task for
-    round-robin; the recompile limit is raised to hold them all."""
-    import dataclasses
-
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    limit_name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, limit_name, max(getattr(cfg, limit_name), config.num_tasks + 8))
-    # the Triton attention draws its dropout seed on the host (an .item()), which breaks the graph once per block
-    device = next(model.parameters()).device
-    if device.type == "cpu":
-        from harmodt_fast._ext import load_extension
-
-        load_extension()  # the cpp backend's fake kernels are registered as it loads, not inside the trace
-    seeded = config.use_masks and config.dropout > 0 and ops.runs_fused("masked_attention", config.backend, device)
-    # HARMODT_FAST_COMPILE_BACKEND: another torch.compile backend (e.g. aot_eager: traces, no code generation)
-    compiled = torch.compile(model.task_losses, dynamic=False, fullgraph=not seeded,
-                             backend=os.environ.get("HARMODT_FAST_COMPILE_BACKEND", "inductor"))
-
-    def task_losses(batch):
-        # offsets and row task ids are settled outside the graph (reading a tensor's values would break it)
-        return compiled(dataclasses.replace(batch, task_offsets=tuple(int(o) for o in batch.task_offsets),
-                                            row_tasks=batch.task_ids))
-
-    return task_losses
 
 
 def _json_default(obj):

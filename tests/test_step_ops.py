@@ -17,16 +17,18 @@ from helpers import OpCounter
 SMALL = dict(hidden=32, heads=2, mlp_hidden=64, context=2, prompt_len=1, batch_per_task=1, layers=1)
 
 
-def step_ops(num_tasks: int, **overrides) -> dict[str, int]:
-    """The ops of the second training step of a fresh tiny run (the first creates the optimiser's state)."""
+def step_ops(num_tasks: int, warmup: int = 1, **overrides) -> dict[str, int]:
+    """The ops of the training step after `warmup` steps of a fresh tiny run (the first creates the optimiser's
+    state; a compiled step's first ones compile)."""
     # density 0.1: some entries no task uses, at 16 tasks too (the restore runs)
     cfg = hf.HarmoDTConfig.from_preset("tiny", num_tasks=num_tasks, dropout=0.1, density=0.1, **overrides)
     sampler = SyntheticSampler(cfg)
-    batches = [sampler.sample() for _ in range(2)]  # built before counting: a step reads no host data
+    batches = [sampler.sample() for _ in range(warmup + 1)]  # built before counting: a step reads no host data
     sampler.sample = lambda task=None: batches.pop(0)
     trainer = Trainer(cfg, sampler, tempfile.mkdtemp(), torch.device("cpu"), "synthetic")
     assert trainer._unused.masks, "no frozen entries: the restore path would not run"
-    trainer._train_step()
+    for _ in range(warmup):
+        trainer._train_step()
     with OpCounter() as counter:
         trainer._train_step()
     assert hf.ops.last_backend("masked_linear") == overrides.get("backend", "cpp")
@@ -45,6 +47,24 @@ def test_ops_per_step_do_not_grow_with_the_tasks(backend, cpp_ext):
                  "harmodt_fast.masked_dw"):
         assert few[name] == many[name] <= 2 * layers, (name, few[name], many[name])
     assert many["aten.mm"] + many["aten.bmm"] + many["aten.addmm"] + many["aten.baddbmm"] <= 8 * layers
+
+
+@pytest.mark.slow  # inductor compiles the step for each task count: a minute on 2 cores, less with its cache
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_compiled_step_dispatches_a_few_hundred_ops_whatever_the_tasks(backend, cpp_ext):
+    """compile="step" (inductor): the forward, backward, clip, AdamW and restore run as generated code, which
+    dispatches only the masked ops, their matmuls, autograd's one detach per parameter and a few others. The
+    eager step dispatches 3-4x as many."""
+    torch._dynamo.reset()
+    overrides = dict(backend=backend, compile="step", **SMALL)
+    eager = sum(step_ops(2, **{**overrides, "compile": False}).values())
+    # the first steps compile: the forward twice (the backend choices it records change once), AdamW's first step
+    few, many = step_ops(2, warmup=2, **overrides), step_ops(5, warmup=2, **overrides)
+    assert sum(few.values()) == sum(many.values()) <= min(150, eager // 2), (eager, few, many)
+    assert many["aten._local_scalar_dense"] == 0 and many["aten.nonzero"] == 0  # no host read either
+    # AdamW and the restore (a where per masked layer) run as generated code; the 2 wheres left are the divergence
+    # guard's (StepWatch.record, eager)
+    assert many["aten._fused_adamw_"] == many["aten._foreach_add_"] == 0 and many["aten.where"] <= 2
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
