@@ -168,7 +168,7 @@ fi
 left=$(( BUDGET - 15 - ($(date +%s) - start) ))
 if [ "$left" -ge 45 ]; then
   stage "$OPTIONAL" "$left" 0 "${RUN[@]}" -m $BENCH.train_step "${SHAPE[@]}" \
-    --rows ours-compiled,torch-compiled --ceilings "$WORK/env.json" --out "$WORK/$OPTIONAL"
+    --rows ours-compiled,ours-step,torch-compiled --ceilings "$WORK/env.json" --out "$WORK/$OPTIONAL"
 else
   skip "$OPTIONAL" "${left}s left"
 fi

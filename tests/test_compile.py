@@ -44,6 +44,20 @@ def test_compiled_step_matches_eager(tmp_path, backend, schedule, compiler, monk
         assert hf.ops.last_backend("masked_mlp") == "triton"
 
 
+def test_a_fresh_backend_record_does_not_recompile(tmp_path, monkeypatch):
+    """The dispatcher's last-backend record is written by eager calls only: were the first traced call to write
+    it, the second step would fail that guard and compile again (found in a fresh process)."""
+    from harmodt_fast.ops import _dispatch
+
+    monkeypatch.setenv("HARMODT_FAST_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(_dispatch, "_last", {})
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    losses(tmp_path, "fresh", compile=True, backend="cpp", mask_interval=100)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ---- compile="step": the clip, the AdamW step and the frozen-entry restore compiled too ----------------------------
 from harmodt_fast import method  # noqa: E402
 from harmodt_fast.compiled import CompiledStep, cuda_graphs_safe  # noqa: E402

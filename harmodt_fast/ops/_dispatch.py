@@ -105,10 +105,11 @@ def _decide(op: str, backend: str, device: torch.device) -> tuple[str, Callable]
 
 
 def select(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
-    """Pick the implementation of `op` for tensors on `device`; records the choice for `last_backend`."""
+    """Pick the implementation of `op` for tensors on `device`; records the choice for `last_backend` (eager calls
+    only: a write traced by torch.compile would be a guard on the record, which the next call fails, recompiling)."""
     hit = _decide(op, backend, device)
-    _last[op] = hit[0]
-    if not torch.compiler.is_compiling():  # a traced count would be a guard that fails on every call
+    if not torch.compiler.is_compiling():
+        _last[op] = hit[0]
         _calls[(op, hit[0])] = _calls.get((op, hit[0]), 0) + 1
     return hit
 
