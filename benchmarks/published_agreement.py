@@ -2,7 +2,8 @@
 
     git clone https://github.com/charleshsc/HarmoDT /tmp/HarmoDT
     pip install "transformers==4.11.3" --no-deps && pip install sacremoses   # what its GPT-2 file imports
-    python -m benchmarks.published_agreement --published /tmp/HarmoDT --out benchmarks/results/published_agreement
+    python -m harmodt_fast.benchmarks.published_agreement --published /tmp/HarmoDT \
+        --out benchmarks/results/published_agreement
 
 Ours is our training loop (Trainer.run, round-robin, fp32, dropout 0); theirs its model and PromptSequenceTrainer
 with main.py's AdamW and warm-up: same initial weights and masks (theirs: float masks over every parameter, ours
@@ -473,7 +474,8 @@ def markdown(record: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.published_agreement", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m harmodt_fast.benchmarks.published_agreement",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--published", required=True, help="a clone of github.com/charleshsc/HarmoDT")
     ap.add_argument("--out", default="benchmarks/results/published_agreement")
     ap.add_argument("--steps", type=int, default=500, help="training steps compared")

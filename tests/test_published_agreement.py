@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import harmodt_fast as hf
-from benchmarks import published_agreement as pa
+from harmodt_fast.benchmarks import published_agreement as pa
 
 
 def _model(num_tasks=3):
