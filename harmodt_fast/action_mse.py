@@ -106,8 +106,10 @@ def cached_action_mse(run_dir: str, dataset_path: str, device: str = "cpu", step
 
     path = os.path.join(run_dir, ACTION_MSE_NAME)
     data_name = os.path.basename(os.path.normpath(dataset_path))
-    if step is None:
-        step = read_run(run_dir)[0].step
+    run = run_dir
+    if step is None:  # read once: the computation below takes the state itself
+        run = read_run(run_dir)[0]
+        step = run.step
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
@@ -115,7 +117,7 @@ def cached_action_mse(run_dir: str, dataset_path: str, device: str = "cpu", step
             raise ValueError(f"{path}: format {cached.get('format')!r}, expected {ACTION_MSE_FORMAT!r}")
         if cached.get("expert_data") == data_name and cached.get("checkpoint_step") == step:
             return cached
-    result = {"format": ACTION_MSE_FORMAT, "expert_data": data_name, **action_mse(run_dir, dataset_path, device)}
+    result = {"format": ACTION_MSE_FORMAT, "expert_data": data_name, **action_mse(run, dataset_path, device)}
     if result["checkpoint_step"] != step:
         raise ValueError(f"{run_dir}: the checkpoint is at step {result['checkpoint_step']}, expected {step}")
     atomic_write(path, lambda f: json.dump(result, f, indent=1), binary=False)

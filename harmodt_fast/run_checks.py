@@ -38,13 +38,10 @@ def check_consistent(state, name: str) -> None:
     if state.config.get("tasks") is not None and list(state.config["tasks"]) != tasks:
         problems.append(f"config.tasks {list(state.config['tasks'])} differs from the task list {tasks}")
     floats, ints = (torch.float32, torch.float64, torch.bfloat16, torch.float16), (torch.int64, torch.int32)
-    for key in ("state_mean", "state_std"):
-        if tuple(getattr(state, key).shape) != (T, S) or getattr(state, key).dtype not in floats:
-            problems.append(f"{key} has shape {tuple(getattr(state, key).shape)} ({getattr(state, key).dtype}), "
-                            f"expected ({T}, {S}) of floats")
-    if state.best_return is not None and (tuple(state.best_return.shape) != (T,) or state.best_return.dtype not in floats):
-        problems.append(f"best_return has shape {tuple(state.best_return.shape)} ({state.best_return.dtype}), "
-                        f"expected ({T},) of floats")
+    for key, shape in (("state_mean", (T, S)), ("state_std", (T, S)), ("best_return", (T,))):
+        value = getattr(state, key)  # best_return may be None (older runs): the others are required fields
+        if value is not None and (tuple(value.shape) != shape or value.dtype not in floats):
+            problems.append(f"{key} has shape {tuple(value.shape)} ({value.dtype}), expected {shape} of floats")
     if config.target_mode == "data-max" and state.best_return is None:
         problems.append("config.target_mode is data-max but the checkpoint has no best_return")
     prompts, Kp = state.eval_prompts, config.prompt_len  # None: acts on unseen tasks only (policy.py says so)
