@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 
+from harmodt_fast.tasks import short_name
+
 
 def _pyplot():
     try:
@@ -30,10 +32,6 @@ def _pyplot():
     return plt
 
 
-def _short(task: str) -> str:
-    return task.removesuffix("-v3")
-
-
 def success_bars(report: dict, path: str) -> str:
     plt = _pyplot()
     tasks = list(report["per_task"])
@@ -43,7 +41,7 @@ def success_bars(report: dict, path: str) -> str:
     ax.bar(range(len(tasks)), rates, color=colors)
     ax.axhline(report["mean_success"], color="black", lw=1, ls="--", label=f"mean {report['mean_success']:.2f}")
     ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels([_short(t) for t in tasks], rotation=90, fontsize=7)
+    ax.set_xticklabels([short_name(t) for t in tasks], rotation=90, fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate")
     title = f"{report.get('episodes', '?')} episodes per task"
@@ -127,8 +125,8 @@ def heatmap(matrix, labels, path: str, title: str, vmin: float, vmax: float, cma
     fontsize = 7 if len(labels) <= 30 else 5
     ax.set_xticks(ticks)
     ax.set_yticks(ticks)
-    ax.set_xticklabels([_short(t) for t in labels], rotation=90, fontsize=fontsize)
-    ax.set_yticklabels([_short(t) for t in labels], fontsize=fontsize)
+    ax.set_xticklabels([short_name(t) for t in labels], rotation=90, fontsize=fontsize)
+    ax.set_yticklabels([short_name(t) for t in labels], fontsize=fontsize)
     fig.colorbar(im, ax=ax, label=label, shrink=0.8)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
@@ -218,7 +216,7 @@ def suite_per_task(report: dict, path: str) -> str:
             vals = [np.mean([r["per_task"][t]["final"] for r in _runs(report, quality, arm)]) for t in tasks]
             ax.bar(np.arange(len(tasks)) + (j - (len(arms) - 1) / 2) * width, vals, width, label=arm)
         ax.set_xticks(range(len(tasks)))
-        ax.set_xticklabels([_short(t) for t in tasks], rotation=90 if len(tasks) > 10 else 0, fontsize=7)
+        ax.set_xticklabels([short_name(t) for t in tasks], rotation=90 if len(tasks) > 10 else 0, fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("final success")
         ax.set_title(f"{quality}: per task, mean over seeds", fontsize=9)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from harmodt_fast.suite_report import PAPER, PAPER_BUDGET, REFERENCE_ARM, paper_cell
+from harmodt_fast.tasks import short_name
 
 METRIC_NAMES = {"success": "final success", "action_mse": "held-out action MSE"}
 
@@ -20,10 +21,6 @@ def _metric_ci(est: dict, metric: str) -> str:
 
 def _pct(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
-def _short(task: str) -> str:
-    return task.removesuffix("-v3")
 
 
 def budget_lines(report: dict) -> list[str]:
@@ -166,7 +163,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
     lines = [f"# Reproduction: {report['suite']}", "",
              f"Written {report['written']} by `harmodt-fast reproduce` from the runs' files "
              f"(`runs/<quality>/<arm>/seed<k>/`: `evaluation_step<N>.json`, `metrics.jsonl`, `action_mse.json`).", "",
-             f"Tasks ({len(b['tasks'])}): {', '.join(_short(t) for t in b['tasks'])}.", "",
+             f"Tasks ({len(b['tasks'])}): {', '.join(short_name(t) for t in b['tasks'])}.", "",
              "## Budget, and how it differs from the paper's", "", *budget_lines(report), "",
              "## Final success (%) per arm", "",
              "IQM: the interquartile mean over tasks x seeds; [95% CI]: percentile stratified bootstrap over tasks x "
@@ -200,7 +197,7 @@ def render_markdown(report: dict, figures: dict | None = None) -> str:
                 vals = [r["per_task"][task]["final"] for r in report["runs"]
                         if (r["quality"], r["arm"]) == (quality, arm)]
                 cells.append(f"{100 * np.mean(vals):.0f}" if vals else "-")
-            lines.append(f"| {_short(task)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {short_name(task)} | " + " | ".join(cells) + " |")
     lines += ["", "## Runs", "",
               "Per run: success (%), the last training loss (action MSE on training batches), the held-out action "
               "MSE, and for HarmoDT what its mask updates saw: the flips made, the mean share of entries whose task "

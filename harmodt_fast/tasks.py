@@ -81,4 +81,9 @@ def to_v3(name: str) -> str:
     return v3
 
 
+def short_name(task: str) -> str:
+    """A task's name as figures and tables show it: without the Meta-World version ("reach-v3" -> "reach")."""
+    return task.removesuffix("-v3")
+
+
 V2_TO_V3: dict[str, str] = {t.removesuffix("-v3") + "-v2": t for t in _PAPER_ORDER}
